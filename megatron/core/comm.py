@@ -1,0 +1,141 @@
+"""Communication primitives as small autograd functions; each takes its group as an argument.
+
+The Ulysses all-to-alls flip tensors between two layouts:
+
+* sequence-sharded: ``[..., s/p, ..., h, ...]`` (every head, this rank's slice of tokens)
+* head-sharded:     ``[..., s, ..., h/p, ...]`` (every token, this rank's block of heads)
+
+``seq_dim`` and ``head_dim`` name the positions of those dimensions, so one implementation
+serves ``[s, b, h, d]`` (seq_dim 0) and ``[b, s, h, d]`` (seq_dim 1), and also a merged
+``[s, b, h*d]`` context (a block of heads is a contiguous block of ``h*d``). Several tensors
+travel in ONE all-to-all: each is cut into per-rank blocks and the blocks are concatenated
+along the head dimension, so rank ``r`` receives its heads of every tensor in one message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _exchange(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """All-to-all along dim 0 (one block per rank)."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def _pack(blocks: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """One contiguous send buffer from per-rank blocks (a single copy)."""
+    return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=dim)
+
+
+def seq_to_head(
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
+) -> list[torch.Tensor]:
+    """Sequence-sharded -> head-sharded, no autograd. Outputs are views of one buffer."""
+    p = dist.get_world_size(group)
+    # [..., h, ...] -> [p, ..., h/p, ...]: block r holds the heads that rank r will own.
+    blocks = [
+        x.unflatten(head_dim, (p, x.shape[head_dim] // p)).movedim(head_dim, 0) for x in tensors
+    ]
+    recv = _exchange(_pack(blocks, head_dim + 1), group)
+    # recv: [p (source rank = sequence block), ..., s/p, ..., sum(h/p), ...]
+    outs, start = [], 0
+    for b in blocks:
+        width = b.shape[head_dim + 1]
+        y = recv.narrow(head_dim + 1, start, width).movedim(0, seq_dim)
+        outs.append(y.flatten(seq_dim, seq_dim + 1))  # [..., s, ..., h/p, ...]
+        start += width
+    return outs
+
+
+def head_to_seq(
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
+) -> list[torch.Tensor]:
+    """Head-sharded -> sequence-sharded, no autograd."""
+    p = dist.get_world_size(group)
+    # [..., s, ..., h/p, ...] -> [p, ..., s/p, ..., h/p, ...]: block r is rank r's tokens.
+    blocks = [x.unflatten(seq_dim, (p, x.shape[seq_dim] // p)).movedim(seq_dim, 0) for x in tensors]
+    recv = _exchange(_pack(blocks, head_dim + 1), group)
+    # recv: [p (source rank = head block), ..., s/p, ..., sum(h/p), ...]
+    outs, start = [], 0
+    for b in blocks:
+        width = b.shape[head_dim + 1]
+        y = recv.narrow(head_dim + 1, start, width).movedim(0, head_dim)
+        outs.append(y.flatten(head_dim, head_dim + 1))  # [..., s/p, ..., h, ...]
+        start += width
+    return outs
+
+
+def _grads_or_zeros(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Size], ref: torch.Tensor
+):
+    return [g if g is not None else ref.new_zeros(shape) for g, shape in zip(grads, like)]
+
+
+class SeqToHeadAllToAll(torch.autograd.Function):
+    """Sequence-sharded -> head-sharded; backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, group, seq_dim, head_dim, *tensors):
+        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        outs = seq_to_head(tensors, group, seq_dim, head_dim)
+        ctx.out_shapes = [o.shape for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+        return (None, None, None, *head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim))
+
+
+class HeadToSeqAllToAll(torch.autograd.Function):
+    """Head-sharded -> sequence-sharded; backward is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, group, seq_dim, head_dim, *tensors):
+        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        outs = head_to_seq(tensors, group, seq_dim, head_dim)
+        ctx.out_shapes = [o.shape for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+        return (None, None, None, *seq_to_head(grads, ctx.group, ctx.seq_dim, ctx.head_dim))
+
+
+class AllReduceSumIdentityGrad(torch.autograd.Function):
+    """Sum over the group in forward; identity in backward.
+
+    Used where every rank needs the group's total (e.g. the loss numerator over SP ranks)
+    while each rank's gradient stays local: the gradient reduction sums over SP later.
+    """
+
+    @staticmethod
+    def forward(ctx, group, x):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def all_reduce_sum_identity_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return AllReduceSumIdentityGrad.apply(group, x)
+
+
+def all_reduce_no_grad(
+    x: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """In-place all-reduce of a tensor that carries no gradient; returns it."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x

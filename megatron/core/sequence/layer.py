@@ -1,0 +1,89 @@
+"""DeepSpeed-Ulysses DistributedAttention.
+
+Each rank holds a contiguous slice of the sequence and every head. One all-to-all turns
+Q, K and V into "whole sequence, this rank's block of heads"; the local attention runs on
+that; a second all-to-all turns the context back to "this rank's tokens, every head".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.comm import HeadToSeqAllToAll, SeqToHeadAllToAll
+from megatron.errors import UsageError
+
+
+def check_heads_for_sp(num_heads: int, num_kv_heads: int, sp: int) -> None:
+    """Raise a UsageError unless these head counts can be split over ``sp`` ranks."""
+    if num_heads % sp != 0:
+        raise UsageError(
+            f"--num-attention-heads {num_heads} is not divisible by --ds-sequence-parallel-size {sp}: "
+            "Ulysses gives every sequence-parallel rank the same number of heads; choose a "
+            "sequence-parallel size that divides the head count"
+        )
+    if num_heads % num_kv_heads != 0:
+        raise UsageError(
+            f"--num-key-value-heads {num_kv_heads} does not divide --num-attention-heads {num_heads}"
+        )
+    if num_kv_heads % sp != 0 and sp % num_kv_heads != 0:
+        raise UsageError(
+            f"--num-key-value-heads {num_kv_heads} and --ds-sequence-parallel-size {sp}: one must "
+            "divide the other so each rank receives whole key/value heads"
+        )
+
+
+def replicate_kv_heads(kv: torch.Tensor, sp: int, head_dim: int) -> torch.Tensor:
+    """When K/V heads are fewer than ``sp``, give rank r its own copy of the head it uses.
+
+    Rank r owns query heads [r*h/p, (r+1)*h/p), which all share K/V head r*h_kv//p.
+    The gradient of the copies sums back into the one head (index_select's backward).
+    """
+    h_kv = kv.shape[head_dim]
+    if h_kv % sp == 0:
+        return kv
+    index = torch.arange(sp, device=kv.device) * h_kv // sp
+    return kv.index_select(head_dim, index)
+
+
+class DistributedAttention(torch.nn.Module):
+    """Ulysses attention around any local attention.
+
+    Args:
+        local_attention: called as ``local_attention(q, k, v, *args, **kwargs)`` on
+            head-sharded tensors; returns a context with the heads (or heads*dim) at
+            ``scatter_idx``.
+        sequence_process_group: the SP group; ``None`` or size 1 makes this a pass-through.
+        scatter_idx: head dimension (2 for both ``[s, b, h, d]`` and ``[b, s, h, d]``).
+        gather_idx: sequence dimension (0 for ``[s, b, h, d]``, 1 for ``[b, s, h, d]``).
+    """
+
+    def __init__(
+        self,
+        local_attention: Callable[..., torch.Tensor],
+        sequence_process_group: dist.ProcessGroup | None,
+        scatter_idx: int = 2,
+        gather_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        self.local_attn = local_attention
+        self.spg = sequence_process_group
+        self.scatter_idx = scatter_idx
+        self.gather_idx = gather_idx
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        sp = 1 if self.spg is None else dist.get_world_size(self.spg)
+        if sp == 1:
+            return self.local_attn(query, key, value, *args, **kwargs)
+        head, seq = self.scatter_idx, self.gather_idx
+        check_heads_for_sp(query.shape[head], key.shape[head], sp)
+        key = replicate_kv_heads(key, sp, head)
+        value = replicate_kv_heads(value, sp, head)
+        # [s/p, b, h, d] -> [s, b, h/p, d] (shown for gather_idx 0), Q, K, V in one all-to-all
+        q_full, k_full, v_full = SeqToHeadAllToAll.apply(self.spg, seq, head, query, key, value)
+        context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
+        # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
+        (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, context)
+        return out
