@@ -1,0 +1,109 @@
+"""Self-attention: fused QKV projection, (Ulysses) core attention, output projection.
+
+The math reads as single-device code. Sequence parallelism enters in one place: when the SP
+group has more than one rank, the core attention is wrapped in
+:class:`~megatron.core.sequence.layer.DistributedAttention`, whose all-to-alls give the local
+attention the whole sequence for this rank's block of heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from megatron.core.sequence.layer import DistributedAttention, check_heads_for_sp
+from megatron.model.attention_backends import build_local_attention
+from megatron.model.config import ModelConfig
+from megatron.model.rotary import apply_rotary
+
+
+class CoreAttention(torch.nn.Module):
+    """softmax(q k^T / sqrt(d)) v over ``[s, b, h, d]`` with the configured backend.
+
+    With ``recompute_granularity="selective"`` the attention is checkpointed: its
+    [b, h, s, s] intermediates (classic backend) are recomputed in backward instead of kept.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.backend = build_local_attention(
+            config.attention_backend,
+            attention_dropout=config.attention_dropout,
+            softmax_scale=1.0 / math.sqrt(config.head_dim),
+        )
+        self.recompute = config.recompute_granularity == "selective"
+
+    def forward(self, q, k, v, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.backend, q, k, v, use_reentrant=False, doc_ids=doc_ids)
+        return self.backend(q, k, v, doc_ids=doc_ids)
+
+
+def sp_world_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class ParallelAttention(torch.nn.Module):
+    """Causal self-attention with GQA and optional RoPE; input and output ``[s, b, h]``.
+
+    The fused projection's output is laid out ``[q heads | k heads | v heads]`` (each
+    ``heads * head_dim`` wide), so with GQA the K/V projections simply produce fewer heads.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        sp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_width, kv_width, kv_width)
+        factory = {"device": device, "dtype": config.params_dtype}
+        self.query_key_value = torch.nn.Linear(
+            config.hidden_size, q_width + 2 * kv_width, bias=config.add_bias_linear, **factory
+        )
+        sp = sp_world_size(sp_group)
+        if sp > 1:
+            check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
+            # [s/p, b, h, d] in and out; the local attention sees [s, b, h/p, d].
+            self.core_attention = DistributedAttention(
+                CoreAttention(config), sp_group, scatter_idx=2, gather_idx=0
+            )
+        else:
+            self.core_attention = CoreAttention(config)
+        self.dense = torch.nn.Linear(
+            q_width, config.hidden_size, bias=config.add_bias_linear, **factory
+        )
+        self.dense.is_output_projection = True  # scaled init (see GPTModel.reset_parameters)
+
+    def forward(
+        self,
+        hidden_sbh: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        s, b, _ = hidden_sbh.shape
+        qkv = self.query_key_value(hidden_sbh)  # [s, b, (hq + 2 hkv) d]
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
+        k_sbhd = k.view(s, b, self.num_kv_heads, self.head_dim)
+        v_sbhd = v.view(s, b, self.num_kv_heads, self.head_dim)
+        if rotary is not None:
+            # Global positions of this rank's tokens: rotate before the all-to-all.
+            cos, sin = rotary
+            q_sbhd = apply_rotary(q_sbhd, cos, sin)
+            k_sbhd = apply_rotary(k_sbhd, cos, sin)
+        if doc_ids is None:
+            context = self.core_attention(q_sbhd, k_sbhd, v_sbhd)
+        else:
+            context = self.core_attention(q_sbhd, k_sbhd, v_sbhd, doc_ids=doc_ids)
+        context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
+        return self.dense(context_sbh)  # [s, b, h]

@@ -1,0 +1,183 @@
+"""ModelConfig: every architecture choice of the GPT model in one validated dataclass.
+
+The parsed command line is the one source of truth (:meth:`ModelConfig.from_args`); tests
+build the dataclass directly. Derived values (head size, FFN size, K/V heads) are filled in
+by ``__post_init__`` with the same rules as :mod:`megatron.argument_checks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron.errors import UsageError
+
+ATTENTION_BACKENDS = ("classic", "sdpa", "triton")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+@dataclass
+class ModelConfig:
+    """Shape, style and training-time behaviour of a GPT model.
+
+    GPT-3 style by default (LayerNorm, GeLU, learned absolute positions, biases); Llama
+    style with ``normalization="RMSNorm"``, ``swiglu=True``, ``position_embedding_type="rope"``,
+    ``add_bias_linear=False`` and ``num_key_value_heads < num_attention_heads`` (GQA).
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    padded_vocab_size: int
+    seq_length: int
+    max_position_embeddings: int | None = None  # default: seq_length
+    ffn_hidden_size: int | None = None  # default: 4h, or Llama's 8h/3 rounded up to 64 (SwiGLU)
+    kv_channels: int | None = None  # head size; default hidden / heads
+    num_key_value_heads: int | None = None  # default: num_attention_heads (no GQA)
+    position_embedding_type: str = "learned_absolute"
+    rotary_percent: float = 1.0
+    rotary_theta: float = 10000.0
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    init_method_std: float = 0.02
+    attention_backend: str = "classic"  # classic | sdpa | triton
+    loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
+    recompute_granularity: str | None = None  # None | "full" | "selective"
+    recompute_method: str | None = None  # "uniform" | "block" (full only)
+    recompute_num_layers: int | None = None
+    params_dtype: torch.dtype = torch.float32  # from_args keeps fp32 (mixed precision: autocast)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise UsageError(
+                f"--num-key-value-heads {self.num_key_value_heads} does not divide "
+                f"--num-attention-heads {self.num_attention_heads}"
+            )
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise UsageError(
+                    f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                    f"{self.num_attention_heads}; pass --kv-channels to set the head size"
+                )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            if self.swiglu:
+                self.ffn_hidden_size = int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
+            else:
+                self.ffn_hidden_size = 4 * self.hidden_size
+        self._check_choices()
+        self._check_recompute()
+        if self.loss_chunk_size < 0:
+            raise UsageError(f"--loss-chunk-size {self.loss_chunk_size} must be >= 0")
+
+    def _check_choices(self) -> None:
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise UsageError(
+                f"--position-embedding-type {self.position_embedding_type}: expected one of "
+                f"{', '.join(POSITION_EMBEDDING_TYPES)}"
+            )
+        if self.normalization not in NORMALIZATIONS:
+            raise UsageError(f"--normalization {self.normalization}: expected LayerNorm or RMSNorm")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise UsageError(
+                f"attention backend {self.attention_backend!r}: expected one of "
+                f"{', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.position_embedding_type == "rope":
+            rot = self.rotary_dim
+            if rot < 2 or rot % 2 != 0:
+                raise UsageError(
+                    f"--rotary-percent {self.rotary_percent} of head size {self.kv_channels} gives "
+                    f"{rot} rotary channels; it must be an even number >= 2"
+                )
+
+    def _check_recompute(self) -> None:
+        g = self.recompute_granularity
+        if g not in (None, "full", "selective"):
+            raise UsageError(f"--recompute-granularity {g}: expected full or selective")
+        if g == "full":
+            self.recompute_method = self.recompute_method or "uniform"
+            self.recompute_num_layers = self.recompute_num_layers or 1
+            if self.recompute_method not in ("uniform", "block"):
+                raise UsageError(
+                    f"--recompute-method {self.recompute_method}: expected uniform or block"
+                )
+            if not 1 <= self.recompute_num_layers <= self.num_layers:
+                raise UsageError(
+                    f"--recompute-num-layers {self.recompute_num_layers} must be between 1 and "
+                    f"--num-layers {self.num_layers}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (the rest pass through)."""
+        return int(self.kv_channels * self.rotary_percent)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+        """The model described by validated arguments (after ``validate_args`` and the tokenizer)."""
+        padded_vocab = getattr(args, "padded_vocab_size", None)
+        if padded_vocab is None:
+            raise UsageError(
+                "the vocabulary size is unknown: build the tokenizer (it sets padded_vocab_size) "
+                "before the model"
+            )
+        if args.use_flash_attn and args.use_flash_attn_triton:
+            raise UsageError(
+                "--use-flash-attn and --use-flash-attn-triton were both given; choose one"
+            )
+        backend = (
+            "triton" if args.use_flash_attn_triton else "sdpa" if args.use_flash_attn else "classic"
+        )
+        return cls(
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            padded_vocab_size=padded_vocab,
+            seq_length=args.seq_length,
+            max_position_embeddings=args.max_position_embeddings,
+            ffn_hidden_size=args.ffn_hidden_size,
+            kv_channels=args.kv_channels,
+            num_key_value_heads=args.num_key_value_heads,
+            position_embedding_type=args.position_embedding_type or "learned_absolute",
+            rotary_percent=args.rotary_percent,
+            rotary_theta=args.rotary_position_embeddings_theta,
+            normalization=args.normalization,
+            layernorm_epsilon=args.layernorm_epsilon,
+            swiglu=args.swiglu,
+            add_bias_linear=args.add_bias_linear,
+            untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+            attention_dropout=args.attention_dropout,
+            hidden_dropout=args.hidden_dropout,
+            init_method_std=args.init_method_std,
+            attention_backend=backend,
+            loss_chunk_size=args.loss_chunk_size,
+            recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers,
+            # Parameters stay fp32: --bf16/--fp16 run the model under torch.autocast (the
+            # training loop) and the optimizer steps the fp32 weights.
+            params_dtype=torch.float32,
+        )

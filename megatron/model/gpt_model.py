@@ -1,0 +1,134 @@
+"""GPTModel: embeddings, the transformer stack, the (tied) output layer and per-token loss.
+
+Under Ulysses sequence parallelism every SP rank holds a contiguous ``s/p`` slice of the
+tokens, position ids and labels (``[b, s/p]``). Position ids are the GLOBAL positions of
+those tokens (learned embeddings look them up, RoPE rotates with them), so the model's
+math is the single-device math; the only parallel pieces are the DistributedAttention
+inside each attention layer and the loss normalisation (:func:`masked_lm_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron.model.config import ModelConfig
+from megatron.model.loss import output_layer_cross_entropy
+from megatron.model.rotary import rotary_cos_sin
+from megatron.model.transformer import ParallelTransformer
+
+
+class Embedding(torch.nn.Module):
+    """Word embeddings plus (optionally) learned absolute position embeddings; [b, s] -> [s, b, h]."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": config.params_dtype}
+        self.word_embeddings = torch.nn.Embedding(
+            config.padded_vocab_size, config.hidden_size, **factory
+        )
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = torch.nn.Embedding(
+                config.max_position_embeddings, config.hidden_size, **factory
+            )
+        self.dropout = config.hidden_dropout
+
+    def forward(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
+        x_bsh = self.word_embeddings(tokens_bs)
+        if self.position_embeddings is not None:
+            x_bsh = x_bsh + self.position_embeddings(position_ids_bs)
+        x_sbh = x_bsh.transpose(0, 1).contiguous()
+        return F.dropout(x_sbh, self.dropout, self.training)
+
+
+class GPTModel(torch.nn.Module):
+    """Decoder-only language model.
+
+    Args:
+        config: the architecture (see :class:`ModelConfig`; ``ModelConfig.from_args(args)``).
+        sp_group: the sequence-parallel process group; ``None`` or size 1 means no SP.
+        device: where to create the parameters (default: torch's current default device).
+            Parameters are created empty and initialised once by :meth:`reset_parameters`.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        sp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.sp_group = sp_group
+        if device is None:
+            device = torch.get_default_device()
+        # Build on the meta device (no throw-away default init), then materialise once.
+        with torch.device("meta"):
+            self.embedding = Embedding(config)
+            self.transformer = ParallelTransformer(config, sp_group)
+            self.output_layer = None
+            if config.untie_embeddings_and_output_weights:
+                self.output_layer = torch.nn.Parameter(
+                    torch.empty(
+                        config.padded_vocab_size, config.hidden_size, dtype=config.params_dtype
+                    )
+                )
+        self.to_empty(device=device)
+        if torch.device(device).type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Megatron's init: normal(0, std) weights, output projections (attention dense and
+        MLP down) with std / sqrt(2 * num_layers), zero biases, unit norms."""
+        std = self.config.init_method_std
+        scaled_std = std / math.sqrt(2.0 * self.config.num_layers)
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                out_proj = getattr(module, "is_output_projection", False)
+                module.weight.normal_(0.0, scaled_std if out_proj else std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        if self.output_layer is not None:
+            self.output_layer.normal_(0.0, std)
+
+    def output_weight(self) -> torch.Tensor:
+        """[padded_vocab, h]: the word embeddings unless untied."""
+        if self.output_layer is not None:
+            return self.output_layer
+        return self.embedding.word_embeddings.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [b, s/p, vocab] (``labels`` None) or per-token fp32 losses [b, s/p].
+
+        tokens, position_ids, labels: [b, s/p], this rank's slice; position ids global.
+        doc_ids: [b, s] per-token document ids of the WHOLE sequence (packed documents);
+            attention never crosses a document boundary.
+        """
+        hidden_sbh = self.embedding(tokens, position_ids)
+        rotary = None
+        if self.config.position_embedding_type == "rope":
+            rotary = rotary_cos_sin(
+                position_ids, self.config.rotary_dim, self.config.rotary_theta
+            )  # each [s/p, b, 1, rot]
+        hidden_sbh = self.transformer(hidden_sbh, rotary, doc_ids)
+        weight = self.output_weight()
+        if labels is None:
+            return F.linear(hidden_sbh, weight).transpose(0, 1)  # [b, s/p, V]
+        return output_layer_cross_entropy(hidden_sbh, weight, labels, self.config.loss_chunk_size)

@@ -1,0 +1,99 @@
+"""Pre-norm transformer layers and the stack, with Megatron's activation recomputation.
+
+Activations are sequence-first, ``[s, b, h]`` (``s`` is this rank's slice under SP).
+Recomputation (``torch.utils.checkpoint``, non-reentrant, RNG state preserved so dropout
+replays the same mask):
+
+* ``full`` + ``uniform``: checkpoint consecutive groups of ``recompute_num_layers`` layers;
+* ``full`` + ``block``: checkpoint each of the first ``recompute_num_layers`` layers;
+* ``selective``: checkpoint only the core attention (see :class:`CoreAttention`).
+
+Under SP the recomputed forward repeats the attention all-to-alls in backward; every rank
+runs the same graph in the same order, so the collectives match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron.model.attention import ParallelAttention
+from megatron.model.config import ModelConfig
+from megatron.model.mlp import ParallelMLP
+from megatron.model.norms import build_norm
+
+Rotary = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class ParallelTransformerLayer(torch.nn.Module):
+    """x + drop(attn(norm(x))), then + drop(mlp(norm(.)))."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        sp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = build_norm(config, device)
+        self.self_attention = ParallelAttention(config, sp_group, device)
+        self.post_attention_layernorm = build_norm(config, device)
+        self.mlp = ParallelMLP(config, device)
+
+    def forward(
+        self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        attn_out = self.self_attention(self.input_layernorm(hidden_sbh), rotary, doc_ids)
+        hidden_sbh = hidden_sbh + F.dropout(attn_out, self.hidden_dropout, self.training)
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_sbh))
+        return hidden_sbh + F.dropout(mlp_out, self.hidden_dropout, self.training)
+
+
+class ParallelTransformer(torch.nn.Module):
+    """The stack of layers and the final norm."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        sp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            ParallelTransformerLayer(config, sp_group, device) for _ in range(config.num_layers)
+        )
+        self.final_layernorm = build_norm(config, device)
+        self.recompute_full = config.recompute_granularity == "full"
+        self.recompute_method = config.recompute_method
+        self.recompute_num_layers = config.recompute_num_layers
+
+    def _run_layers(
+        self, start: int, end: int, hidden_sbh: torch.Tensor, rotary: Rotary, doc_ids
+    ) -> torch.Tensor:
+        for layer in self.layers[start:end]:
+            hidden_sbh = layer(hidden_sbh, rotary, doc_ids)
+        return hidden_sbh
+
+    def forward(
+        self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        n_layers = len(self.layers)
+        if not (self.recompute_full and torch.is_grad_enabled()):
+            hidden_sbh = self._run_layers(0, n_layers, hidden_sbh, rotary, doc_ids)
+        elif self.recompute_method == "uniform":
+            step = self.recompute_num_layers
+            for start in range(0, n_layers, step):
+                end = min(start + step, n_layers)
+                hidden_sbh = checkpoint(
+                    self._run_layers, start, end, hidden_sbh, rotary, doc_ids, use_reentrant=False
+                )
+        else:  # block: the first recompute_num_layers layers, each on its own
+            for i, layer in enumerate(self.layers):
+                if i < self.recompute_num_layers:
+                    hidden_sbh = checkpoint(layer, hidden_sbh, rotary, doc_ids, use_reentrant=False)
+                else:
+                    hidden_sbh = layer(hidden_sbh, rotary, doc_ids)
+        return self.final_layernorm(hidden_sbh)

@@ -1,0 +1,500 @@
+"""In-process unit tests of the GPT model: shapes, RoPE, GQA, backends, loss, init, config."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_utils import LLAMA, PADDED_VOCAB, SEQ, make_batch, tiny_config
+
+from megatron.errors import UsageError
+from megatron.model import GPTModel, ModelConfig, masked_lm_loss, model_flops_per_token
+from megatron.model import attention_backends as backends
+from megatron.model.flops import parameter_counts
+from megatron.model.loss import output_layer_cross_entropy
+from megatron.model.rotary import apply_rotary, rotary_cos_sin
+
+
+def _model(seed: int = 0, **overrides) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(tiny_config(**overrides))
+
+
+def _forward_loss(model: GPTModel, batch: dict) -> torch.Tensor:
+    per_token = model(
+        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]
+    )
+    return masked_lm_loss(per_token, batch["loss_mask"], None)
+
+
+def _grads(model: GPTModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_grads_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        err = ((a[name] - b[name]).norm() / b[name].norm().clamp_min(1e-30)).item()
+        assert err <= rtol, f"{name}: relative grad difference {err:.2e}"
+
+
+# ---------------------------------------------------------------- shapes and structure
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_shapes(style):
+    model = _model(**(LLAMA if style == "llama" else {}))
+    batch = make_batch(3, seed=1)
+    logits = model(batch["tokens"], batch["position_ids"])
+    assert logits.shape == (3, SEQ, PADDED_VOCAB)
+    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+    assert losses.shape == (3, SEQ) and losses.dtype == torch.float32
+    # The per-token losses are the cross entropy of the logits.
+    expected = F.cross_entropy(
+        logits.reshape(-1, PADDED_VOCAB), batch["labels"].reshape(-1), reduction="none"
+    )
+    torch.testing.assert_close(losses.reshape(-1), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        LLAMA,
+        {**LLAMA, "num_key_value_heads": 1, "untie_embeddings_and_output_weights": True},
+        {"kv_channels": 16, "ffn_hidden_size": 96, "position_embedding_type": "none"},
+    ],
+    ids=["gpt", "llama", "mqa-untied", "kv16-nopos"],
+)
+def test_parameter_counts(overrides):
+    config = tiny_config(**overrides)
+    model = GPTModel(config)
+    counts = parameter_counts(config)
+    assert sum(p.numel() for p in model.parameters()) == counts["total"]
+    n_emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith("embedding."))
+    assert n_emb == counts["embedding"]
+    tied = not config.untie_embeddings_and_output_weights
+    assert (model.output_weight() is model.embedding.word_embeddings.weight) == tied
+
+
+def test_gqa_projection_widths():
+    model = _model(**{**LLAMA, "num_key_value_heads": 2})
+    attn = model.transformer.layers[0].self_attention
+    # 8 query heads + 2 key heads + 2 value heads, head size 8, no bias.
+    assert attn.query_key_value.weight.shape == ((8 + 2 + 2) * 8, 64)
+    assert attn.query_key_value.bias is None
+    mlp = model.transformer.layers[0].mlp
+    assert mlp.dense_h_to_4h.weight.shape == (2 * 192, 64)  # SwiGLU: fused gate|up, 8h/3 -> 192
+    assert isinstance(model.transformer.final_layernorm, torch.nn.RMSNorm)
+
+
+def test_init_std():
+    config = tiny_config(num_layers=8, hidden_size=256, num_attention_heads=8, init_method_std=0.02)
+    torch.manual_seed(0)
+    model = GPTModel(config)
+    layer = model.transformer.layers[3]
+    scaled = 0.02 / math.sqrt(2 * 8)
+    for weight, std in (
+        (layer.self_attention.query_key_value.weight, 0.02),
+        (layer.mlp.dense_h_to_4h.weight, 0.02),
+        (model.embedding.word_embeddings.weight, 0.02),
+        (layer.self_attention.dense.weight, scaled),
+        (layer.mlp.dense_4h_to_h.weight, scaled),
+    ):
+        assert abs(weight.std().item() / std - 1) < 0.05
+        assert abs(weight.mean().item()) < 0.1 * std
+    assert torch.all(layer.self_attention.dense.bias == 0)
+    assert torch.all(layer.input_layernorm.weight == 1) and torch.all(
+        layer.input_layernorm.bias == 0
+    )
+
+
+def test_same_seed_same_weights_and_dtype():
+    a, b = _model(seed=5, **LLAMA), _model(seed=5, **LLAMA)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    half = GPTModel(tiny_config(params_dtype=torch.bfloat16))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------- RoPE
+
+
+def _rope_reference(x_sbhd, positions_bs, rot_dim, theta):
+    """Pair (i, i + rot/2) of each head rotated by angle position * theta^(-2i/rot)."""
+    out = x_sbhd.clone()
+    s, b, h, _ = x_sbhd.shape
+    half = rot_dim // 2
+    for si in range(s):
+        for bi in range(b):
+            pos = float(positions_bs[bi, si])
+            for i in range(half):
+                angle = pos * theta ** (-2.0 * i / rot_dim)
+                c, sn = math.cos(angle), math.sin(angle)
+                x1, x2 = x_sbhd[si, bi, :, i], x_sbhd[si, bi, :, i + half]
+                out[si, bi, :, i] = x1 * c - x2 * sn
+                out[si, bi, :, i + half] = x2 * c + x1 * sn
+    return out
+
+
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_rope_matches_reference(rot_dim):
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3, 8, dtype=torch.float64).float()
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+    cos, sin = rotary_cos_sin(positions, rot_dim, 10000.0)
+    assert cos.shape == (5, 2, 1, rot_dim)
+    got = apply_rotary(x, cos, sin)
+    torch.testing.assert_close(
+        got, _rope_reference(x, positions, rot_dim, 10000.0), rtol=1e-5, atol=1e-5
+    )
+    assert torch.equal(got[..., rot_dim:], x[..., rot_dim:])  # the pass-through channels
+
+
+def test_rope_scores_depend_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq, pk):
+        cq, sq = rotary_cos_sin(torch.tensor([[pq]]), 16, 500.0)
+        ck, sk = rotary_cos_sin(torch.tensor([[pk]]), 16, 500.0)
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(13, 10), rel=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+# ---------------------------------------------------------------- attention backends
+
+
+def _reference_attention(q, k, v, doc_ids=None):
+    """Per-head loops over explicit causal (+ document) masks; [s, b, h, d]."""
+    s, b, hq, d = q.shape
+    group = hq // k.shape[2]
+    out = torch.empty_like(q)
+    for bi in range(b):
+        for hi in range(hq):
+            scores = q[:, bi, hi] @ k[:, bi, hi // group].t() / math.sqrt(d)
+            allowed = torch.ones(s, s, dtype=torch.bool).tril()
+            if doc_ids is not None:
+                allowed &= doc_ids[bi][:, None] == doc_ids[bi][None, :]
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            out[:, bi, hi] = probs @ v[:, bi, hi // group]
+    return out
+
+
+def _qkv(s=16, b=2, hq=4, hkv=2, d=8, seed=0, fused=None):
+    torch.manual_seed(seed)
+    # Non-contiguous views, like the split of a fused projection / the all-to-all output.
+    if fused is None:
+        fused = torch.randn(s, b, (hq + 2 * hkv) * d)
+    q, k, v = fused.split((hq * d, hkv * d, hkv * d), dim=-1)
+    return q.view(s, b, hq, d), k.view(s, b, hkv, d), v.view(s, b, hkv, d)
+
+
+DOCS = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["classic", "sdpa", "triton"])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+@pytest.mark.parametrize("docs", [False, True])
+def test_backend_matches_reference(backend, hkv, docs):
+    q, k, v = _qkv(hkv=hkv)
+    doc_ids = DOCS if docs else None
+    attn = backends.build_local_attention(
+        backend, attention_dropout=0.0, softmax_scale=1 / math.sqrt(8)
+    )
+    got = attn(q, k, v, doc_ids=doc_ids)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got, _reference_attention(q, k, v, doc_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_kernel_backend_forward_backward():
+    """Head dim 64: the real Triton kernels (interpreted on CPU), GQA and documents."""
+    torch.manual_seed(0)
+    fused = torch.randn(32, 2, (4 + 2 * 2) * 64, requires_grad=True)
+    q, k, v = _qkv(s=32, b=2, hq=4, hkv=2, d=64, fused=fused)
+    docs = torch.tensor([[0] * 10 + [1] * 22, [0] * 32], dtype=torch.int32)
+    outs, grads = [], []
+    for name in ("triton", "classic"):
+        attn = backends.build_local_attention(name, attention_dropout=0.0, softmax_scale=0.125)
+        out = attn(q, k, v, doc_ids=docs)
+        (g,) = torch.autograd.grad((out * torch.linspace(-1, 1, 64)).sum(), [fused])
+        outs.append(out)
+        grads.append(g)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_triton_warns_once_about_dropout(caplog):
+    attn = backends.build_local_attention("triton", attention_dropout=0.1, softmax_scale=0.35)
+    q, k, v = _qkv()
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
+        attn(q, k, v)
+        attn(q, k, v)
+    assert sum("not applied" in r.message for r in caplog.records) == 1
+
+
+def test_classic_attention_dropout_is_applied_in_training_only():
+    q, k, v = _qkv()
+    attn = backends.build_local_attention(
+        "classic", attention_dropout=0.5, softmax_scale=1 / math.sqrt(8)
+    )
+    torch.manual_seed(0)
+    train = attn(q, k, v)
+    attn.eval()
+    assert not torch.allclose(train, attn(q, k, v))
+    torch.testing.assert_close(attn(q, k, v), _reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attn_wiring_with_a_stand_in_module(monkeypatch):
+    """The flash_attn v2 path's layouts and cu_seqlens, with a stand-in for the CUDA package."""
+    calls = []
+
+    def flash_attn_func(q, k, v, dropout_p, softmax_scale, causal):  # [b, s, h, d]
+        calls.append("dense")
+        out = _reference_attention(*(t.transpose(0, 1) for t in (q, k, v)))
+        return out.transpose(0, 1)
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+        calls.append(("varlen", cu_q.tolist(), max_q))
+        out = torch.empty_like(q)
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            seg = [t[start:end, None] for t in (q, k, v)]  # [n, 1, h, d]
+            out[start:end] = _reference_attention(*seg)[:, 0]
+        return out
+
+    fake = types.ModuleType("flash_attn")
+    fake.__version__ = "2.7.0"
+    fake.flash_attn_func, fake.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    backends._load_flash_attn.cache_clear()
+    try:
+        attn = backends.build_local_attention(
+            "sdpa", attention_dropout=0.0, softmax_scale=1 / math.sqrt(8)
+        )
+    finally:
+        backends._load_flash_attn.cache_clear()
+    assert attn._flash is not None
+    monkeypatch.setattr(attn, "_flash_usable", lambda q: True)
+    q, k, v = _qkv(hkv=2)
+    torch.testing.assert_close(attn(q, k, v), _reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    got = attn(q, k, v, doc_ids=DOCS)
+    torch.testing.assert_close(got, _reference_attention(q, k, v, DOCS), rtol=1e-5, atol=1e-5)
+    assert calls == ["dense", ("varlen", [0, 5, 12, 16, 32], 16)]
+
+
+def test_importing_the_model_does_not_import_triton():
+    code = "import sys, megatron.model; sys.exit('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ---------------------------------------------------------------- packed documents
+
+
+def test_packed_documents_equal_separate_documents():
+    """Each packed document's per-token losses equal running that document on its own."""
+    model = _model(seed=3, **LLAMA)
+    batch = make_batch(1, seed=7, packed=True)
+    packed = model(
+        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]
+    )
+    doc_ids = batch["doc_ids"][0]
+    for doc in doc_ids.unique().tolist():
+        idx = (doc_ids == doc).nonzero().flatten()
+        sl = slice(idx[0].item(), idx[-1].item() + 1)
+        alone = model(
+            batch["tokens"][:, sl], batch["position_ids"][:, sl], labels=batch["labels"][:, sl]
+        )
+        torch.testing.assert_close(packed[:, sl], alone, rtol=1e-5, atol=1e-5)
+    assert (batch["position_ids"][0, 1:] == 0).sum() >= 1  # positions did restart
+
+
+# ---------------------------------------------------------------- loss
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_plain(chunk, dtype):
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 3, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 24))
+    upstream = torch.rand(3, 24)
+    results = []
+    for size in (0, chunk):
+        loss = output_layer_cross_entropy(hidden, weight, labels, size)
+        results.append((loss, *torch.autograd.grad((loss * upstream).sum(), [hidden, weight])))
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_chunked_loss_in_the_model():
+    batch = make_batch(2, seed=3)
+    out = {}
+    for chunk in (0, 37):
+        model = _model(seed=2, loss_chunk_size=chunk, untie_embeddings_and_output_weights=True)
+        loss = _forward_loss(model, batch)
+        loss.backward()
+        out[chunk] = (loss.item(), _grads(model))
+    assert out[37][0] == pytest.approx(out[0][0], rel=1e-6)
+    _assert_grads_close(out[37][1], out[0][1])
+
+
+def test_bf16_autocast_with_fp32_parameters():
+    """The training loop's mixed precision: fp32 weights, bf16 autocast. Every backend,
+    recompute and the chunked loss run, give fp32 grads, and stay near the fp32 result;
+    the chunked loss recomputes its logits in bf16 like its forward (equal to unchunked)."""
+    batch = make_batch(2, seed=1, packed=True)
+
+    def run(autocast: bool, **overrides):
+        model = _model(seed=0, **LLAMA, **overrides)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = _forward_loss(model, batch)
+        loss.backward()
+        assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+        return loss.item(), _grads(model)
+
+    fp32_loss, fp32_grads = run(False)
+    bf16_loss, bf16_grads = run(True)
+    variants = [
+        {"loss_chunk_size": 37},
+        {"attention_backend": "sdpa"},
+        {"attention_backend": "triton"},
+        {"recompute_granularity": "full", "recompute_method": "uniform"},
+        {"recompute_granularity": "selective", "loss_chunk_size": 37},
+    ]
+    for overrides in variants:
+        loss, grads = run(True, **overrides)
+        assert loss == pytest.approx(fp32_loss, rel=1e-3), overrides
+        _assert_grads_close(grads, fp32_grads, rtol=3e-2)
+        if overrides.get("attention_backend") is None:  # same math as the plain bf16 run
+            assert loss == pytest.approx(bf16_loss, rel=1e-6), overrides
+            _assert_grads_close(grads, bf16_grads, rtol=5e-3)  # bf16 rounding per chunk
+
+
+def test_masked_lm_loss_single_rank():
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    assert masked_lm_loss(losses, mask, None).item() == pytest.approx((1 + 3 + 4 + 5) / 4)
+    assert masked_lm_loss(losses, torch.zeros_like(mask), None).item() == 0.0
+
+
+# ---------------------------------------------------------------- recompute
+
+
+RECOMPUTE = [
+    {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2},
+    {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+    {"recompute_granularity": "selective"},
+]
+
+
+@pytest.mark.parametrize(
+    "recompute", RECOMPUTE, ids=["uniform1", "uniform2", "block1", "selective"]
+)
+def test_recompute_replays_dropout(recompute):
+    """With dropout on, recomputation gives the same loss and gradients (same masks)."""
+    dropout = {"attention_dropout": 0.2, "hidden_dropout": 0.2}
+    batch = make_batch(2, seed=4, packed=True)
+    out = []
+    for extra in ({}, recompute):
+        model = _model(seed=9, **dropout, **extra)
+        model.train()
+        calls = []
+        backend = model.transformer.layers[0].self_attention.core_attention.backend
+        backend.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(123)
+        loss = _forward_loss(model, batch)
+        loss.backward()
+        out.append((loss.item(), _grads(model), len(calls)))
+    assert (out[0][2], out[1][2]) == (1, 2)  # the attention of layer 0 was recomputed
+    assert out[1][0] == out[0][0]
+    _assert_grads_close(out[1][1], out[0][1], rtol=1e-6)
+
+
+def test_sdpa_backend_in_the_model_matches_classic():
+    batch = make_batch(2, seed=5, packed=True)
+    out = []
+    for backend in ("classic", "sdpa"):
+        model = _model(seed=4, attention_backend=backend, **LLAMA)
+        loss = _forward_loss(model, batch)
+        loss.backward()
+        out.append((loss.item(), _grads(model)))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+    _assert_grads_close(out[1][1], out[0][1])
+
+
+# ---------------------------------------------------------------- FLOPs and config
+
+
+def test_model_flops_per_token():
+    config = tiny_config(**LLAMA)
+    model = GPTModel(config)
+    non_embedding = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("embedding.")
+    )
+    dense = non_embedding + PADDED_VOCAB * 64  # + the (tied) output layer
+    assert model_flops_per_token(config, 512) == 6 * dense + 6 * 2 * 512 * 64
+
+
+def _parse(extra: list[str]):
+    from megatron.argument_checks import validate_args
+    from megatron.arguments import parse_args
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8",
+            "--seq-length", "64", "--micro-batch-size", "1"]  # fmt: skip
+    args = validate_args(parse_args(args_list=base + extra))
+    args.padded_vocab_size = 128
+    return args
+
+
+def test_config_from_args():
+    args = _parse(["--swiglu", "--normalization", "rmsnorm", "--use-rotary-position-embeddings",
+                   "--num-key-value-heads", "2", "--disable-bias-linear", "--use-flash-attn",
+                   "--recompute-granularity", "full", "--recompute-method", "block", "--bf16",
+                   "--rotary-base", "500000", "--loss-chunk-size", "0"])  # fmt: skip
+    config = ModelConfig.from_args(args)
+    assert (config.normalization, config.position_embedding_type) == ("RMSNorm", "rope")
+    assert (config.swiglu, config.add_bias_linear, config.num_key_value_heads) == (True, False, 2)
+    assert config.attention_backend == "sdpa" and config.rotary_theta == 500000.0
+    assert (config.recompute_method, config.recompute_num_layers) == ("block", 1)
+    assert config.params_dtype == torch.float32 and config.loss_chunk_size == 0  # autocast
+    assert config.ffn_hidden_size == 192 and config.kv_channels == 8
+    default = ModelConfig.from_args(_parse([]))
+    assert default == dataclasses.replace(
+        tiny_config(), attention_dropout=0.1, hidden_dropout=0.1, loss_chunk_size=2048
+    )
+    assert ModelConfig.from_args(_parse(["--use-flash-attn-triton"])).attention_backend == "triton"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"num_key_value_heads": 3}, "--num-key-value-heads 3"),
+        ({"hidden_size": 60}, "--kv-channels"),
+        ({"normalization": "BatchNorm"}, "--normalization"),
+        ({"position_embedding_type": "rope", "rotary_percent": 0.1}, "--rotary-percent"),
+        ({"recompute_granularity": "full", "recompute_num_layers": 3}, "--recompute-num-layers"),
+        ({"loss_chunk_size": -1}, "--loss-chunk-size"),
+    ],
+)
+def test_config_errors_name_the_flag(overrides, words):
+    with pytest.raises(UsageError, match=words):
+        tiny_config(**overrides)
+
+
+def test_both_flash_flags_is_a_usage_error():
+    args = _parse(["--use-flash-attn", "--use-flash-attn-triton"])
+    with pytest.raises(UsageError, match="--use-flash-attn-triton"):
+        ModelConfig.from_args(args)
