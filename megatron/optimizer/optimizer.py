@@ -1,0 +1,43 @@
+"""The optimizer: PyTorch AdamW (fused on GPU) or SGD, no weight decay on biases and norms."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups: decayed weights, and biases/norm weights (``wd_mult`` 0, as in Megatron)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0}]
+    if no_decay:
+        groups.append({"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0})
+    return groups
+
+
+def get_megatron_optimizer(
+    model: torch.nn.Module, args: argparse.Namespace
+) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    params = [p for g in groups for p in g["params"]]
+    on_gpu = all(p.is_cuda for p in params)
+    sharded = any(isinstance(p, DTensor) for p in params)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.sgd_momentum
+        )
+    return torch.optim.AdamW(
+        groups,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_eps,
+        fused=on_gpu and not sharded,
+        foreach=None if on_gpu and not sharded else True,
+    )
