@@ -383,6 +383,10 @@ def parse_args(
     else:
         args = parser.parse_args(args_list)
     args.rank, args.world_size, env_local_rank = launch_env()
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # e.g. launched by a test harness or an embedding program
+        args.rank, args.world_size = dist.get_rank(), dist.get_world_size()
     if args.local_rank is None:
         args.local_rank = env_local_rank
     return args

@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(
+    1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # pretrain_gpt, tools
 torch.set_num_threads(1)
 
 import pytest  # noqa: E402

@@ -85,12 +85,14 @@ class DistWorld:
         deadline = time.monotonic() + timeout
         while len(results) + len(errors) < self.world_size:
             try:
-                rank, ok, value = self._results.get(timeout=max(0.1, deadline - time.monotonic()))
+                rank, ok, value = self._results.get(timeout=1.0)
             except queue.Empty:
-                self.shutdown(force=True)
-                raise TimeoutError(
-                    f"{fn.__name__} did not finish on all {self.world_size} ranks in {timeout}s"
-                ) from None
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.shutdown(force=True)
+                    why = f"rank(s) {dead} died" if dead else f"did not finish in {timeout}s"
+                    raise TimeoutError(f"{fn.__name__} on {self.world_size} ranks: {why}") from None
+                continue
             (results if ok else errors)[rank] = value
         if errors:
             rank = min(errors)

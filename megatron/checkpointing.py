@@ -1,0 +1,331 @@
+"""Checkpoints: torch.distributed.checkpoint for tensors, JSON for everything else.
+
+Layout (Megatron's tracker and directory names)::
+
+    <save>/latest_checkpointed_iteration.txt
+    <save>/iter_0000100/.metadata, __*_*.distcp   tensors: model and optimizer state (DCP)
+    <save>/iter_0000100/meta.json                 counters, args, scheduler, scaler, param groups
+    <save>/iter_0000100/rng/rank_00000.json       RNG states of every rank
+
+A checkpoint is written to ``iter_XXXXXXX.inprogress``; only after every rank finished and
+the files are synced does rank 0 write ``meta.json``, rename the directory and move the
+tracker (atomically). Loading never unpickles arbitrary objects: the DCP metadata goes
+through an allow-listed unpickler and non-tensor items are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from megatron.checkpoint_safety import SafeFileSystemReader, SafeLoadPlanner, check_storage_files
+from megatron.core.parallel_state import ParallelState
+from megatron.errors import UsageError
+from megatron.initialize import dropout_seed_offset, set_random_seed
+
+logger = logging.getLogger("megatron")
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META)) and os.path.isfile(
+        os.path.join(path, ".metadata")
+    )
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---- RNG states as JSON (no pickle) ----
+def rng_state_to_json() -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    out = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state().tolist()
+    return out
+
+
+def rng_state_from_json(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _jsonable_args(args: argparse.Namespace) -> dict:
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, (str, int, float, bool, type(None))):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, (str, int, float, bool)) for v in value
+        ):
+            out[key] = list(value)
+        elif isinstance(value, torch.dtype):
+            out[key] = str(value).replace("torch.", "")
+    return out
+
+
+def _tensor_state(model, optimizer, with_optim: bool) -> tuple[dict, list]:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    tensors = {"model": model_sd}
+    if with_optim:
+        tensors["optim_state"] = optim_sd["state"]
+    return tensors, optim_sd["param_groups"]
+
+
+def save_checkpoint(args, state: ParallelState, model, optimizer, scheduler, scaler, ts) -> None:
+    """Save iteration ``ts.iteration``; the tracker moves only once the save is complete."""
+    iteration = ts.iteration
+    final = checkpoint_dir(args.save, iteration)
+    tmp = final + ".inprogress"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(args.save, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # leftover of a crashed save of this same iteration
+    _barrier()
+    tensors, param_groups = _tensor_state(model, optimizer, not args.no_save_optim)
+    dcp.save(tensors, checkpoint_id=tmp)
+    if not args.no_save_rng:
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        _write_json_atomic(os.path.join(tmp, "rng", f"rank_{rank:05d}.json"), rng_state_to_json())
+    _barrier()
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "train_state": dict(vars(ts)),
+            "scheduler": scheduler.state_dict(),
+            "grad_scaler": scaler.state_dict(),
+            "param_groups": param_groups if not args.no_save_optim else None,
+            "layout": {
+                "world_size": state.dims.world_size,
+                "sp": state.dims.sp,
+                "dp": state.dims.dp,
+            },
+            "args": _jsonable_args(args),
+        }
+        _write_json_atomic(os.path.join(tmp, META), meta)
+        _fsync_dir(tmp)
+        if os.path.exists(
+            final
+        ):  # re-saving an iteration: keep the old one until the new is in place
+            old = final + ".old"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(args.save)
+        tracker_tmp = os.path.join(args.save, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(args.save, TRACKER))
+        _fsync_dir(args.save)
+        _prune(args)
+        logger.info("  successfully saved checkpoint at iteration %7d to %s", iteration, args.save)
+    _barrier()
+
+
+def _list_complete(root: str) -> list[int]:
+    out = []
+    for name in os.listdir(root):
+        if (
+            name.startswith("iter_")
+            and name[5:].isdigit()
+            and is_complete(os.path.join(root, name))
+        ):
+            out.append(int(name[5:]))
+    return sorted(out)
+
+
+def _prune(args) -> None:
+    keep = args.keep_last_n_checkpoints
+    if not keep:
+        return
+    for iteration in _list_complete(args.save)[:-keep]:
+        shutil.rmtree(checkpoint_dir(args.save, iteration), ignore_errors=True)
+
+
+def find_checkpoint(root: str) -> str | None:
+    """The directory the tracker names, or the newest complete one if that is half-written."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        raise UsageError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
+    path = checkpoint_dir(root, int(text))
+    if is_complete(path):
+        return path
+    complete = _list_complete(root)
+    if not complete:
+        raise UsageError(
+            f"--load {root}: the tracker names {path}, which is incomplete, and no complete checkpoint exists"
+        )
+    fallback = checkpoint_dir(root, complete[-1])
+    logger.warning(
+        "WARNING: %s is incomplete (an interrupted save?); loading %s instead", path, fallback
+    )
+    return fallback
+
+
+def read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{meta_path}: cannot read checkpoint metadata ({e})") from None
+
+
+def load_checkpoint(args, state: ParallelState, model, optimizer, scheduler, scaler, ts) -> None:
+    """Restore what ``--load`` names into the given objects (in place)."""
+    if not args.load:
+        return
+    path = find_checkpoint(args.load)
+    if path is None:
+        if args.exit_on_missing_checkpoint:
+            raise UsageError(
+                f"--load {args.load}: no {TRACKER} there, and --exit-on-missing-checkpoint was given"
+            )
+        logger.warning(
+            "WARNING: could not find a checkpoint in --load %s; training from scratch", args.load
+        )
+        return
+    meta = read_meta(path)
+    load_optim = not (args.finetune or args.no_load_optim) and meta.get("param_groups") is not None
+    tensors, param_groups = _tensor_state(model, optimizer, load_optim)
+    reader = SafeFileSystemReader(path)
+    check_storage_files(reader, path)
+    try:
+        dcp.load(tensors, storage_reader=reader, planner=SafeLoadPlanner())
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps errors per rank; name the checkpoint
+        inner = re.search(r"UsageError: (.*)", str(e))
+        why = (
+            inner.group(1)
+            if inner
+            else f"cannot load its tensors ({type(e).__name__}: {str(e)[:300]})"
+        )
+        raise UsageError(f"checkpoint {path}: {why}") from None
+    optim_sd = (
+        {"state": tensors["optim_state"], "param_groups": meta["param_groups"]}
+        if load_optim
+        else None
+    )
+    if optim_sd is not None:
+        set_state_dict(
+            model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd
+        )
+    else:
+        set_model_state_dict(model, tensors["model"])
+    if args.finetune:
+        logger.info("  loaded model weights from %s for fine-tuning (iteration reset to 0)", path)
+        return
+    for key, value in meta["train_state"].items():
+        setattr(ts, key, value)
+    if not args.no_load_optim:
+        # The scheduler applies --override-opt_param-scheduler itself (Megatron's rule).
+        scheduler.load_state_dict(meta["scheduler"])
+        if args.fp16:
+            scaler.load_state_dict(meta["grad_scaler"])
+    _restore_rng(args, state, path, meta)
+    logger.info("  successfully loaded checkpoint from %s at iteration %d", path, ts.iteration)
+
+
+def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
+    if args.no_load_rng:
+        return
+    rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.json")
+    same_layout = meta["layout"] == {
+        "world_size": state.dims.world_size,
+        "sp": state.dims.sp,
+        "dp": state.dims.dp,
+    }
+    if same_layout and os.path.isfile(rng_file):
+        with open(rng_file, encoding="utf-8") as f:
+            rng_state_from_json(json.load(f))
+        return
+    # Another layout: rank r's saved stream belongs to different work. Derive fresh streams.
+    set_random_seed(args.seed + 7919 * meta["iteration"], dropout_seed_offset(state))
+    logger.info(
+        "  the layout changed (%s -> world %d, SP %d, DP %d): per-rank RNG states re-derived from --seed and the iteration",
+        meta["layout"], state.dims.world_size, state.dims.sp, state.dims.dp,
+    )  # fmt: skip
+
+
+def load_args_from_checkpoint(args: argparse.Namespace) -> None:
+    """--use-checkpoint-args: take the model-shape flags from the checkpoint's meta.json."""
+    path = find_checkpoint(args.load) if args.load else None
+    if path is None:
+        raise UsageError("--use-checkpoint-args needs --load pointing at a checkpoint")
+    saved = read_meta(path)["args"]
+    for key in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
+        "num_key_value_heads", "max_position_embeddings", "position_embedding_type", "rotary_percent",
+        "rotary_position_embeddings_theta", "normalization", "layernorm_epsilon", "swiglu",
+        "add_bias_linear", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+        "seq_length", "tokenizer_type", "vocab_size",
+    ):  # fmt: skip
+        if key in saved:
+            setattr(args, key, saved[key])

@@ -1,0 +1,114 @@
+"""Gradient reduction over the sequence-data-parallel group, and ZeRO through FSDP2.
+
+Every SP rank's loss is the micro-batch's mean over ALL its tokens (see
+``megatron.model.loss``), and each rank's backward only covers its own tokens' share, so
+the true gradient is the SUM over SP ranks; data-parallel replicas are AVERAGED. Both
+happen in one collective over the SP x DP group: sum, then divide by the DP size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from megatron.core.parallel_state import ParallelState
+
+logger = logging.getLogger(__name__)
+
+_BUCKET_BYTES = 128 * 1024 * 1024
+
+
+def shard_model_for_zero(
+    model: torch.nn.Module, stage: int, state: ParallelState, block_types: tuple
+) -> torch.nn.Module:
+    """ZeRO 1/2/3 with FSDP2 over the SP x DP mesh; stage 0 leaves the model alone.
+
+    Stage 1 and 2 keep parameters unsharded between forward and backward
+    (``reshard_after_forward=False``); stage 3 reshards them.
+    """
+    if stage == 0:
+        return model
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if stage == 1:
+        logger.info("> --zero-stage 1 runs as stage 2: FSDP2 has no optimizer-only sharding")
+    reshard = stage == 3
+    for module in model.modules():
+        if isinstance(module, block_types):
+            fully_shard(module, mesh=state.sdp_mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=state.sdp_mesh, reshard_after_forward=reshard)
+    gloo = dist.get_backend(state.sdp_group) == "gloo"
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # FSDP divides the summed gradient by this factor: sum over SP, mean over DP.
+            module.set_gradient_divide_factor(float(state.dims.dp))
+            if gloo:  # gloo has no PREMUL_SUM/AVG: plain sums plus a separate division
+                module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.no_grad()
+def reduce_gradients(model: torch.nn.Module, state: ParallelState) -> None:
+    """ZeRO 0: sum gradients over SP and average over DP, in fp32, in flat buckets."""
+    group_size = state.dims.sp * state.dims.dp
+    if group_size == 1 or is_sharded(model):
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= _BUCKET_BYTES):
+            flat = torch.cat([b.reshape(-1).float() for b in bucket])
+            dist.all_reduce(flat, group=state.sdp_group)
+            flat.div_(state.dims.dp)
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+def local_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    """This rank's gradient tensors (the local shard under FSDP2)."""
+    out = []
+    for p in model.parameters():
+        if p.grad is not None:
+            out.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+    return out
+
+
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global gradient norm (over all shards), clipping to ``max_norm`` when > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total.item()
+
+
+@torch.no_grad()
+def any_nonfinite(grads: list[torch.Tensor], inv_scale: float = 1.0) -> bool:
+    """Unscale ``grads`` in place by ``inv_scale`` and report (across all ranks) any inf/nan."""
+    device = grads[0].device if grads else torch.device("cpu")
+    found = torch.zeros(1, device=device)
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            grads, found, torch.full((1,), inv_scale, device=device)
+        )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return bool(found.item() > 0)

@@ -1,0 +1,115 @@
+"""Start-up: parse and validate arguments, start torch.distributed, build the groups, seed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron.argument_checks import validate_args
+from megatron.arguments import parse_args
+from megatron.core import parallel_state
+from megatron.errors import UsageError
+from megatron.global_vars import set_args
+
+logger = logging.getLogger("megatron")
+
+
+def setup_logging(rank: int) -> None:
+    """Plain Megatron-looking lines on rank 0; warnings and errors from every rank."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root = logging.getLogger()
+    if not any(getattr(h, "_megatron", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._megatron = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def exit_with_usage_error(err: UsageError, rank: int = 0) -> None:
+    """One line, non-zero exit; printed once (rank 0) rather than by every process."""
+    if rank == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", args.local_rank)
+    return torch.device("cpu")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    if dist.is_initialized():
+        return
+    backend = args.distributed_backend or ("nccl" if args.device_obj.type == "cuda" else "gloo")
+    if args.device_obj.type == "cuda":
+        torch.cuda.set_device(args.device_obj)
+    timeout = timedelta(minutes=args.distributed_timeout_minutes)
+    if args.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # A lone process needs no rendezvous.
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "6000")
+        dist.init_process_group(
+            backend, rank=args.rank, world_size=args.world_size, timeout=timeout
+        )
+
+
+def set_random_seed(seed: int, rank_offset: int = 0) -> None:
+    """Seed python, numpy and torch (and CUDA); ``rank_offset`` gives ranks their own streams."""
+    s = seed + rank_offset
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def dropout_seed_offset(state: parallel_state.ParallelState) -> int:
+    """Independent dropout streams for every rank that computes a different shard."""
+    return 100 * state.pp_rank + 1009 * state.sdp_rank
+
+
+def initialize_megatron(
+    extra_args_provider: Callable | None = None,
+    args_defaults: dict | None = None,
+    args_list: Sequence[str] | None = None,
+    ignore_unknown_args: bool = False,
+) -> argparse.Namespace:
+    """Parse, validate, initialise distributed state and seeds; return the arguments."""
+    args = parse_args(extra_args_provider, ignore_unknown_args, args_list)
+    setup_logging(args.rank)
+    for key, value in (args_defaults or {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    try:
+        validate_args(args)
+        args.device_obj = resolve_device(args)
+    except UsageError as err:
+        exit_with_usage_error(err, args.rank)
+    for line in args.compat_warnings:
+        logger.warning("WARNING: %s", line)
+    set_args(args)
+    _initialize_distributed(args)
+    state = parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel_size=args.ds_sequence_parallel_size,
+        device_type=args.device_obj.type,
+    )
+    logger.info("> initialized parallel layout: %s", state.dims.describe())
+    set_random_seed(args.seed)
+    return args

@@ -1,0 +1,421 @@
+"""Megatron's ``pretrain``: set-up, the training loop, evaluation and logging."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron import checkpointing, fault_injection
+from megatron.core.parallel_state import ParallelState, get_parallel_state
+from megatron.distributed import (
+    any_nonfinite,
+    clip_grad_norm,
+    local_grads,
+    reduce_gradients,
+    shard_model_for_zero,
+)
+from megatron.errors import UsageError
+from megatron.global_vars import get_args
+from megatron.initialize import (
+    dropout_seed_offset,
+    exit_with_usage_error,
+    initialize_megatron,
+    set_random_seed,
+)
+from megatron.microbatches import build_num_microbatches_calculator
+from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron.optimizer.optimizer import get_megatron_optimizer
+from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
+from megatron.training_log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
+
+logger = logging.getLogger("megatron")
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint carries (plain numbers, saved as JSON)."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_train_tokens: int = 0
+    consumed_valid_samples: int = 0
+    skipped_iters: int = 0
+    nan_iters: int = 0
+    nan_iters_in_a_row: int = 0
+
+
+class SignalHandler:
+    """Remember SIGTERM so the loop can save at the end of the iteration and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def autocast_context(args: argparse.Namespace):
+    if args.params_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=args.device_obj.type, dtype=args.params_dtype)
+
+
+def compute_train_iters(args: argparse.Namespace, calculator) -> int:
+    """Iterations implied by --train-iters, --train-samples or --train-tokens."""
+    if args.train_iters is not None:
+        return args.train_iters
+    samples = args.train_samples
+    if samples is None and args.train_tokens is not None:
+        samples = math.ceil(args.train_tokens / args.seq_length)
+    if samples is None:
+        raise UsageError(
+            "give the length of training: --train-iters, --train-samples or --train-tokens"
+        )
+    if args.rampup_batch_size is None:
+        return samples // args.global_batch_size
+    iters, consumed = 0, 0
+    while consumed < samples:
+        calculator.update(consumed, False)
+        consumed += calculator.get_current_global_batch_size()
+        iters += 1
+    calculator.update(0, False)
+    return iters
+
+
+def build_data_iterators(
+    args, provider: Callable, state: ParallelState, ts: TrainState, train_iters: int
+):
+    from megatron.data.samplers import build_pretraining_data_loader
+
+    eval_count = (
+        (train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
+    )
+    nums = [
+        train_iters * args.global_batch_size,
+        eval_count * args.global_batch_size,
+        args.eval_iters * args.global_batch_size,
+    ]
+    train_ds, valid_ds, test_ds = provider(nums)
+
+    def loader(ds, consumed):
+        if ds is None:
+            return None
+        dl = build_pretraining_data_loader(ds, consumed, args, state.dp_rank, state.dims.dp)
+        return iter(dl) if dl is not None else None
+
+    return (
+        loader(train_ds, ts.consumed_train_samples),
+        loader(valid_ds, ts.consumed_valid_samples),
+        loader(test_ds, 0),
+    )
+
+
+def train_step(
+    forward_step_func,
+    data_iterator,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    args,
+    num_micro: int,
+    iteration: int,
+):
+    """One optimizer step over ``num_micro`` micro-batches; returns (losses, grad_norm, skipped)."""
+    state = get_parallel_state()
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, torch.Tensor] = {}
+    for _ in range(num_micro):
+        with autocast_context(args):
+            output, loss_func = forward_step_func(data_iterator, model)
+            loss, reported = loss_func(output)
+        (loss * (scaler.scale / num_micro)).backward()
+        for name, value in reported.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / num_micro
+    reduce_gradients(model, state)
+    fault_injection.maybe_poison_grads(model, iteration)
+    found_inf = any_nonfinite(local_grads(model), 1.0 / scaler.scale)
+    if args.fp16:
+        scaler.update(found_inf)
+    grad_norm = None
+    if not found_inf:
+        grad_norm = clip_grad_norm(model, args.clip_grad)
+        optimizer.step()
+    # Reported losses: mean over micro-batches, then over data-parallel replicas.
+    names = sorted(totals)
+    if names:
+        stacked = torch.stack([totals[n] for n in names])
+        if state.dims.dp > 1:
+            dist.all_reduce(stacked, group=state.dp_group)
+            stacked /= state.dims.dp
+        losses = {n: v.item() for n, v in zip(names, stacked)}
+    else:
+        losses = {}
+    return losses, grad_norm, found_inf
+
+
+@torch.no_grad()
+def evaluate(forward_step_func, data_iterator, model, args, eval_iters: int) -> dict[str, float]:
+    state = get_parallel_state()
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for _ in range(eval_iters):
+        for _ in range(args.global_batch_size // (args.micro_batch_size * state.dims.dp)):
+            with autocast_context(args):
+                output, loss_func = forward_step_func(data_iterator, model)
+                _, reported = loss_func(output)
+            for name, value in reported.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float()
+    model.train()
+    count = eval_iters * (args.global_batch_size // (args.micro_batch_size * state.dims.dp))
+    out = {}
+    for name, value in totals.items():
+        value = value / count
+        if state.dims.dp > 1:
+            dist.all_reduce(value, group=state.dp_group)
+            value /= state.dims.dp
+        out[name] = value.item()
+    return out
+
+
+def pretrain(
+    train_valid_test_datasets_provider: Callable,
+    model_provider: Callable,
+    model_type=None,
+    forward_step_func: Callable | None = None,
+    extra_args_provider: Callable | None = None,
+    args_defaults: dict | None = None,
+    args_list=None,
+) -> list[float]:
+    """Train a model: Megatron's entry point. Returns the per-iteration losses of this run."""
+    initialize_megatron(extra_args_provider, args_defaults, args_list)
+    args = get_args()
+    try:
+        return _pretrain(
+            train_valid_test_datasets_provider, model_provider, forward_step_func, args
+        )
+    except UsageError as err:
+        exit_with_usage_error(err, args.rank)
+
+
+def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> list[float]:
+    state = get_parallel_state()
+    device = args.device_obj
+    start = time.time()
+    calculator = build_num_microbatches_calculator(
+        args.rank,
+        args.rampup_batch_size,
+        args.global_batch_size,
+        args.micro_batch_size,
+        state.dims.dp,
+    )
+    train_iters = compute_train_iters(args, calculator)
+    args.train_iters_resolved = train_iters
+
+    # Same initial weights on every rank; then each shard gets its own dropout stream.
+    set_random_seed(args.seed)
+    model = model_provider(pre_process=True, post_process=True).to(device)
+    from megatron.model import ParallelTransformerLayer
+
+    model = shard_model_for_zero(model, args.zero_stage, state, (ParallelTransformerLayer,))
+    optimizer = get_megatron_optimizer(model, args)
+    scheduler = get_optimizer_param_scheduler(optimizer, args)
+    if args.fp16:
+        scaler = (
+            ConstantGradScaler(args.loss_scale)
+            if args.loss_scale
+            else DynamicGradScaler(
+                initial_scale=args.initial_loss_scale,
+                min_scale=args.min_loss_scale,
+                growth_factor=2.0,
+                backoff_factor=0.5,
+                growth_interval=args.loss_scale_window,
+                hysteresis=args.hysteresis,
+            )
+        )
+    else:
+        scaler = ConstantGradScaler(1.0)
+    ts = TrainState()
+    set_random_seed(args.seed, dropout_seed_offset(state))
+    checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+    logger.info("> model, optimizer and scheduler ready in %.1f s", time.time() - start)
+
+    train_it, valid_it, test_it = build_data_iterators(
+        args, datasets_provider, state, ts, train_iters
+    )
+    tb = TensorBoardLogger(args, args.rank)
+    handler = SignalHandler() if args.exit_signal_handler else None
+    from megatron.model import model_flops_per_token
+
+    flops_per_token = model_flops_per_token(model_config_of(model), args.seq_length)
+    history: list[float] = []
+    window_start, window_iters = time.time(), 0
+    saved_at = -1
+    model.train()
+    while ts.iteration < train_iters:
+        if args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens:
+            break
+        calculator.update(ts.consumed_train_samples, True)
+        num_micro = calculator.get()
+        gbs = calculator.get_current_global_batch_size()
+        losses, grad_norm, skipped = train_step(
+            forward_step_func,
+            train_it,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            args,
+            num_micro,
+            ts.iteration + 1,
+        )
+        fault_injection.maybe_kill(args.rank, ts.iteration + 1)
+        ts.iteration += 1
+        ts.consumed_train_samples += gbs
+        ts.consumed_train_tokens += gbs * args.seq_length
+        if skipped:
+            ts.skipped_iters += 1
+            if not args.fp16:
+                ts.nan_iters += 1
+                ts.nan_iters_in_a_row += 1
+                if ts.nan_iters_in_a_row >= args.max_nan_iterations:
+                    raise UsageError(
+                        f"{ts.nan_iters_in_a_row} iterations in a row had a non-finite loss or gradient "
+                        f"(iteration {ts.iteration}); the weights were not updated. Lower --lr, check "
+                        "the data, or resume from the last checkpoint (--max-nan-iterations sets the limit)"
+                    )
+        else:
+            ts.nan_iters_in_a_row = 0
+            scheduler.step(increment=gbs)
+        history.append(losses.get("lm loss", float("nan")))
+        window_iters += 1
+
+        if ts.iteration % args.log_interval == 0:
+            elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
+            tflops = (
+                flops_per_token
+                * gbs
+                * args.seq_length
+                / (elapsed_ms / 1000.0)
+                / args.world_size
+                / 1e12
+            )
+            lr = optimizer.param_groups[0]["lr"]
+            eta = elapsed_ms / 1000.0 * (train_iters - ts.iteration)
+            peak = peak_memory_gb(device)
+            logger.info(
+                iteration_line(
+                    iteration=ts.iteration, train_iters=train_iters,
+                    consumed_samples=ts.consumed_train_samples, consumed_tokens=ts.consumed_train_tokens,
+                    elapsed_ms=elapsed_ms, lr=lr, global_batch_size=gbs, losses=losses,
+                    loss_scale=scaler.scale, grad_norm=grad_norm, seq_length=args.seq_length,
+                    skipped=ts.skipped_iters, nan_iters=ts.nan_iters, world_size=args.world_size,
+                    tflops=tflops, peak_mem_gb=peak, eta_s=eta,
+                )
+            )  # fmt: skip
+            scalars = {"lm loss": losses.get("lm loss", float("nan")), "learning-rate": lr, "batch-size": gbs,
+                       "loss-scale": scaler.scale, "iteration-time": elapsed_ms / 1000.0,
+                       "throughput/tflops": tflops}  # fmt: skip
+            if grad_norm is not None:
+                scalars["grad-norm"] = grad_norm
+            if peak is not None:
+                scalars["mem-max-allocated-bytes"] = peak * 2**30
+            tb.training(
+                ts.iteration,
+                ts.consumed_train_samples,
+                ts.consumed_train_tokens,
+                scalars,
+                {"interval": elapsed_ms},
+            )
+            window_start, window_iters = time.time(), 0
+
+        if args.eval_interval and valid_it is not None and ts.iteration % args.eval_interval == 0:
+            run_validation(
+                "validation",
+                forward_step_func,
+                valid_it,
+                model,
+                args,
+                ts,
+                tb,
+                f"iteration {ts.iteration}",
+            )
+
+        if args.save and args.save_interval and ts.iteration % args.save_interval == 0:
+            checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+            saved_at = ts.iteration
+        stop = handler is not None and _any_rank(handler.received, device)
+        if args.exit_duration_in_mins:
+            stop = stop or _any_rank(
+                (time.time() - start) / 60.0 > args.exit_duration_in_mins, device
+            )
+        if args.exit_interval and ts.iteration % args.exit_interval == 0:
+            stop = True
+        if stop:
+            if args.save and saved_at != ts.iteration:
+                checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+            logger.info("> exiting at iteration %d", ts.iteration)
+            tb.close()
+            return history
+
+    if args.save and saved_at != ts.iteration and ts.iteration > 0:
+        checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+    if valid_it is not None and args.eval_iters:
+        run_validation(
+            "validation",
+            forward_step_func,
+            valid_it,
+            model,
+            args,
+            ts,
+            tb,
+            "the end of training for val data",
+        )
+    if test_it is not None and args.eval_iters:
+        run_validation(
+            "test",
+            forward_step_func,
+            test_it,
+            model,
+            args,
+            ts,
+            tb,
+            "the end of training for test data",
+        )
+    tb.close()
+    return history
+
+
+def run_validation(
+    prefix, forward_step_func, data_iterator: Iterator, model, args, ts: TrainState, tb, desc: str
+) -> None:
+    losses = evaluate(forward_step_func, data_iterator, model, args, args.eval_iters)
+    if prefix == "validation":
+        ts.consumed_valid_samples += args.eval_iters * args.global_batch_size
+    line = validation_line(prefix, desc, losses)
+    logger.info("-" * len(line))
+    logger.info(line)
+    logger.info("-" * len(line))
+    tb.validation(ts.iteration, ts.consumed_train_samples, ts.consumed_train_tokens, losses)
+
+
+def model_config_of(model: torch.nn.Module):
+    """The ModelConfig of a (possibly FSDP-wrapped) GPTModel."""
+    return model.config

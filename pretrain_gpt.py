@@ -1,0 +1,102 @@
+"""Pretrain a GPT with Ulysses sequence parallelism (Megatron's pretrain_gpt.py).
+
+Launch: ``torchrun --nproc-per-node N pretrain_gpt.py --ds-sequence-parallel-size N ...``
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.global_vars import get_args
+from megatron.model import GPTModel, ModelConfig, masked_lm_loss
+from megatron.training import pretrain
+
+_TOKENIZER = None
+
+
+def get_tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from megatron.tokenizer import build_tokenizer
+
+        _TOKENIZER = build_tokenizer(get_args())
+    return _TOKENIZER
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTModel:
+    """Build the GPT model from the arguments."""
+    args = get_args()
+    get_tokenizer()  # sets args.padded_vocab_size
+    state = parallel_state.get_parallel_state()
+    return GPTModel(
+        ModelConfig.from_args(args), sp_group=state.sp_group if state.dims.sp > 1 else None
+    )
+
+
+def get_batch(data_iterator):
+    """This SP rank's slice of the next micro-batch, on the training device."""
+    from megatron.data.batch import (
+        get_ltor_masks_and_position_ids,
+        slice_batch_for_sequence_parallel,
+    )
+
+    args = get_args()
+    state = parallel_state.get_parallel_state()
+    data = next(data_iterator)
+    tokens_ = torch.as_tensor(data["text"]).long()
+    tokens, labels = tokens_[:, :-1].contiguous(), tokens_[:, 1:].contiguous()
+    loss_mask, position_ids, doc_ids = get_ltor_masks_and_position_ids(
+        tokens,
+        get_tokenizer().eod,
+        args.reset_position_ids,
+        args.reset_attention_mask,
+        args.eod_mask_loss,
+    )
+    batch = {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+    }
+    if doc_ids is not None:
+        batch["doc_ids"] = doc_ids
+    batch = slice_batch_for_sequence_parallel(batch, state.sp_rank, state.dims.sp)
+    device = args.device_obj
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean over the micro-batch's valid tokens of the whole sequence (same on every SP rank)."""
+    state = parallel_state.get_parallel_state()
+    group = state.sp_group if state.dims.sp > 1 else None
+    loss = masked_lm_loss(per_token_loss, loss_mask, group)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(data_iterator, model):
+    batch = get_batch(data_iterator)
+    per_token_loss = model(
+        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch.get("doc_ids")
+    )
+    return per_token_loss, partial(loss_func, batch["loss_mask"])
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples):
+    from megatron.data.gpt_dataset import build_train_valid_test_datasets
+
+    return build_train_valid_test_datasets(get_args(), train_val_test_num_samples, get_tokenizer())
+
+
+def main(args_list=None) -> list[float]:
+    global _TOKENIZER
+    _TOKENIZER = None
+    return pretrain(
+        train_valid_test_datasets_provider, model_provider, None, forward_step, args_list=args_list
+    )
+
+
+if __name__ == "__main__":
+    main()
