@@ -1,0 +1,232 @@
+"""FlashAttention-2 in Triton: the ``--use-flash-attn-triton`` attention backend.
+
+``flash_attn_triton(q, k, v)`` computes softmax(q k^T * scale) v with causal and/or packed
+document masking (``doc_ids``), GQA/MQA (k/v with fewer heads, never repeated in memory) and
+strided "sbhd"/"bshd" inputs. Kernels live in ``flash_attn_triton_fwd`` / ``_bwd``; head dims
+other than 64/96/128 (or CPU tensors without the Triton interpreter) fall back to PyTorch SDPA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from megatron.ops.flash_attn_triton_bwd import (
+    bwd_dkdv_kernel,
+    bwd_dq_kernel,
+    bwd_preprocess_kernel,
+)
+from megatron.ops.flash_attn_triton_fwd import INTERPRET, LOG2E, flash_fwd_kernel
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_HEAD_DIMS = (64, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LAYOUTS = ("sbhd", "bshd")
+_warned: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("flash_attn_triton: %s; falling back to torch SDPA (slower)", reason)
+
+
+def _bsh_strides(t: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, seq, head) strides of a 4-D tensor in ``layout``; the last dim is dense."""
+    if layout == "sbhd":
+        return t.stride(1), t.stride(0), t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dense_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: its doc id, first position and end (exclusive) of its document; [b, s] int32.
+
+    Assumes doc ids are non-decreasing along s (packed sequences), so both bounds are
+    binary searches of the row for the token's own id (no host sync)."""
+    doc = doc_ids.to(torch.int32).contiguous()
+    start = torch.searchsorted(doc, doc, right=False).to(torch.int32)
+    end = torch.searchsorted(doc, doc, right=True).to(torch.int32)
+    return doc, start, end
+
+
+class FlashAttnTritonFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves (q, k, v, o, lse); backward recomputes P per block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, doc_ids, layout: str):
+        q, k, v = _dense_last(q), _dense_last(k), _dense_last(v)
+        b, s, hq, hkv, d = _dims(q, k, layout)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # fresh, contiguous
+        lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
+        if doc_ids is not None:
+            doc, ds, de = _doc_bounds(doc_ids)
+        else:
+            doc = ds = de = torch.empty(1, dtype=torch.int32, device=q.device)
+
+        def grid(meta):
+            return (triton.cdiv(s, meta["BLOCK_M"]), b * hq)
+
+        flash_fwd_kernel[grid](
+            q, k, v, o, lse, doc, ds, de,
+            *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+            *_bsh_strides(o, layout),
+            s, hq, softmax_scale * LOG2E, triton.next_power_of_2(s),
+            **_constexprs(q, d, hq // hkv, causal, doc_ids is not None),
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, lse, doc, ds, de)
+        ctx.causal, ctx.scale, ctx.layout = causal, softmax_scale, layout
+        ctx.has_doc = doc_ids is not None
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, doc, ds, de = ctx.saved_tensors
+        layout = ctx.layout
+        do = _dense_last(do)
+        b, s, hq, hkv, d = _dims(q, k, layout)
+        consts = _constexprs(q, d, hq // hkv, ctx.causal, ctx.has_doc)
+        delta = torch.empty_like(lse)  # [b, hq, s]
+        pre_block = 16 if INTERPRET else 128
+        bwd_preprocess_kernel[(triton.cdiv(s, pre_block), b * hq)](
+            o, do, delta, *_bsh_strides(o, layout), *_bsh_strides(do, layout), s, hq,
+            HEAD_DIM=d, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_block,
+        )  # fmt: skip
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        qk_scale = ctx.scale * LOG2E
+        strides = (
+            *_bsh_strides(q, layout), *_bsh_strides(k, layout), *_bsh_strides(v, layout),
+            *_bsh_strides(do, layout),
+        )  # fmt: skip
+        bwd_dkdv_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * hkv)](
+            q, k, v, do, lse, delta, dk, dv, doc, ds, de, *strides,
+            *_bsh_strides(dk, layout), *_bsh_strides(dv, layout),
+            s, hq, hkv, qk_scale, ctx.scale, triton.next_power_of_2(s), **consts,
+        )  # fmt: skip
+        bwd_dq_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * hq)](
+            q, k, v, do, lse, delta, dq, doc, ds, de, *strides, *_bsh_strides(dq, layout),
+            s, hq, qk_scale, ctx.scale, triton.next_power_of_2(s), **consts,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
+def _dims(q: torch.Tensor, k: torch.Tensor, layout: str) -> tuple[int, int, int, int, int]:
+    """(batch, seq, q heads, kv heads, head dim)."""
+    if layout == "sbhd":
+        s, b, hq, d = q.shape
+    else:
+        b, s, hq, d = q.shape
+    return b, s, hq, k.shape[2], d
+
+
+def _constexprs(q: torch.Tensor, d: int, group: int, causal: bool, has_doc: bool) -> dict:
+    return {
+        "GROUP": group,
+        "HEAD_DIM": d,
+        "BLOCK_D": triton.next_power_of_2(d),
+        "CAUSAL": causal,
+        "HAS_DOC": has_doc,
+        # fp32 inputs: exact fp32 products (Triton's default for fp32 would be TF32);
+        # fp16/bf16: default tensor-core path.
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else None,
+    }
+
+
+def _check_inputs(q, k, v, doc_ids, layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"flash_attn_triton: layout must be one of {LAYOUTS}, got {layout!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"flash_attn_triton: q/k/v must be 4-D ({layout}), got {q.dim()}/{k.dim()}/{v.dim()}-D"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"flash_attn_triton: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    hq, hkv = q.shape[2], k.shape[2]
+    same = (q.shape[0], q.shape[1], q.shape[3]) == (k.shape[0], k.shape[1], k.shape[3])
+    if not same or hq % hkv != 0:
+        raise ValueError(
+            f"flash_attn_triton: q {tuple(q.shape)} and k/v {tuple(k.shape)} ({layout}) must share"
+            " seq, batch and head dim, and kv heads must divide q heads"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"flash_attn_triton: q/k/v dtypes differ: {q.dtype}/{k.dtype}/{v.dtype}")
+    b, s = (q.shape[1], q.shape[0]) if layout == "sbhd" else (q.shape[0], q.shape[1])
+    if doc_ids is not None and tuple(doc_ids.shape) != (b, s):
+        raise ValueError(
+            f"flash_attn_triton: doc_ids must be [batch, seq] = {[b, s]}, got {list(doc_ids.shape)}"
+        )
+
+
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+    layout: str = "sbhd",
+) -> torch.Tensor:
+    """Plain SDPA with an explicit boolean mask (causal + same document); same API/semantics."""
+    perm = (1, 2, 0, 3) if layout == "sbhd" else (0, 2, 1, 3)  # -> [b, h, s, d]
+    q_bhsd, k_bhsd, v_bhsd = (t.permute(*perm) for t in (q, k, v))
+    s = q_bhsd.shape[2]
+    mask = None
+    if causal:
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None, None]
+    if doc_ids is not None:
+        same_doc = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]  # [b, 1, s, s]
+        mask = same_doc if mask is None else mask & same_doc
+    rep = q_bhsd.shape[1] // k_bhsd.shape[1]
+    if rep > 1:
+        k_bhsd = k_bhsd.repeat_interleave(rep, dim=1)
+        v_bhsd = v_bhsd.repeat_interleave(rep, dim=1)
+    o_bhsd = F.scaled_dot_product_attention(
+        q_bhsd, k_bhsd, v_bhsd, attn_mask=mask, scale=softmax_scale
+    )
+    inv = (2, 0, 1, 3) if layout == "sbhd" else (0, 2, 1, 3)
+    return o_bhsd.permute(*inv).contiguous()
+
+
+def flash_attn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+    layout: str = "sbhd",
+) -> torch.Tensor:
+    """Attention of q [s, b, hq, d] (or [b, s, hq, d] with layout="bshd") over k/v with hkv heads.
+
+    doc_ids: optional [b, s] non-decreasing per-token document ids; queries attend only to keys
+    of their own document. Returns a fresh contiguous tensor shaped like q; differentiable.
+    """
+    _check_inputs(q, k, v, doc_ids, layout)
+    d = q.shape[3]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    reason = None
+    if d not in SUPPORTED_HEAD_DIMS:
+        reason = f"head dim {d} not in {SUPPORTED_HEAD_DIMS}"
+    elif q.dtype not in SUPPORTED_DTYPES:
+        reason = f"dtype {q.dtype} not supported"
+    elif q.device.type != "cuda" and not INTERPRET:
+        reason = f"{q.device.type} tensors need CUDA (or TRITON_INTERPRET=1)"
+    if reason is not None:
+        _warn_once(reason)
+        return attention_reference(
+            q, k, v, causal=causal, softmax_scale=softmax_scale, doc_ids=doc_ids, layout=layout
+        )
+    return FlashAttnTritonFunction.apply(q, k, v, causal, float(softmax_scale), doc_ids, layout)
