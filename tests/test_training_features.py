@@ -1,0 +1,213 @@
+"""Logging, TensorBoard, non-finite gradients, launchers, signals and restarts."""
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from dist_helper import get_world
+from train_utils import TINY_TRAIN, run_training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINE = re.compile(
+    r" iteration\s+(\d+)/\s*(\d+) \| consumed samples:\s+(\d+) \| consumed tokens:\s+(\d+) \| "
+    r"elapsed time per iteration \(ms\): ([\d.]+) \| learning rate: ([\d.E+-]+) \| global batch size:\s+(\d+) \| "
+    r"lm loss: ([\d.E+-]+) \| loss scale: ([\d.]+) \| grad norm: ([\d.]+|nan) \| actual seqlen:\s+(\d+) \| "
+    r"number of skipped iterations:\s+(\d+) \| number of nan iterations:\s+(\d+) \| samples per second: ([\d.]+) \| "
+    r"tokens per gpu per second \(tgs\): ([\d.]+) \| TFLOPs: ([\d.]+) \|"
+)
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _run_captured(extra, env=None):
+    cap = _Capture()
+    logging.getLogger("megatron").addHandler(cap)
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        try:
+            losses = run_training(extra)
+            code = 0
+        except SystemExit as e:
+            losses, code = None, e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+        logging.getLogger("megatron").removeHandler(cap)
+    return losses, code, cap.lines
+
+
+def _features(tmp):
+    out = {}
+    out["tb"] = _run_captured(
+        f"--train-iters 6 --eval-interval 3 --eval-iters 1 --tensorboard-dir {tmp}/tb --log-timers-to-tensorboard "
+        "--log-validation-ppl-to-tensorboard --log-batch-size-to-tensorboard"
+    )
+    out["nan"] = _run_captured(
+        f"--train-iters 4 --save {tmp}/nan --save-interval 1", {"MEGATRON_FAULT": "nan_grad@3"}
+    )
+    out["nan_stop"] = _run_captured(
+        "--train-iters 6 --max-nan-iterations 2", {"MEGATRON_FAULT": "nan_grad@2-3"}
+    )
+    out["tokens"] = _run_captured("--train-iters 100 --train-tokens 1000")
+    return out
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("features")
+    return get_world(1).run(_features, str(tmp))[0], tmp
+
+
+def test_iteration_line_parses(features):
+    losses, code, lines = features[0]["tb"]
+    assert code == 0
+    parsed = [LINE.search(line) for line in lines if "iteration" in line and "consumed" in line]
+    assert len(parsed) == 6 and all(parsed)
+    first = parsed[0]
+    assert (
+        first.group(1) == "1"
+        and first.group(2) == "6"
+        and first.group(3) == "4"
+        and first.group(4) == "256"
+    )
+    assert float(first.group(8)) == pytest.approx(losses[0], rel=1e-6)
+    assert any("validation loss at iteration 3" in line and "lm loss PPL" in line for line in lines)
+    assert any("test loss at the end of training for test data" in line for line in lines)
+
+
+def test_tensorboard_scalars(features):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(features[1] / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("lm loss", "learning-rate", "batch-size", "loss-scale", "grad-norm", "lm loss vs samples",
+                "lm loss vs tokens", "interval-time", "lm loss validation", "lm loss validation ppl"):  # fmt: skip
+        assert tag in tags, (tag, sorted(tags))
+    assert len(acc.Scalars("lm loss")) == 6
+
+
+def test_nan_gradient_is_skipped_without_touching_weights(features):
+    losses, code, lines = features[0]["nan"]
+    assert code == 0 and all(x == x for x in losses)
+    line3 = next(line for line in lines if LINE.search(line) and LINE.search(line).group(1) == "3")
+    assert "number of nan iterations:   1" in line3 and "grad norm: nan" in line3
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tensors = []
+    for it in (2, 3):
+        out = features[1] / f"it{it}.pt"
+        dcp_to_torch_save(str(features[1] / "nan" / f"iter_000000{it}"), str(out))
+        tensors.append(torch.load(out, weights_only=True)["model"])
+    for name, value in tensors[0].items():
+        assert torch.equal(value, tensors[1][name]), name  # the NaN step changed nothing
+
+
+def test_repeated_nan_stops_with_a_clear_message(features):
+    losses, code, lines = features[0]["nan_stop"]
+    assert code == 2 and losses is None
+
+
+def test_train_tokens_stops_training(features):
+    losses, code, _ = features[0]["tokens"]
+    assert code == 0 and len(losses) == 4  # 4 iterations x 4 samples x 64 tokens >= 1000
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("MEGATRON_FAULT", None)
+    return env
+
+
+def _losses_from(stdout):
+    return [float(m.group(8)) for m in map(LINE.search, stdout.splitlines()) if m]
+
+
+def test_two_node_launch_matches_world1():
+    ref = get_world(1).run(run_training, "--train-iters 6")[0]
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(port)]  # fmt: skip
+    args = [
+        "pretrain_gpt.py",
+        *TINY_TRAIN.split(),
+        "--train-iters",
+        "6",
+        "--ds-sequence-parallel-size",
+        "2",
+    ]
+    nodes = [
+        subprocess.Popen([*cmd, "--node-rank", str(r), *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    outs = [n.communicate(timeout=180)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    assert "world 2 = PP 1 x DP 1 x SP 2" in outs[0]
+    losses = _losses_from(outs[0])
+    assert len(losses) == 6
+    for a, b in zip(losses, ref):
+        assert a == pytest.approx(b, rel=2e-6)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    cmd = [sys.executable, "pretrain_gpt.py", *TINY_TRAIN.split(), "--train-iters", "100000", "--exit-signal-handler",
+           "--save", str(tmp_path / "ck"), "--save-interval", "100000"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        seen.append(line)
+        if " iteration        3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, "".join(seen) + rest
+    iteration = int((tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text())
+    assert iteration >= 3
+    assert (tmp_path / "ck" / f"iter_{iteration:07d}" / "meta.json").is_file()
+
+
+def test_rank_failure_restarts_from_checkpoint(tmp_path):
+    ref = get_world(2).run(run_training, "--train-iters 8 --ds-sequence-parallel-size 2")[0]
+    ck = str(tmp_path / "ck")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3",
+           "pretrain_gpt.py", *TINY_TRAIN.split(), "--train-iters", "8", "--ds-sequence-parallel-size", "2",
+           "--save", ck, "--load", ck, "--save-interval", "2"]  # fmt: skip
+    env = dict(_env(), MEGATRON_FAULT="kill@1:5")
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "successfully loaded checkpoint" in done.stdout
+    losses = _losses_from(done.stdout)
+    assert losses[-1] == pytest.approx(ref[-1], rel=2e-6)
