@@ -129,6 +129,34 @@ def _tensor_state(model, optimizer, with_optim: bool) -> tuple[dict, list]:
     return tensors, optim_sd["param_groups"]
 
 
+def publish_checkpoint(root: str, tmp: str, meta: dict) -> str:
+    """Make a fully written ``<iter>.inprogress`` directory the latest checkpoint (one process).
+
+    meta.json is written last inside the directory, the directory is renamed into place
+    (an older save of the same iteration is removed only after that), then the tracker moves.
+    """
+    iteration = meta["iteration"]
+    final = checkpoint_dir(root, iteration)
+    _write_json_atomic(os.path.join(tmp, META), meta)
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        old = final + ".old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _fsync_dir(root)
+    return final
+
+
 def save_checkpoint(args, state: ParallelState, model, optimizer, scheduler, scaler, ts) -> None:
     """Save iteration ``ts.iteration``; the tracker moves only once the save is complete."""
     iteration = ts.iteration
@@ -161,25 +189,7 @@ def save_checkpoint(args, state: ParallelState, model, optimizer, scheduler, sca
             },
             "args": _jsonable_args(args),
         }
-        _write_json_atomic(os.path.join(tmp, META), meta)
-        _fsync_dir(tmp)
-        if os.path.exists(
-            final
-        ):  # re-saving an iteration: keep the old one until the new is in place
-            old = final + ".old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(args.save)
-        tracker_tmp = os.path.join(args.save, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(args.save, TRACKER))
-        _fsync_dir(args.save)
+        publish_checkpoint(args.save, tmp, meta)
         _prune(args)
         logger.info("  successfully saved checkpoint at iteration %7d to %s", iteration, args.save)
     _barrier()
@@ -284,10 +294,14 @@ def load_checkpoint(args, state: ParallelState, model, optimizer, scheduler, sca
         return
     for key, value in meta["train_state"].items():
         setattr(ts, key, value)
+    if meta.get("param_groups") is None and not args.no_load_optim:
+        logger.info(
+            "  %s holds weights only (no optimizer state): the optimizer starts fresh", path
+        )
     if not args.no_load_optim:
         # The scheduler applies --override-opt_param-scheduler itself (Megatron's rule).
         scheduler.load_state_dict(meta["scheduler"])
-        if args.fp16:
+        if args.fp16 and meta.get("grad_scaler"):
             scaler.load_state_dict(meta["grad_scaler"])
     _restore_rng(args, state, path, meta)
     logger.info("  successfully loaded checkpoint from %s at iteration %d", path, ts.iteration)
@@ -325,7 +339,7 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> None:
         "num_key_value_heads", "max_position_embeddings", "position_embedding_type", "rotary_percent",
         "rotary_position_embeddings_theta", "normalization", "layernorm_epsilon", "swiglu",
         "add_bias_linear", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-        "seq_length", "tokenizer_type", "vocab_size",
+        "seq_length", "tokenizer_type", "vocab_size", "tokenizer_model", "vocab_file", "merge_file",
     ):  # fmt: skip
         if key in saved:
             setattr(args, key, saved[key])

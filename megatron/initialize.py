@@ -96,6 +96,10 @@ def initialize_megatron(
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     try:
+        if args.use_checkpoint_args:
+            from megatron.checkpointing import load_args_from_checkpoint
+
+            load_args_from_checkpoint(args)
         validate_args(args)
         args.device_obj = resolve_device(args)
     except UsageError as err:

@@ -140,3 +140,41 @@ def test_malicious_non_tensor_item_is_refused(tmp_path):
         no_dist=True,
     )
     assert ok["w"].tolist() == [3.0, 3.0]
+
+
+def _flag_behaviour(tmp):
+    out = {}
+    # Keep only the newest 2 complete checkpoints.
+    run_training(f"--train-iters 8 --save {tmp}/keep --save-interval 2 --keep-last-n-checkpoints 2")
+    out["kept"] = sorted(n for n in os.listdir(f"{tmp}/keep") if n.startswith("iter_"))
+    # --finetune: weights only, iteration restarts at 0 (so 8 more iterations run).
+    out["finetune"] = len(run_training(f"--train-iters 8 --load {tmp}/keep --finetune"))
+    # Resuming continues from iteration 8 of 12.
+    out["resume"] = len(
+        run_training(f"--train-iters 12 --use-checkpoint-opt_param-scheduler --load {tmp}/keep")
+    )
+    # --use-checkpoint-args takes the model shape from the checkpoint (here: 3 layers).
+    run_training(f"--train-iters 4 --num-layers 3 --save {tmp}/three --save-interval 4")
+    try:
+        out["ckpt_args"] = len(
+            run_training(
+                f"--train-iters 6 --load {tmp}/three --use-checkpoint-args --use-checkpoint-opt_param-scheduler"
+            )
+        )
+    except SystemExit as e:
+        out["ckpt_args"] = f"exit {e.code}"
+    # --exit-on-missing-checkpoint with nothing to load is an error, not a silent fresh start.
+    try:
+        run_training(f"--train-iters 2 --load {tmp}/nothing --exit-on-missing-checkpoint")
+        out["missing"] = "trained"
+    except SystemExit as e:
+        out["missing"] = e.code
+    return out
+
+
+def test_checkpoint_flags(tmp_path):
+    (r,) = get_world(1).run(_flag_behaviour, str(tmp_path))
+    assert r["kept"] == ["iter_0000006", "iter_0000008"]
+    assert r["finetune"] == 8 and r["resume"] == 4
+    assert r["ckpt_args"] == 2
+    assert r["missing"] == 2
