@@ -173,3 +173,20 @@ def test_deepspeed_config_fills_batch(ds_config):
         world_size=2,
     )
     assert a.micro_batch_size == 1 and a.global_batch_size == 8 and a.fp16 and a.zero_stage == 1
+
+
+def test_launcher_environments(monkeypatch):
+    from megatron.arguments import launch_env
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert launch_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launch_env() == (5, 8, 1)
+    # torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK, which win.
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert launch_env() == (3, 4, 3)
