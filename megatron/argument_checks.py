@@ -119,6 +119,8 @@ def _check_model_shape(args: argparse.Namespace) -> None:
 
 def _check_sequence_parallel(args: argparse.Namespace) -> None:
     sp = args.ds_sequence_parallel_size
+    if args.sp_overlap_chunks < 1:
+        raise UsageError(f"--sp-overlap-chunks {args.sp_overlap_chunks} must be >= 1")
     check_heads_for_sp(args.num_attention_heads, args.num_key_value_heads, sp)
     if args.seq_length % sp != 0:
         raise UsageError(

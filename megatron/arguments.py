@@ -242,6 +242,12 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         "--ds-sequence-parallel-size", type=int, default=1, help="Ulysses sequence-parallel degree"
     )
     g.add_argument(
+        "--sp-overlap-chunks",
+        type=int,
+        default=1,
+        help="pipeline the Ulysses all-to-alls against attention over N groups of heads",
+    )
+    g.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="Megatron-LM's tensor-parallel variant: refused here",

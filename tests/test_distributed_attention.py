@@ -26,7 +26,7 @@ def causal_attention(q, k, v, seq_dim=0, merge_heads=False):
 
 
 CASES = [
-    # (sp, seq_dim, batch, heads, kv_heads, merge_heads)
+    # (sp, seq_dim, batch, heads, kv_heads, merge_heads[, pipelined chunks])
     (2, 0, 1, 4, 4, False),
     (2, 1, 3, 8, 8, False),
     (2, 0, 3, 4, 2, True),
@@ -38,6 +38,12 @@ CASES = [
     (4, 1, 1, 8, 1, False),
     (4, 0, 3, 4, 1, False),
     (4, 1, 3, 8, 2, False),
+    # all-to-alls pipelined against attention over groups of heads
+    (2, 0, 3, 8, 8, False, 2),
+    (2, 1, 1, 8, 4, True, 2),
+    (2, 0, 1, 8, 8, False, 4),
+    (4, 0, 3, 8, 8, False, 2),
+    (4, 1, 1, 8, 1, False, 2),  # one K/V head: no split possible, plain path
 ]
 
 
@@ -45,7 +51,7 @@ def _check_cases(cases):
     from megatron.core import parallel_state as ps
 
     results = []
-    for sp, seq_dim, b, h, h_kv, merge in cases:
+    for sp, seq_dim, b, h, h_kv, merge, *chunks in cases:
         state = ps.initialize_model_parallel(sequence_parallel_size=sp)
         torch.manual_seed(1234 + 17 * len(results))
         s, d = 16, 8
@@ -78,7 +84,13 @@ def _check_cases(cases):
 
         dist.all_to_all_single = counting
         try:
-            attn = DistributedAttention(local, state.sp_group, scatter_idx=2, gather_idx=seq_dim)
+            attn = DistributedAttention(
+                local,
+                state.sp_group,
+                scatter_idx=2,
+                gather_idx=seq_dim,
+                num_chunks=(chunks or [1])[0],
+            )
             out = attn(*my_in)
             (out * take(grad_out)).sum().backward()
         finally:
@@ -101,13 +113,22 @@ def results():
     return by_sp
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: (
+        "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c) + (f"-chunks{c[6]}" if len(c) > 6 else "")
+    ),
+)
 def test_matches_full_attention(results, case):
-    sp, seq_dim, b, h, h_kv, merge = case
+    sp, seq_dim, b, h, h_kv, merge, *chunks = case
+    from megatron.core.sequence.pipelined import effective_chunks
+
+    n = effective_chunks((chunks or [1])[0], h // sp, max(h_kv, sp) // sp)
     for rank_result in results[case]:
         assert rank_result["max_err"] <= 1e-5
-        # Q, K, V in one all-to-all and the context in one; backward mirrors it.
-        assert rank_result["all_to_alls"] == 4
+        # Q, K, V in one all-to-all and the context in one (per chunk); backward mirrors it.
+        assert rank_result["all_to_alls"] == 4 * n
         expected = (16 // sp, b) if seq_dim == 0 else (b, 16 // sp)
         assert rank_result["shape"][:2] == expected
 

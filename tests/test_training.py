@@ -14,6 +14,7 @@ WORLD2 = [
     "--zero-stage 2",
     "--ds-sequence-parallel-size 2 --zero-stage 3",
     "--zero-stage 3 --checkpoint-activations",
+    "--ds-sequence-parallel-size 2 --sp-overlap-chunks 2 --checkpoint-activations",
 ]
 WORLD4 = [
     "--ds-sequence-parallel-size 2",

@@ -20,11 +20,16 @@ import torch
 import torch.distributed as dist
 
 
-def _exchange(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """All-to-all along dim 0 (one block per rank)."""
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv
+class PendingExchange:
+    """An all-to-all in flight; ``wait()`` returns the unpacked tensors."""
+
+    def __init__(self, recv: torch.Tensor, work, unpack) -> None:
+        self._recv, self._work, self._unpack = recv, work, unpack
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._work is not None:
+            self._work.wait()
+        return self._unpack(self._recv)
 
 
 def _pack(blocks: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -32,42 +37,77 @@ def _pack(blocks: list[torch.Tensor], dim: int) -> torch.Tensor:
     return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks, dim=dim)
 
 
-def seq_to_head(
-    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
-) -> list[torch.Tensor]:
-    """Sequence-sharded -> head-sharded, no autograd. Outputs are views of one buffer."""
+def _start(
+    blocks: list[torch.Tensor], group, head_dim: int, merge_at, async_op: bool
+) -> PendingExchange:
+    """Send block r of every tensor to rank r, as one message; ``merge_at(y)`` unpacks each."""
+    send = _pack(blocks, head_dim + 1)
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
+    widths = [b.shape[head_dim + 1] for b in blocks]
+
+    def unpack(buf: torch.Tensor) -> list[torch.Tensor]:
+        outs, start = [], 0
+        for width in widths:
+            outs.append(merge_at(buf.narrow(head_dim + 1, start, width)))
+            start += width
+        return outs
+
+    return PendingExchange(recv, work if async_op else None, unpack)
+
+
+def seq_to_head_start(
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    seq_dim: int,
+    head_dim: int,
+    async_op: bool = True,
+) -> PendingExchange:
+    """Start sequence-sharded -> head-sharded; outputs are views of one receive buffer."""
     p = dist.get_world_size(group)
     # [..., h, ...] -> [p, ..., h/p, ...]: block r holds the heads that rank r will own.
     blocks = [
         x.unflatten(head_dim, (p, x.shape[head_dim] // p)).movedim(head_dim, 0) for x in tensors
     ]
-    recv = _exchange(_pack(blocks, head_dim + 1), group)
-    # recv: [p (source rank = sequence block), ..., s/p, ..., sum(h/p), ...]
-    outs, start = [], 0
-    for b in blocks:
-        width = b.shape[head_dim + 1]
-        y = recv.narrow(head_dim + 1, start, width).movedim(0, seq_dim)
-        outs.append(y.flatten(seq_dim, seq_dim + 1))  # [..., s, ..., h/p, ...]
-        start += width
-    return outs
+
+    # recv: [p (source rank = sequence block), ..., s/p, ..., h/p, ...] -> [..., s, ..., h/p, ...]
+    def merge(y: torch.Tensor) -> torch.Tensor:
+        return y.movedim(0, seq_dim).flatten(seq_dim, seq_dim + 1)
+
+    return _start(blocks, group, head_dim, merge, async_op)
+
+
+def head_to_seq_start(
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    seq_dim: int,
+    head_dim: int,
+    async_op: bool = True,
+) -> PendingExchange:
+    """Start head-sharded -> sequence-sharded."""
+    p = dist.get_world_size(group)
+    # [..., s, ..., h/p, ...] -> [p, ..., s/p, ..., h/p, ...]: block r is rank r's tokens.
+    blocks = [x.unflatten(seq_dim, (p, x.shape[seq_dim] // p)).movedim(seq_dim, 0) for x in tensors]
+
+    # recv: [p (source rank = head block), ..., s/p, ..., h/p, ...] -> [..., s/p, ..., h, ...]
+    def merge(y: torch.Tensor) -> torch.Tensor:
+        return y.movedim(0, head_dim).flatten(head_dim, head_dim + 1)
+
+    return _start(blocks, group, head_dim, merge, async_op)
+
+
+def seq_to_head(
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
+) -> list[torch.Tensor]:
+    """Sequence-sharded -> head-sharded, no autograd. Outputs are views of one buffer."""
+    return seq_to_head_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
 
 
 def head_to_seq(
     tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
 ) -> list[torch.Tensor]:
     """Head-sharded -> sequence-sharded, no autograd."""
-    p = dist.get_world_size(group)
-    # [..., s, ..., h/p, ...] -> [p, ..., s/p, ..., h/p, ...]: block r is rank r's tokens.
-    blocks = [x.unflatten(seq_dim, (p, x.shape[seq_dim] // p)).movedim(seq_dim, 0) for x in tensors]
-    recv = _exchange(_pack(blocks, head_dim + 1), group)
-    # recv: [p (source rank = head block), ..., s/p, ..., sum(h/p), ...]
-    outs, start = [], 0
-    for b in blocks:
-        width = b.shape[head_dim + 1]
-        y = recv.narrow(head_dim + 1, start, width).movedim(0, head_dim)
-        outs.append(y.flatten(head_dim, head_dim + 1))  # [..., s/p, ..., h, ...]
-        start += width
-    return outs
+    return head_to_seq_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
 
 
 def _grads_or_zeros(

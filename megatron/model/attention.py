@@ -75,7 +75,11 @@ class ParallelAttention(torch.nn.Module):
             check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
             # [s/p, b, h, d] in and out; the local attention sees [s, b, h/p, d].
             self.core_attention = DistributedAttention(
-                CoreAttention(config), sp_group, scatter_idx=2, gather_idx=0
+                CoreAttention(config),
+                sp_group,
+                scatter_idx=2,
+                gather_idx=0,
+                num_chunks=config.sp_overlap_chunks,
             )
         else:
             self.core_attention = CoreAttention(config)

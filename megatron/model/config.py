@@ -54,6 +54,7 @@ class ModelConfig:
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full only)
     recompute_num_layers: int | None = None
+    sp_overlap_chunks: int = 1  # Ulysses all-to-alls pipelined over this many head groups
     params_dtype: torch.dtype = torch.float32  # from_args keeps fp32 (mixed precision: autocast)
 
     def __post_init__(self) -> None:
@@ -177,6 +178,7 @@ class ModelConfig:
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
+            sp_overlap_chunks=args.sp_overlap_chunks,
             # Parameters stay fp32: --bf16/--fp16 run the model under torch.autocast (the
             # training loop) and the optimizer steps the fp32 weights.
             params_dtype=torch.float32,

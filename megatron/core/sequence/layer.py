@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.comm import HeadToSeqAllToAll, SeqToHeadAllToAll
+from megatron.core.sequence.pipelined import PipelinedUlyssesAttention, effective_chunks
 from megatron.errors import UsageError
 
 
@@ -58,6 +59,8 @@ class DistributedAttention(torch.nn.Module):
         sequence_process_group: the SP group; ``None`` or size 1 makes this a pass-through.
         scatter_idx: head dimension (2 for both ``[s, b, h, d]`` and ``[b, s, h, d]``).
         gather_idx: sequence dimension (0 for ``[s, b, h, d]``, 1 for ``[b, s, h, d]``).
+        num_chunks: pipeline the all-to-alls against the local attention over this many groups
+            of heads (see :mod:`megatron.core.sequence.pipelined`); 1 is the plain path.
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class DistributedAttention(torch.nn.Module):
         sequence_process_group: dist.ProcessGroup | None,
         scatter_idx: int = 2,
         gather_idx: int = 0,
+        num_chunks: int = 1,
     ) -> None:
         super().__init__()
+        self.num_chunks = num_chunks
         self.local_attn = local_attention
         self.spg = sequence_process_group
         self.scatter_idx = scatter_idx
@@ -81,6 +86,11 @@ class DistributedAttention(torch.nn.Module):
         check_heads_for_sp(query.shape[head], key.shape[head], sp)
         key = replicate_kv_heads(key, sp, head)
         value = replicate_kv_heads(value, sp, head)
+        chunks = effective_chunks(self.num_chunks, query.shape[head] // sp, key.shape[head] // sp)
+        if chunks > 1 and not args:
+            return PipelinedUlyssesAttention.apply(
+                self.local_attn, self.spg, seq, head, chunks, kwargs, query, key, value
+            )
         # [s/p, b, h, d] -> [s, b, h/p, d] (shown for gather_idx 0), Q, K, V in one all-to-all
         q_full, k_full, v_full = SeqToHeadAllToAll.apply(self.spg, seq, head, query, key, value)
         context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
