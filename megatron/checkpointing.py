@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -121,7 +122,10 @@ def _jsonable_args(args: argparse.Namespace) -> dict:
     return out
 
 
-def _tensor_state(model, optimizer, with_optim: bool) -> tuple[dict, list]:
+def _tensor_state(model, optimizer, with_optim: bool) -> tuple[dict, list | None]:
+    """DCP's view of the tensors to save or load; ``optimizer`` None means weights only."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}, None
     model_sd, optim_sd = get_state_dict(model, optimizer)
     tensors = {"model": model_sd}
     if with_optim:
@@ -262,7 +266,11 @@ def load_checkpoint(args, state: ParallelState, model, optimizer, scheduler, sca
         )
         return
     meta = read_meta(path)
-    load_optim = not (args.finetune or args.no_load_optim) and meta.get("param_groups") is not None
+    load_optim = (
+        optimizer is not None
+        and not (args.finetune or args.no_load_optim)
+        and meta.get("param_groups") is not None
+    )
     tensors, param_groups = _tensor_state(model, optimizer, load_optim)
     reader = SafeFileSystemReader(path)
     check_storage_files(reader, path)

@@ -178,7 +178,14 @@ def test_deepspeed_config_fills_batch(ds_config):
 def test_launcher_environments(monkeypatch):
     from megatron.arguments import launch_env
 
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+    for var in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_LOCALID",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert launch_env() == (0, 1, 0)
     monkeypatch.setenv("SLURM_PROCID", "5")
