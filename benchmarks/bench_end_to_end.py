@@ -1,0 +1,327 @@
+"""End-to-end training throughput: the GPT-3 1.3B anchor with Ulysses SP, mock data.
+
+Runs ``pretrain_gpt.py``'s own machinery in-process: ``initialize_megatron`` on a built
+argument list, the same model provider, ZeRO sharding, optimizer, scheduler and
+``megatron.training.train_step``; random tokens stand in for data. After ``--warmup``
+iterations, ``--iters`` are timed (CUDA events, a barrier before each). Reported: tokens/s
+per GPU, model TFLOP/s per GPU and MFU (``model_flops_per_token`` x tokens / time / 989e12
+per GPU; recomputation not counted), ``torch.cuda.max_memory_allocated`` (max over ranks)
+next to ``megatron.memory_model``'s prediction, and with ``--profile`` a kernel-time
+breakdown (GEMM, attention, all-to-all, other collectives, norms/elementwise, optimizer).
+
+Modes: default (one configuration); ``--weak-scaling``: SP 1, 2, 4... on the same GPUs with
+the same tokens per GPU (``--seq-length`` x SP; the rest is data parallel); ``--max-seqlen``:
+see ``benchmarks/bench_max_seqlen.py`` (run it with ``python``, it launches torchrun).
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_end_to_end.py --json e2e.json
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/bench_end_to_end.py --cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from common import (
+    H100_BF16_PEAK_FLOPS,
+    LiveBytes,
+    init_distributed,
+    is_oom,
+    log0,
+    markdown_table,
+    max_over_ranks,
+    median,
+    peak_memory_bytes,
+    reset_peak_memory,
+    time_ms,
+    write_json,
+)
+
+GIB = 2**30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-layers", type=int, default=24)
+    p.add_argument("--hidden-size", type=int, default=2048)
+    p.add_argument("--num-attention-heads", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=50256, help="NullTokenizer ids (+EOD)")
+    p.add_argument("--seq-length", type=int, default=32768)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--sp", type=int, default=None, help="Ulysses degree (default: all GPUs)")
+    p.add_argument("--recompute", choices=["none", "full", "selective"], default="none")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
+    p.add_argument(
+        "--position-embedding-type",
+        choices=["learned_absolute", "rope"],
+        default="learned_absolute",
+    )
+    p.add_argument("--attention", choices=["sdpa", "triton", "classic"], default="sdpa")
+    p.add_argument("--loss-chunk-size", type=int, default=2048)
+    p.add_argument("--dropout", type=float, default=0.0, help="attention and hidden dropout")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
+    p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
+    p.add_argument("--max-seqlen", action="store_true", help="see bench_max_seqlen.py")
+    p.add_argument("--timeout-minutes", type=float, default=10.0, help="process-group timeout")
+    p.add_argument("--json", type=str, default=None)
+    p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU with a tiny model")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.cpu_smoke:  # tiny shapes; keep anything given explicitly
+        for name, value in (("num_layers", 2), ("hidden_size", 64), ("num_attention_heads", 4),
+                            ("vocab_size", 999), ("seq_length", 256), ("loss_chunk_size", 64)):  # fmt: skip
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
+    if args.iters < 1 or args.warmup < 0:
+        p.error("--iters must be >= 1 and --warmup >= 0")
+    return args
+
+
+def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
+    """The pretrain_gpt command line of this benchmark configuration."""
+    dp = world // sp
+    out = [
+        "--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
+        "--num-attention-heads", args.num_attention_heads, "--seq-length", seq,
+        "--max-position-embeddings", seq, "--micro-batch-size", args.micro_batch_size,
+        "--global-batch-size", args.micro_batch_size * dp, "--train-iters", 1000,
+        "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
+        "--attention-dropout", args.dropout, "--hidden-dropout", args.dropout,
+        "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", args.vocab_size,
+        "--ds-sequence-parallel-size", sp, "--zero-stage", args.zero_stage,
+        "--loss-chunk-size", args.loss_chunk_size,
+        "--position-embedding-type", args.position_embedding_type,
+        "--eval-interval", 0, "--eval-iters", 0, "--log-interval", 1000, "--num-workers", 0,
+        "--device", "cpu" if args.cpu_smoke else "cuda",
+        "--distributed-timeout-minutes", max(1, int(args.timeout_minutes)),
+    ]  # fmt: skip
+    if args.precision != "fp32":
+        out.append(f"--{args.precision}")
+    if args.attention == "sdpa":
+        out.append("--use-flash-attn")
+    elif args.attention == "triton":
+        out.append("--use-flash-attn-triton")
+    if args.recompute != "none":
+        out += ["--recompute-granularity", args.recompute]
+    return [str(x) for x in out]
+
+
+def mock_batches(vocab: int, mbs: int, seq: int, seed: int):
+    """Endless random-token micro-batches in the dataset's format (``text``: [b, s + 1])."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"text": torch.randint(0, vocab, (mbs, seq + 1), generator=g)}
+
+
+def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dict:
+    """Build the run for ``seq``/``sp``, time it and return its metrics (all ranks agree)."""
+    import pretrain_gpt
+    from megatron.core import parallel_state
+    from megatron.distributed import shard_model_for_zero
+    from megatron.initialize import initialize_megatron, set_random_seed
+    from megatron.memory_model import RunSetup, estimate_memory
+    from megatron.model import ModelConfig, ParallelTransformerLayer, model_flops_per_token
+    from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+    from megatron.optimizer.optimizer import get_megatron_optimizer
+    from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
+    from megatron.training import train_step
+
+    parallel_state.destroy_model_parallel()
+    pretrain_gpt._TOKENIZER = None
+    margs = initialize_megatron(args_list=megatron_args(args, seq, sp, world))
+    state = parallel_state.get_parallel_state()
+    set_random_seed(margs.seed)
+    # On CPU a dispatch-mode tracker stands in for the CUDA allocator's peak statistics.
+    tracker = LiveBytes() if device.type == "cpu" else None
+    with tracker or contextlib.nullcontext():
+        with torch.device(device):  # parameters are created and initialised on the device
+            model = pretrain_gpt.model_provider()
+        config: ModelConfig = model.config
+        model = shard_model_for_zero(model, margs.zero_stage, state, (ParallelTransformerLayer,))
+        optimizer = get_megatron_optimizer(model, margs)
+        scheduler = get_optimizer_param_scheduler(optimizer, margs)
+        scaler = (
+            DynamicGradScaler(initial_scale=2.0**16, min_scale=1.0)
+            if margs.fp16
+            else ConstantGradScaler(1.0)
+        )
+        data = mock_batches(args.vocab_size, margs.micro_batch_size, seq, seed=state.dp_rank)
+        step_no = [0]
+
+        def step() -> None:
+            step_no[0] += 1
+            train_step(
+                pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler, margs, 1,
+                step_no[0],
+            )  # fmt: skip
+            scheduler.step(increment=margs.global_batch_size)
+
+        model.train()
+        time_ms(step, device, args.warmup, 0)  # warm-up; the peak below is steady state
+        reset_peak_memory(device)
+        if tracker is not None:
+            tracker.reset_peak()
+        times = time_ms(step, device, 0, args.iters)
+        peak = peak_memory_bytes(device) if tracker is None else tracker.peak
+    peak = max_over_ranks(float(peak), device)
+    breakdown = profile_iteration(step, device) if args.profile else None
+    ms = max_over_ranks(median(times), device)
+    setup = RunSetup(
+        num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
+        zero_stage=margs.zero_stage, precision=args.precision, device=device.type,
+    )  # fmt: skip
+    est = estimate_memory(config, setup)
+    tokens = margs.global_batch_size * seq
+    flops = model_flops_per_token(config, seq) * tokens
+    out = {
+        "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
+        "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
+        "position_embedding_type": args.position_embedding_type, "ms_per_iter": ms,
+        "iter_ms_all": times, "tokens_per_iter": tokens,
+        "tokens_per_s_per_gpu": tokens / (ms / 1000.0) / world,
+        "tflops_per_gpu": flops / (ms / 1000.0) / world / 1e12,
+        "mfu": flops / (ms / 1000.0) / world / H100_BF16_PEAK_FLOPS,
+        "peak_mem_gib": peak / GIB,
+        "peak_mem_source": "LiveBytes (CPU tracker)" if tracker else "max_memory_allocated",
+        "predicted_mem_gib": est.total / GIB, "predicted_peak_phase": est.peak_phase,
+        "predicted_breakdown_gib": {k: getattr(est, k) / GIB for k in est.COMPONENTS},
+        "profile": breakdown,
+    }  # fmt: skip
+    return out
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+CATEGORIES = (  # first match wins; names lower-cased
+    ("all-to-all", ("alltoall", "all_to_all", "sendrecv")),
+    ("other collectives", ("nccl", "allgather", "all_gather", "reduce_scatter", "reducescatter",
+                           "allreduce", "all_reduce", "broadcast", "gloo")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn", "cudnn", "bwd_dkdv", "bwd_dq",
+                   "bwd_preprocess")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "lerp", "addcdiv")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm",
+              "aten::bmm", "matmul", "wgmma", "sm90_", "sm80_")),
+    ("norms/elementwise", ("norm", "elementwise", "vectorized", "reduce", "softmax", "gelu",
+                           "silu", "copy", "cat", "index", "embedding", "cross_entropy", "fill",
+                           "mul", "add", "sub", "div", "exp", "log", "where", "aten::")),
+)  # fmt: skip
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return category
+    return "other"
+
+
+def profile_iteration(step, device: torch.device) -> dict:
+    """ms per category of one profiled iteration: GPU kernel time (CPU op time on CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if dist.is_initialized():
+        dist.barrier()
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    totals: dict[str, float] = {}
+    want = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    for evt in prof.key_averages():
+        if evt.device_type != want:
+            continue
+        us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+        if us > 0:
+            cat = kernel_category(evt.key)
+            totals[cat] = totals.get(cat, 0.0) + us / 1000.0
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def report(results: list[dict], title: str) -> None:
+    rows = [
+        [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["ms_per_iter"],
+         r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
+         r["peak_mem_gib"], r["predicted_mem_gib"]]
+        for r in results
+    ]  # fmt: skip
+    headers = ["seq", "SP", "DP", "ZeRO", "recompute", "ms/iter", "tokens/s/GPU",
+               "TFLOP/s/GPU", "MFU %", "peak GiB", "predicted GiB"]  # fmt: skip
+    log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
+    for r in results:
+        if r["profile"]:
+            total = sum(r["profile"].values())
+            prow = [[k, v, 100.0 * v / total] for k, v in r["profile"].items()]
+            log0(f"\nprofile, seq {r['seq_length']} SP {r['sp']} (kernel time; collectives "
+                 f"overlap compute, so the sum can exceed the iteration):\n")  # fmt: skip
+            log0(markdown_table(["category", "ms", "% of kernel time"], prow))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--max-seqlen" in argv:  # a driver of its own (it takes --seqlens, --nproc, ...)
+        if "RANK" in os.environ:
+            sys.exit("error: --max-seqlen launches torchrun per attempt; run it with python")
+        import bench_max_seqlen
+
+        return bench_max_seqlen.main([a for a in argv if a != "--max-seqlen"])
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes)
+    if args.weak_scaling:
+        degrees = [sp for sp in (1, 2, 4, 8, 16) if sp <= world and world % sp == 0]
+        degrees = [sp for sp in degrees if args.num_attention_heads % sp == 0]
+        configs = [(args.seq_length * sp, sp) for sp in degrees]
+    else:
+        sp = args.sp or world
+        configs = [(args.seq_length, sp)]
+    results, status = [], "ok"
+    for seq, sp in configs:
+        log0(f"> seq {seq}, SP {sp}, DP {world // sp}: {args.warmup} warm-up + {args.iters} timed")
+        try:
+            results.append(run_config(args, seq, sp, world, device))
+            free_memory(device)
+        except Exception as err:  # OOM: report it (the max-seqlen driver reads the JSON)
+            if not is_oom(err):
+                raise
+            status = "oom"
+            log0(f"> out of memory at seq {seq} SP {sp}: {str(err).splitlines()[0][:200]}")
+            break
+    title = (
+        f"End-to-end GPT {args.num_layers} layers x {args.hidden_size}, {args.num_attention_heads} "
+        f"heads, {args.precision}, attention {args.attention}, {args.position_embedding_type}, "
+        f"{world} {'CPU ranks' if args.cpu_smoke else 'GPUs'}"
+    )
+    if results:
+        report(results, title)
+    payload = {"benchmark": "end_to_end", "status": status, "args": vars(args), "results": results}
+    if args.weak_scaling and len(results) > 1:
+        base = results[0]["tflops_per_gpu"]
+        payload["weak_scaling_efficiency"] = {r["sp"]: r["tflops_per_gpu"] / base for r in results}
+        log0("\nweak scaling (per-GPU model TFLOP/s relative to SP 1): " + ", ".join(
+            f"SP {r['sp']}: {r['tflops_per_gpu'] / base:.3f}" for r in results))  # fmt: skip
+    write_json(args.json, payload)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""Predicted per-GPU training memory, modelled on the tensors THIS code base keeps.
+
+Pure functions of a :class:`~megatron.model.ModelConfig` and a :class:`RunSetup`; every
+number is bytes, for one GPU, as ``torch.cuda.max_memory_allocated`` would count it (no
+CUDA context, NCCL or allocator fragmentation: leave headroom for those).
+
+What the model follows (read from the code, checked by ``tests/test_estimate_memory.py``):
+
+* Parameters are fp32 (``ModelConfig.from_args``); ``--bf16/--fp16`` run under autocast,
+  whose cast cache keeps a low-precision copy of every linear weight used in forward (saved
+  for backward; with full recompute only until forward ends, then one group at a time).
+* The residual stream is fp32; each norm keeps its fp32 input and statistics; every linear
+  keeps its (compute-dtype) input; local attention keeps q, k, v, the output and the fp32
+  log-sum-exp (``sdpa``/``triton``) or the ``[b, h/p, s, s]`` fp32 probabilities (``classic``).
+* Under SP the saved q/k/v are the all-to-all's receive buffer (K/V heads replicated up to
+  ``p`` when fewer), and the context is copied once more on its way back to ``[s/p, b, h]``.
+* ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered fp32 weights
+  from forward to backward; stage 3 holds the root module (embeddings, final norm) plus
+  about two layers unsharded. AdamW keeps two fp32 states (and a step scalar) per tensor.
+* The chunked loss keeps the fp32 final hidden states; its transient is one chunk's logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from megatron.errors import UsageError
+from megatron.model.config import ModelConfig
+
+GIB = 2**30
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
+MISC_BYTES_PER_TOKEN = 16  # labels copy and per-token losses (int64 / fp32)
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """How the model is trained: GPUs, SP degree, micro-batch, ZeRO stage, precision.
+
+    ``device="cpu"`` switches the two details that differ on CPU (dropout masks have the
+    input's dtype instead of bool; RMSNorm is composed of ops that keep ``x * rstd``)."""
+
+    num_gpus: int = 1
+    sp: int = 1
+    micro_batch_size: int = 1
+    zero_stage: int = 0
+    precision: str = "bf16"
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r}: expected bf16, fp16 or fp32")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UsageError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.sp < 1 or self.num_gpus % self.sp != 0:
+            raise UsageError(
+                f"--ds-sequence-parallel-size {self.sp} must divide --num-gpus {self.num_gpus}"
+            )
+        if self.micro_batch_size < 1:
+            raise UsageError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
+
+    @property
+    def compute_bytes(self) -> int:
+        return PRECISIONS[self.precision]
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak per-GPU bytes by component, at the phase of the iteration where the sum peaks."""
+
+    params: int  # fp32 master weights this GPU stores (all, or its ZeRO shard)
+    params_unsharded: int  # FSDP2 all-gathered fp32 weights alive at the peak (ZeRO 1-3)
+    params_lowp: int  # autocast bf16/fp16 weight copies alive at the peak
+    grads: int  # fp32 gradients alive at the peak
+    optimizer: int  # AdamW exp_avg + exp_avg_sq (+ step scalars)
+    activations: int  # tensors saved for backward (incl. a recomputed group) at the peak
+    attention_workspace: int  # local attention's backward buffers (dq/dk/dv, s^2 for classic)
+    all_to_all: int  # Ulysses send/receive buffers of one attention call
+    logits: int  # loss-chunk logits and the output layer's transient weight copy/gradient
+    working: int  # other backward temporaries of one layer (activation gradients)
+    total: int
+    peak_phase: str
+    activations_per_layer: int  # saved by one layer without recompute
+    activations_saved: int  # everything saved at the end of forward
+    tokens_per_gpu: int
+    details: dict = field(default_factory=dict)
+
+    COMPONENTS = (
+        "params", "params_unsharded", "params_lowp", "grads", "optimizer", "activations",
+        "attention_workspace", "all_to_all", "logits", "working",
+    )  # fmt: skip
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of ``GPTModel(config)`` (same names, same order)."""
+    h, d, v = config.hidden_size, config.kv_channels, config.padded_vocab_size
+    hq, hkv, ffn = config.num_attention_heads, config.num_key_value_heads, config.ffn_hidden_size
+    up = 2 * ffn if config.swiglu else ffn
+    qkv = (hq + 2 * hkv) * d
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, h)}
+    if config.position_embedding_type == "learned_absolute":
+        shapes["embedding.position_embeddings.weight"] = (config.max_position_embeddings, h)
+
+    def norm(prefix: str) -> None:
+        shapes[f"{prefix}.weight"] = (h,)
+        if config.normalization == "LayerNorm":
+            shapes[f"{prefix}.bias"] = (h,)
+
+    def linear(prefix: str, out_f: int, in_f: int) -> None:
+        shapes[f"{prefix}.weight"] = (out_f, in_f)
+        if config.add_bias_linear:
+            shapes[f"{prefix}.bias"] = (out_f,)
+
+    for i in range(config.num_layers):
+        p = f"transformer.layers.{i}"
+        norm(f"{p}.input_layernorm")
+        linear(f"{p}.self_attention.query_key_value", qkv, h)
+        linear(f"{p}.self_attention.dense", h, hq * d)
+        norm(f"{p}.post_attention_layernorm")
+        linear(f"{p}.mlp.dense_h_to_4h", up, h)
+        linear(f"{p}.mlp.dense_4h_to_h", h, ffn)
+    norm("transformer.final_layernorm")
+    if config.untie_embeddings_and_output_weights:
+        shapes["output_layer"] = (v, h)
+    return shapes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _shard_numel(shape: tuple[int, ...], ways: int) -> int:
+    """FSDP2's per-rank shard: dim 0 split in ``ways`` chunks, padded to the largest."""
+    return -(-shape[0] // ways) * _numel(shape[1:])
+
+
+def _is_linear(name: str) -> bool:
+    return ".self_attention." in name or ".mlp." in name
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+def _dims(config: ModelConfig, setup: RunSetup) -> dict:
+    p = setup.sp
+    hkv = config.num_key_value_heads
+    hkv_eff = hkv if p == 1 or hkv % p == 0 else p  # K/V heads replicated up to p
+    return {
+        "n": setup.micro_batch_size * config.seq_length // p,  # local tokens
+        "a": setup.compute_bytes,
+        "h": config.hidden_size,
+        "hd": config.num_attention_heads * config.kv_channels,  # query width
+        "x": (config.num_attention_heads + 2 * hkv_eff) * config.kv_channels,  # q+k+v width
+        "kvd": hkv * config.kv_channels,
+        "ffn": config.ffn_hidden_size,
+        "up": 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size,
+        "p": p,
+    }
+
+
+def _norm_bytes_per_token(config: ModelConfig, setup: RunSetup) -> int:
+    """One norm: fp32 input and statistics (composite RMSNorm on CPU also keeps x * rstd)."""
+    h = config.hidden_size
+    if config.normalization == "LayerNorm":
+        return 4 * h + 8
+    return 4 * h + 4 + (4 * h if setup.device == "cpu" else 0)
+
+
+def _classic_square_bytes(config: ModelConfig, setup: RunSetup, a: int) -> int:
+    """Per layer: the [b, h/p, s, s] tensors classic attention keeps, and its [s, s] mask."""
+    s, b = config.seq_length, setup.micro_batch_size
+    per_elem = 4  # softmax output (fp32)
+    if config.attention_dropout > 0:
+        per_elem += 1 if setup.device == "cuda" else 4  # dropout mask
+        per_elem += 4 if a == 4 else a  # dropped probs (fp32) or their compute-dtype cast
+    elif a != 4:
+        per_elem += a  # probs cast to the compute dtype for P @ V
+    return b * (config.num_attention_heads // setup.sp) * s * s * per_elem + s * s
+
+
+MLP_SAVED_KEYS = ("mlp_norm", "fc1_input", "fc1_output", "fc2_input", "mlp_dropout_mask")
+
+
+def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
+    """Bytes one transformer layer saves for backward (no recompute, or selective), by tensor.
+
+    The keys in :data:`MLP_SAVED_KEYS` belong to the MLP half, freed before attention's
+    backward runs; the others to the attention half."""
+    g = _dims(config, setup)
+    n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
+    selective = config.recompute_granularity == "selective"
+    rope_copies = config.position_embedding_type == "rope" and p == 1
+    norm = n * _norm_bytes_per_token(config, setup)
+    out: dict[str, int] = {"attn_norm": norm, "qkv_input": n * a * h}
+    if config.attention_backend == "classic" and not selective:
+        # q and k upcast to fp32 (k expanded over the GQA group), v expanded, context copy.
+        out["attention_inputs"] = n * (8 * hd + a * hd)
+        out["attention_scores"] = _classic_square_bytes(config, setup, a)
+        out["context"] = n * a * hd
+    else:
+        # q/k/v as saved: the QKV output at SP 1 (+ rotated q/k copies), else the receive buffer.
+        out["attention_inputs"] = n * a * x + (n * a * (hd + g["kvd"]) if rope_copies else 0)
+        # Kept output and fp32 log-sum-exp, unless recomputed (selective); the dense layer's
+        # input is a view of the output at SP 1 and a copy after the all-to-all under SP.
+        keep_out = not selective
+        out["attention_scores"] = 4 * n * config.num_attention_heads if keep_out else 0
+        out["context"] = n * a * hd * (2 if keep_out and p > 1 else 1)
+    mask = n * h * (1 if setup.device == "cuda" else a) if config.hidden_dropout > 0 else 0
+    out["attn_dropout_mask"] = mask
+    out["mlp_norm"] = norm
+    out["fc1_input"] = n * a * h
+    out["fc1_output"] = n * a * up  # GeLU input, or SwiGLU's gate|up
+    out["fc2_input"] = n * a * ffn * (2 if config.swiglu else 1)  # (+ SwiGLU's silu output)
+    out["mlp_dropout_mask"] = mask
+    return out
+
+
+def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
+    """Everything the forward pass leaves saved for backward (parameters and their casts aside).
+
+    Keys: ``layers`` (all layers, after recompute), ``per_layer`` (one layer without full
+    recompute), ``final`` (final norm and loss inputs), ``shared`` (RoPE tables, labels, masks).
+    """
+    g = _dims(config, setup)
+    n, a, h = g["n"], g["a"], g["h"]
+    per_layer = sum(layer_saved_bytes(config, setup).values())
+    L = config.num_layers
+    if config.recompute_granularity == "full":
+        k = config.recompute_num_layers
+        if config.recompute_method == "block":
+            layers = k * 4 * n * h + (L - k) * per_layer
+        else:
+            layers = math.ceil(L / k) * 4 * n * h  # each group's fp32 input
+    else:
+        layers = L * per_layer
+    # Final norm: its fp32 input; the loss keeps its output (fp32 when chunked).
+    final = n * _norm_bytes_per_token(config, setup)
+    if config.loss_chunk_size > 0:
+        final += 4 * n * h
+    else:
+        final += n * a * h + 4 * n * config.padded_vocab_size  # + fp32 log-softmax
+    shared = MISC_BYTES_PER_TOKEN * n
+    if config.position_embedding_type == "rope":
+        shared += 2 * 4 * n * config.rotary_dim  # cos and sin, fp32
+    if config.hidden_dropout > 0:
+        shared += n * h * (1 if setup.device == "cuda" else 4)  # embedding dropout mask
+    return {"layers": layers, "per_layer": per_layer, "final": final, "shared": shared}
+
+
+def lowp_weight_bytes(config: ModelConfig, setup: RunSetup, layers: int | None = None) -> int:
+    """Autocast's low-precision copies of the linear weights of ``layers`` layers (all by
+    default), which the linears save for backward. (Bias copies are not saved: ignored.)"""
+    if setup.compute_bytes == 4:
+        return 0
+    shapes = parameter_shapes(config)
+    per_model = sum(
+        _numel(s) for name, s in shapes.items() if _is_linear(name) and name.endswith(".weight")
+    )
+    per_layer = per_model // config.num_layers
+    return setup.compute_bytes * per_layer * (config.num_layers if layers is None else layers)
+
+
+def output_weight_copy_bytes(config: ModelConfig, setup: RunSetup) -> int:
+    """The output layer's compute-dtype weight: saved (autocast cache) by the unchunked loss,
+    a transient of each pass of the chunked one."""
+    a = setup.compute_bytes
+    return a * config.padded_vocab_size * config.hidden_size if a < 4 else 0
+
+
+def lowp_saved_bytes(config: ModelConfig, setup: RunSetup) -> int:
+    """Low-precision weight copies still referenced once forward (and autocast) has ended."""
+    layers = 0 if config.recompute_granularity == "full" else config.num_layers
+    unchunked = output_weight_copy_bytes(config, setup) if config.loss_chunk_size <= 0 else 0
+    return lowp_weight_bytes(config, setup, layers) + unchunked
+
+
+# ------------------------------------------------------------------------ transient memory
+
+
+def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int]:
+    """(forward, backward) transient bytes of the output layer + cross entropy.
+
+    Chunked: one chunk's logits (compute dtype, an fp32 copy, a log-sum-exp temporary), the
+    weight's compute-dtype copy, and in backward the fp32 weight gradient and hidden gradient.
+    Unchunked: the whole local sequence's logits in fp32 (and their gradient)."""
+    g = _dims(config, setup)
+    n, a, h = g["n"], g["a"], g["h"]
+    vocab = config.padded_vocab_size
+    weight_copy = output_weight_copy_bytes(config, setup)
+    if config.loss_chunk_size > 0:
+        c = min(config.loss_chunk_size, n)
+        fwd = weight_copy + c * vocab * (a + (4 if a < 4 else 0) + 4) + c * h * a
+        grad_w_tmp = (a + 4) * vocab * h if a < 4 else 0  # per-chunk (grad^T @ hidden).float()
+        bwd = weight_copy + 4 * vocab * h + 4 * n * h + c * vocab * (a + 4) + grad_w_tmp
+        return fwd, bwd
+    fwd = 4 * n * vocab  # the weight copy is held with the other autocast copies
+    # fp32 logit gradients (the saved log-softmax is freed after its backward), then the
+    # compute-dtype cast, the hidden and the weight gradients.
+    cast = a * n * vocab if a < 4 else 0
+    bwd = max(8 * n * vocab, 4 * n * vocab + cast + 4 * n * h + 4 * vocab * h)
+    return fwd, bwd
+
+
+def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
+    """Temporaries of one layer's backward beyond its saved tensors, by kind.
+
+    ``attention_workspace``: the local attention's input gradients dq/dk/dv and its fp32
+    accumulators (or the [b, h/p, s, s] gradients of classic attention); ``all_to_all``: send
+    and receive buffers of the gradients' all-to-all; ``attention_other`` / ``mlp``: the
+    activation gradients around them (the fp32 residual-stream gradient included)."""
+    g = _dims(config, setup)
+    n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
+    if config.attention_backend == "classic":
+        s, b = config.seq_length, setup.micro_batch_size
+        # fp32 gradients of the probabilities and of the scores, after the value gradient.
+        squares = b * (config.num_attention_heads // p) * s * s * 8
+        workspace = squares + n * a * hd
+    else:
+        workspace = n * (a * x + 4 * hd)
+    shapes = parameter_shapes(config)
+    largest_linear = max(_numel(s) for name, s in shapes.items() if _is_linear(name))
+    weight_grad_tmp = a * largest_linear if a < 4 else 0
+    # The residual-stream gradient (fp32) and, under autocast, its compute-dtype cast.
+    stream = n * (4 * h + (a * h if a < 4 else 0))
+    # FC1-output gradient (SwiGLU: the gate and up gradients). The FC2-input gradient
+    # replaces FC2's saved input, which is freed by then.
+    mlp = stream + n * a * up + weight_grad_tmp
+    return {
+        "attention_workspace": workspace,
+        "all_to_all": 2 * n * a * x if p > 1 else 0,
+        "attention_other": stream + n * a * hd + weight_grad_tmp,  # + context gradient
+        "mlp": mlp,
+    }
+
+
+# ------------------------------------------------------------------------------- the peak
+
+
+def _zero_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
+    """Static bytes: stored params, optimizer states, and the sizes FSDP2 works with."""
+    shapes = parameter_shapes(config)
+    n_gpus, zero = setup.num_gpus, setup.zero_stage
+    total = sum(_numel(s) for s in shapes.values())
+    layer0 = [s for name, s in shapes.items() if name.startswith("transformer.layers.0.")]
+    per_layer = sum(_numel(s) for s in layer0)
+    root = total - config.num_layers * per_layer
+    if zero == 0:
+        local = total
+        layer_local = per_layer
+    else:
+        local = sum(_shard_numel(s, n_gpus) for s in shapes.values())
+        layer_local = sum(_shard_numel(s, n_gpus) for s in layer0)
+    out_params = config.padded_vocab_size * config.hidden_size + config.hidden_size * (
+        2 if config.normalization == "LayerNorm" else 1
+    )  # output weight (tied or not) and the final norm: their grads exist from loss backward
+    return {
+        "total": total,
+        "local": local,
+        "per_layer": per_layer,
+        "layer_local": layer_local,
+        "root": root,
+        "out_params": out_params,
+        "mlp_params": sum(
+            _numel(s)
+            for name, s in shapes.items()
+            if name.startswith("transformer.layers.0.") and (".mlp." in name or "post_att" in name)
+        ),  # fmt: skip
+        "params": 4 * local,
+        "optimizer": 8 * local + 4 * len(shapes),  # exp_avg, exp_avg_sq, step per tensor
+    }
+
+
+def _backward_saved(
+    config: ModelConfig, act: dict[str, int], per_layer_lowp: int, tokens_x_h: int, done: int
+) -> tuple[int, int]:
+    """(saved layer activations, low-precision weight copies) while the backward of layer
+    ``L - done`` runs, ``done`` layers after the last one finished."""
+    left = config.num_layers - done
+    group_input = 4 * tokens_x_h  # a checkpointed group keeps its fp32 input
+    if config.recompute_granularity != "full":
+        return left * act["per_layer"], left * per_layer_lowp
+    k = config.recompute_num_layers
+    if config.recompute_method == "uniform":
+        in_group = (left - 1) % k + 1  # layers of the recomputed group not yet back-propagated
+        return math.ceil(left / k) * group_input + in_group * act["per_layer"], (
+            in_group * per_layer_lowp
+        )
+    # block: the first k layers were checkpointed one by one, the rest kept everything
+    plain = max(0, left - k)
+    recomputed = 1 if left <= k else 0
+    saved = plain * act["per_layer"] + min(left, k) * group_input + recomputed * act["per_layer"]
+    return saved, (plain + recomputed) * per_layer_lowp
+
+
+def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
+    """Peak per-GPU memory of one training iteration (steady state: optimizer states exist).
+
+    Evaluates the phases where memory can peak (end of forward, loss backward, each layer's
+    backward, the optimizer step) and reports the components of the largest."""
+    if config.seq_length % setup.sp != 0:
+        raise UsageError(
+            f"--seq-length {config.seq_length} is not divisible by --ds-sequence-parallel-size "
+            f"{setup.sp}"
+        )
+    z = _zero_bytes(config, setup)
+    act = saved_activation_bytes(config, setup)
+    layer_bwd = layer_backward_bytes(config, setup)
+    loss_fwd, loss_bwd = loss_transient_bytes(config, setup)
+    L, zero, n_gpus = config.num_layers, setup.zero_stage, setup.num_gpus
+    saved_total = act["layers"] + act["final"] + act["shared"]
+    per_layer_lowp = lowp_weight_bytes(config, setup, 1)
+    out_copy = output_weight_copy_bytes(config, setup) if config.loss_chunk_size <= 0 else 0
+    n, h = _dims(config, setup)["n"], config.hidden_size
+
+    def unsharded(layers_left: int) -> int:
+        if zero == 0:
+            return 0
+        if zero == 3:
+            return 4 * (z["root"] + min(2, L) * z["per_layer"])
+        return 4 * (z["root"] + layers_left * z["per_layer"])
+
+    base = {"params": z["params"], "optimizer": z["optimizer"]}
+    zeros = dict.fromkeys(MemoryEstimate.COMPONENTS, 0)
+    phases: list[tuple[str, dict[str, int]]] = []
+    phases.append(("end of forward (loss)", {
+        **zeros, **base, "params_unsharded": unsharded(L), "activations": saved_total,
+        "params_lowp": per_layer_lowp * L + out_copy, "logits": loss_fwd,
+    }))  # fmt: skip
+    phases.append(("loss backward", {
+        **zeros, **base, "params_unsharded": unsharded(L), "activations": saved_total,
+        "params_lowp": lowp_saved_bytes(config, setup), "logits": loss_bwd,
+    }))  # fmt: skip
+    # Layer backward, last layer first: saved tensors and low-precision copies shrink,
+    # gradients grow (unsharded for the current FSDP unit, then reduce-scattered). Within a
+    # layer the MLP half runs first; its saved tensors are gone when attention's runs.
+    mlp_saved = sum(
+        v for key, v in layer_saved_bytes(config, setup).items() if key in MLP_SAVED_KEYS
+    )
+    for done in range(L):
+        saved, lowp = _backward_saved(config, act, per_layer_lowp, n * h, done)
+        # Gradients so far: the output layer's and final norm's (unsharded under ZeRO until
+        # the root's backward ends), finished layers' (sharded under ZeRO), the current one's.
+        finished = done * (z["per_layer"] if zero == 0 else z["layer_local"])
+        grads = 4 * (z["out_params"] + finished)
+        common = {**zeros, **base, "params_unsharded": unsharded(L - done), "params_lowp": lowp}
+        layer = L - done
+        phases.append((f"backward of layer {layer} (MLP)", {
+            **common, "grads": grads + 4 * z["mlp_params"], "working": layer_bwd["mlp"],
+            "activations": saved + act["shared"],
+        }))  # fmt: skip
+        phases.append((f"backward of layer {layer} (attention)", {
+            **common, "grads": grads + 4 * z["per_layer"],
+            "activations": saved + act["shared"] - mlp_saved,
+            "attention_workspace": layer_bwd["attention_workspace"],
+            "all_to_all": layer_bwd["all_to_all"], "working": layer_bwd["attention_other"],
+        }))  # fmt: skip
+        if zero > 0:  # FSDP2 copies the layer's gradients into a reduce-scatter buffer
+            phases.append((f"gradient reduce-scatter of layer {layer}", {
+                **common, "grads": grads + 8 * z["per_layer"],
+                "activations": saved + act["shared"] - act["per_layer"],
+            }))  # fmt: skip
+    # Optimizer step: all gradients; foreach AdamW (sharded or CPU) makes fp32 temporaries.
+    fused = setup.device == "cuda" and zero == 0
+    step_tmp = 0 if fused else 4 * z["local"]
+    bucket = min(4 * z["total"], 128 * 2**20) if zero == 0 and n_gpus > 1 else 0
+    phases.append(("optimizer step", {
+        **zeros, **base, "grads": 4 * z["local"], "working": max(step_tmp, bucket),
+    }))  # fmt: skip
+    name, comps = max(phases, key=lambda item: sum(item[1].values()))
+    return MemoryEstimate(
+        **comps,
+        total=sum(comps.values()),
+        peak_phase=name,
+        activations_per_layer=act["per_layer"],
+        activations_saved=saved_total,
+        tokens_per_gpu=n,
+        details={
+            "num_params": z["total"],
+            "params_per_gpu": z["local"],
+            "layer_saved": layer_saved_bytes(config, setup),
+            "layer_backward": layer_bwd,
+            "saved": act,
+            "phases": {nm: sum(c.values()) for nm, c in phases[:4] + phases[-1:]},
+        },
+    )
+
+
+def valid_sp_degrees(config: ModelConfig, num_gpus: int) -> list[int]:
+    """SP degrees Ulysses accepts for this model on ``num_gpus`` GPUs, ascending."""
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    out = []
+    for sp in range(1, num_gpus + 1):
+        if num_gpus % sp or hq % sp or config.seq_length % sp:
+            continue
+        if hkv % sp and sp % hkv:
+            continue
+        out.append(sp)
+    return out
+
+
+def find_min_sp(
+    config: ModelConfig, setup: RunSetup, budget_bytes: int
+) -> tuple[int | None, list[tuple[int, MemoryEstimate]]]:
+    """The smallest valid SP degree whose estimate fits ``budget_bytes`` (None if none does),
+    and the estimate of every degree tried."""
+    tried = []
+    for sp in valid_sp_degrees(config, setup.num_gpus):
+        est = estimate_memory(config, replace(setup, sp=sp))
+        tried.append((sp, est))
+        if est.total <= budget_bytes:
+            return sp, tried
+    return None, tried

@@ -1,0 +1,310 @@
+"""megatron.memory_model against tensor-level measurements of tiny CPU runs.
+
+A TorchDispatchMode records every storage created while a model is built, run forward and
+backward and stepped by AdamW, and sums the live ones (at their current size: FSDP2 frees
+by resizing storages; DTensors count their local shard). Saved activations must match the
+model within 10%, parameters/gradients/optimizer states exactly, and the predicted peak
+must be within -5%/+15% of the measured one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+
+import pytest
+import torch
+from model_utils import LLAMA, make_batch, slice_batch, tiny_config
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from megatron import memory_model as mm
+from megatron.errors import UsageError
+from megatron.model import GPTModel, parameter_counts
+from megatron.optimizer.optimizer import param_groups
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the live storages created under this mode; ``peak`` since ``reset_peak``."""
+
+    def __init__(self, exclude=()) -> None:
+        super().__init__()
+        self._live: dict[int, weakref.ref] = {}
+        self._excluded = {id(t.untyped_storage()) for t in exclude}  # e.g. existing params
+        self.peak = 0
+
+    def current(self) -> int:
+        return sum(s.nbytes() for s in (r() for r in self._live.values()) if s is not None)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current()
+
+    def _forget(self, key: int) -> None:
+        self._live.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        grew = False
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
+            key = id(storage)
+            if key not in self._live and key not in self._excluded:
+                self._live[key] = weakref.ref(storage)
+                weakref.finalize(storage, self._forget, key)
+                grew = True
+        if grew:
+            self.peak = max(self.peak, self.current())
+        return out
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _setup(bf16: bool, batch: int, **kw) -> mm.RunSetup:
+    return mm.RunSetup(
+        micro_batch_size=batch, precision="bf16" if bf16 else "fp32", device="cpu", **kw
+    )
+
+
+def _loss(model, batch):
+    return model(batch["tokens"], batch["position_ids"], labels=batch["labels"]).sum()
+
+
+def measure_saved(config, bf16: bool, batch_size: int = 2, sp_group=None, rank=0, world=1) -> int:
+    """Bytes that forward leaves alive (saved for backward), parameters excluded."""
+    torch.manual_seed(0)
+    model = GPTModel(config, sp_group=sp_group)
+    batch = slice_batch(make_batch(batch_size, 0, seq=config.seq_length), rank, world)
+    mode = LiveBytes(exclude=list(model.parameters()))
+    with mode:
+        with _autocast(bf16):
+            loss = _loss(model, batch)
+        held = mode.current()
+        loss.backward()
+    return held
+
+
+def predicted_saved(config, setup) -> int:
+    act = mm.saved_activation_bytes(config, setup)
+    return act["layers"] + act["final"] + act["shared"] + mm.lowp_saved_bytes(config, setup)
+
+
+def measure_iteration(config, bf16: bool, batch_size: int, shard=None, sp_group=None, rank=0):
+    """Two training iterations; returns (peak bytes of the second, model, optimizer)."""
+    torch.manual_seed(0)
+    world = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
+    batch = slice_batch(make_batch(batch_size, 0, seq=config.seq_length), rank, world)
+    mode = LiveBytes()
+    with mode:
+        model = GPTModel(config, sp_group=sp_group)
+        if shard is not None:
+            model = shard(model)
+        opt = torch.optim.AdamW(param_groups(model), lr=1e-3, foreach=True)
+        for it in range(2):
+            opt.zero_grad(set_to_none=True)
+            if it == 1:
+                mode.reset_peak()
+            with _autocast(bf16):
+                loss = _loss(model, batch)
+            loss.backward()
+            opt.step()
+    return mode.peak, model, opt
+
+
+CONFIGS = {
+    "gpt-classic": ({}, False),
+    "gpt-sdpa": ({"attention_backend": "sdpa"}, False),
+    "gpt-sdpa-bf16": ({"attention_backend": "sdpa"}, True),
+    "gpt-classic-bf16-gqa": ({"num_key_value_heads": 2}, True),
+    "llama-sdpa": ({**LLAMA, "attention_backend": "sdpa", "loss_chunk_size": 32}, False),
+    "llama-sdpa-bf16": ({**LLAMA, "attention_backend": "sdpa"}, True),
+    "full-recompute": ({"attention_backend": "sdpa", "recompute_granularity": "full"}, False),
+    "full-recompute-bf16": (
+        {"attention_backend": "sdpa", "recompute_granularity": "full", "loss_chunk_size": 32},
+        True,
+    ),
+    "full-block": (
+        {
+            "num_layers": 4,
+            "attention_backend": "sdpa",
+            "recompute_granularity": "full",
+            "recompute_method": "block",
+            "recompute_num_layers": 2,
+        },
+        False,
+    ),
+    "selective-classic": ({"recompute_granularity": "selective", "loss_chunk_size": 32}, False),
+    "dropout-classic": ({"hidden_dropout": 0.1, "attention_dropout": 0.1}, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_saved_activations_match_measurement(name):
+    overrides, bf16 = CONFIGS[name]
+    config = tiny_config(**overrides)
+    measured = measure_saved(config, bf16)
+    predicted = predicted_saved(config, _setup(bf16, 2))
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+def test_recompute_full_keeps_only_group_inputs():
+    base = tiny_config(num_layers=4, attention_backend="sdpa", loss_chunk_size=32)
+    none = mm.saved_activation_bytes(base, _setup(True, 1))
+    full = mm.saved_activation_bytes(
+        dataclasses.replace(base, recompute_granularity="full", recompute_num_layers=2),
+        _setup(True, 1),
+    )
+    n, h = base.seq_length, base.hidden_size
+    assert full["layers"] == 2 * 4 * n * h  # two groups, each keeps its fp32 input
+    assert none["layers"] == 4 * none["per_layer"] > full["layers"]
+
+
+@pytest.mark.parametrize("overrides", [{}, LLAMA, {"untie_embeddings_and_output_weights": True}])
+def test_parameter_shapes_match_model(overrides):
+    config = tiny_config(**overrides)
+    model = GPTModel(config, device="meta")
+    real = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert mm.parameter_shapes(config) == real
+    assert sum(map(mm._numel, real.values())) == parameter_counts(config)["total"]
+
+
+@pytest.mark.parametrize("name", ["gpt-sdpa", "llama-sdpa"])
+def test_params_grads_optimizer_exact(name):
+    overrides, bf16 = CONFIGS[name]
+    config = tiny_config(**overrides)
+    _, model, opt = measure_iteration(config, bf16, 2)
+    est = mm.estimate_memory(config, _setup(bf16, 2))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    states = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
+    assert params == est.params
+    assert grads == 4 * est.details["params_per_gpu"]
+    assert states == est.optimizer
+
+
+@pytest.mark.parametrize(
+    "name", ["gpt-sdpa", "gpt-sdpa-bf16", "llama-sdpa", "full-recompute-bf16", "full-block"]
+)
+def test_peak_matches_measurement(name):
+    overrides, bf16 = CONFIGS[name]
+    config = tiny_config(**overrides)
+    peak, _, _ = measure_iteration(config, bf16, 2)
+    est = mm.estimate_memory(config, _setup(bf16, 2))
+    assert 0.95 * peak <= est.total <= 1.15 * peak, (est.total, peak, est.peak_phase)
+
+
+def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool):
+    """On each of 2 gloo ranks: measured vs predicted saved bytes, params, optimizer, peak."""
+    from megatron.core import parallel_state
+    from megatron.distributed import shard_model_for_zero
+    from megatron.model import ParallelTransformerLayer
+
+    config = tiny_config(**overrides)
+    state = parallel_state.initialize_model_parallel(sequence_parallel_size=sp, device_type="cpu")
+    group = state.sp_group if sp > 1 else None
+    saved = measure_saved(config, bf16, sp_group=group, rank=state.sp_rank, world=sp)
+
+    def shard(model):
+        return shard_model_for_zero(model, zero, state, (ParallelTransformerLayer,))
+
+    peak, model, opt = measure_iteration(config, bf16, 2, shard, group, state.sp_rank)
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    params = sum(local(p).numel() * 4 for p in model.parameters())
+    states = sum(
+        local(v).numel() * v.element_size() for st in opt.state.values() for v in st.values()
+    )
+    setup = _setup(bf16, 2, num_gpus=2, sp=sp, zero_stage=zero)
+    est = mm.estimate_memory(config, setup)
+    return {
+        "saved": (saved, predicted_saved(config, setup)),
+        "params": (params, est.params),
+        "optimizer": (states, est.optimizer),
+        "peak": (peak, est.total),
+    }
+
+
+TWO_RANK = [
+    ({"attention_backend": "sdpa"}, 0, 2, False),
+    ({**LLAMA, "num_key_value_heads": 1, "attention_backend": "sdpa"}, 0, 2, True),
+    ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, False),
+    ({"num_layers": 4, "attention_backend": "sdpa", "loss_chunk_size": 32}, 3, 1, False),
+    (
+        {"num_layers": 4, "attention_backend": "sdpa", "recompute_granularity": "full"},
+        3,
+        2,
+        False,
+    ),
+]
+
+
+def test_sp_and_zero_on_two_ranks():
+    from dist_helper import get_world
+
+    world = get_world(2)
+    for overrides, zero, sp, bf16 in TWO_RANK:
+        for rank, res in enumerate(world.run(_two_rank_case, overrides, zero, sp, bf16)):
+            where = f"{overrides} ZeRO {zero} SP {sp} bf16={bf16} rank {rank}"
+            measured, predicted = res["saved"]
+            assert predicted == pytest.approx(measured, rel=0.10), (where, res)
+            # FSDP2 pads dim 0 to a multiple of the world: the prediction is rank 0's size.
+            assert res["params"][0] <= res["params"][1], (where, res)
+            assert res["optimizer"][0] <= res["optimizer"][1], (where, res)
+            if rank == 0:
+                assert res["params"][0] == res["params"][1], (where, res)
+                assert res["optimizer"][0] == res["optimizer"][1], (where, res)
+            peak, est = res["peak"]
+            assert 0.95 * peak <= est <= 1.15 * peak, (where, res)
+
+
+def test_more_sp_less_memory_and_find_min_sp():
+    config = tiny_config(num_layers=4, seq_length=4096, attention_backend="sdpa")
+    setup = mm.RunSetup(num_gpus=8, micro_batch_size=1, zero_stage=3)
+    totals = [
+        mm.estimate_memory(config, dataclasses.replace(setup, sp=sp)).total for sp in (1, 2, 4, 8)
+    ]
+    assert totals == sorted(totals, reverse=True)
+    budget = (totals[1] + totals[2]) // 2  # SP 4 fits, SP 2 does not
+    best, tried = mm.find_min_sp(config, setup, budget)
+    assert best == 4 and [sp for sp, _ in tried] == [1, 2, 4]
+    assert mm.find_min_sp(config, setup, 1)[0] is None
+    assert mm.valid_sp_degrees(tiny_config(num_key_value_heads=2), 8) == [1, 2, 4, 8]
+
+
+def test_bad_setup_is_a_usage_error():
+    with pytest.raises(UsageError, match="--ds-sequence-parallel-size 3 must divide"):
+        mm.RunSetup(num_gpus=4, sp=3)
+    with pytest.raises(UsageError, match="--zero-stage"):
+        mm.RunSetup(zero_stage=4)
+    with pytest.raises(UsageError, match="--seq-length 64 is not divisible"):
+        mm.estimate_memory(tiny_config(), mm.RunSetup(num_gpus=128, sp=128))
+
+
+def test_cli(tmp_path, capsys):
+    import json
+
+    from tools.estimate_memory import main
+
+    common = [
+        "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8",
+        "--seq-length", "8192", "--vocab-size", "1000", "--bf16", "--use-flash-attn",
+        "--num-gpus", "4", "--zero-stage", "3", "--recompute-granularity", "none",
+    ]  # fmt: skip
+    out = tmp_path / "est.json"
+    assert main([*common, "--ds-sequence-parallel-size", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SP 2 x DP 2, ZeRO 3, bf16, 4096 tokens per GPU" in text and "| **total" in text
+    data = json.loads(out.read_text())
+    assert data["estimates_by_sp"]["2"]["tokens_per_gpu"] == 4096
+    assert main([*common, "--find-sp", "--gpu-memory-gb", "0.2", "--reserve-gb", "0"]) == 0
+    assert "smallest SP degree that fits: 4" in capsys.readouterr().out
+    no_vocab = [a for a in common if a not in ("--vocab-size", "1000")]
+    assert main(no_vocab) == 2
+    assert "--padded-vocab-size" in capsys.readouterr().err

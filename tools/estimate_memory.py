@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Predict per-GPU training memory for a Megatron command line (see megatron/memory_model.py).
+
+Takes the same model/parallelism flags as ``pretrain_gpt.py`` plus ``--num-gpus`` and
+``--gpu-memory-gb``, prints the peak broken down by component, and with ``--find-sp`` the
+smallest Ulysses degree that fits. Numbers are what ``torch.cuda.max_memory_allocated``
+would report; ``--reserve-gb`` is kept free for the CUDA context, NCCL and fragmentation.
+
+Example (GPT-3 1.3B, 32K tokens, 4 GPUs)::
+
+    python tools/estimate_memory.py --num-layers 24 --hidden-size 2048 \\
+        --num-attention-heads 16 --seq-length 32768 --padded-vocab-size 50304 \\
+        --micro-batch-size 1 --bf16 --use-flash-attn --num-gpus 4 \\
+        --ds-sequence-parallel-size 4 --zero-stage 1 --recompute-granularity full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.errors import UsageError  # noqa: E402
+from megatron.memory_model import (  # noqa: E402
+    GIB,
+    MemoryEstimate,
+    RunSetup,
+    estimate_memory,
+    find_min_sp,
+)
+
+LABELS = {
+    "params": "parameters (fp32 master)",
+    "params_unsharded": "parameters (ZeRO all-gathered fp32)",
+    "params_lowp": "parameters (autocast low-precision copies)",
+    "grads": "gradients (fp32)",
+    "optimizer": "optimizer (AdamW 2 x fp32)",
+    "activations": "activations (saved for backward)",
+    "attention_workspace": "attention workspace (local attention backward)",
+    "all_to_all": "all-to-all buffers",
+    "logits": "logits / loss transients",
+    "working": "other backward temporaries",
+}
+
+
+def _extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("memory estimate")
+    g.add_argument("--num-gpus", type=int, default=1, help="GPUs of the run (SP x DP)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU, GiB")
+    g.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=3.0,
+        help="GiB kept free for the CUDA context, NCCL buffers and allocator fragmentation",
+    )
+    g.add_argument("--padded-vocab-size", type=int, default=None, help="vocabulary after padding")
+    g.add_argument("--find-sp", action="store_true", help="report the smallest SP degree that fits")
+    g.add_argument("--json", type=str, default=None, help="also write the estimate(s) here")
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Megatron's parser and checks, with the world size taken from ``--num-gpus``."""
+    from megatron.argument_checks import validate_args
+    from megatron.arguments import parse_args
+    from megatron.tokenizer.tokenizer import vocab_size_with_padding
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Accept "--recompute-granularity none" (Megatron's parser knows full/selective only).
+    for i in range(len(argv) - 1):
+        if argv[i] == "--recompute-granularity" and argv[i + 1] == "none":
+            del argv[i : i + 2]
+            break
+    args = parse_args(_extra_args, args_list=argv)
+    if args.num_gpus < 1:
+        raise UsageError(f"--num-gpus {args.num_gpus} must be >= 1")
+    if args.gpu_memory_gb <= 0:
+        raise UsageError(f"--gpu-memory-gb {args.gpu_memory_gb} must be positive")
+    args.world_size, args.rank = args.num_gpus, 0
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 1
+    if args.find_sp:
+        args.ds_sequence_parallel_size = 1  # checked per candidate below
+    validate_args(args)
+    if args.padded_vocab_size is None:
+        if args.vocab_size is None:
+            raise UsageError(
+                "the vocabulary size is unknown: pass --padded-vocab-size N (or --vocab-size N, "
+                "padded to --make-vocab-size-divisible-by)"
+            )
+        args.padded_vocab_size = vocab_size_with_padding(
+            args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
+    return args
+
+
+def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup:
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return RunSetup(
+        num_gpus=args.num_gpus,
+        sp=args.ds_sequence_parallel_size if sp is None else sp,
+        micro_batch_size=args.micro_batch_size,
+        zero_stage=args.zero_stage,
+        precision=precision,
+        device="cpu" if args.device == "cpu" else "cuda",
+    )
+
+
+def format_estimate(est: MemoryEstimate, setup: RunSetup, budget: int) -> str:
+    """The breakdown as a markdown table plus a one-line verdict."""
+    lines = [
+        f"SP {setup.sp} x DP {setup.num_gpus // setup.sp}, ZeRO {setup.zero_stage}, "
+        f"{setup.precision}, {est.tokens_per_gpu} tokens per GPU, "
+        f"{est.details['params_per_gpu'] / 1e6:.1f}M of {est.details['num_params'] / 1e6:.1f}M "
+        "parameters per GPU",
+        "",
+        "| component | GiB |",
+        "|---|---:|",
+    ]
+    for name in MemoryEstimate.COMPONENTS:
+        lines.append(f"| {LABELS[name]} | {getattr(est, name) / GIB:.2f} |")
+    lines.append(f"| **total (peak: {est.peak_phase})** | **{est.total / GIB:.2f}** |")
+    layer = est.details["layer_backward"]
+    lines += [
+        "",
+        f"per layer: {est.activations_per_layer / GIB:.3f} GiB saved without recompute; "
+        f"attention workspace {layer['attention_workspace'] / GIB:.3f} GiB, all-to-all "
+        f"buffers {layer['all_to_all'] / GIB:.3f} GiB",
+        f"{'fits' if est.total <= budget else 'does NOT fit'} in {budget / GIB:.1f} GiB "
+        "(GPU memory minus --reserve-gb)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        from megatron.model import ModelConfig
+
+        config = ModelConfig.from_args(args)
+        budget = int((args.gpu_memory_gb - args.reserve_gb) * GIB)
+        if args.find_sp:
+            best, tried = find_min_sp(config, setup_from_args(args, 1), budget)
+            print("| SP | peak GiB | fits |\n|---:|---:|---|")
+            for sp, est in tried:
+                print(
+                    f"| {sp} | {est.total / GIB:.2f} | {'yes' if est.total <= budget else 'no'} |"
+                )
+            print()
+            if best is None:
+                print(f"no SP degree up to {args.num_gpus} fits in {budget / GIB:.1f} GiB")
+            else:
+                print(f"smallest SP degree that fits: {best}")
+            chosen = tried[-1]  # the fitting degree, or the largest one tried
+            estimates = {sp: est for sp, est in tried}
+        else:
+            setup = setup_from_args(args)
+            chosen = (setup.sp, estimate_memory(config, setup))
+            estimates = dict([chosen])
+        sp, est = chosen
+        print(format_estimate(est, setup_from_args(args, sp), budget))
+        if args.json:
+            payload = {str(k): v.as_dict() for k, v in estimates.items()}
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"budget_bytes": budget, "estimates_by_sp": payload}, f, indent=2)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
