@@ -8,6 +8,8 @@ bf16, every rank holding an ``s/p`` slice of the sequence. Methods, all in the s
 * ``ulysses-sdpa`` / ``ulysses-triton``: our :class:`DistributedAttention` (all-to-alls +
   local attention on ``[s, b, h/p, d]`` views of the receive buffer) around PyTorch SDPA
   (PyTorch picks the kernel: cuDNN on H100) or our Triton FlashAttention;
+  ``ulysses-sdpa-overlap2/4`` pipeline the all-to-alls against attention over 2 or 4 groups
+  of each rank's heads (``--sp-overlap-chunks``);
 * ``deepspeed``: ``deepspeed.sequence.layer.DistributedAttention`` around the same SDPA
   (three all-to-alls), when ``import deepspeed`` works;
 * ``ring``: PyTorch's ring attention, ``torch.distributed.tensor.experimental.context_parallel``
@@ -42,7 +44,15 @@ from common import (
     write_json,
 )
 
-METHODS = ("single", "ulysses-sdpa", "ulysses-triton", "deepspeed", "ring")
+METHODS = (
+    "single",
+    "ulysses-sdpa",
+    "ulysses-sdpa-overlap2",
+    "ulysses-sdpa-overlap4",
+    "ulysses-triton",
+    "deepspeed",
+    "ring",
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -128,8 +138,12 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         if method == "deepspeed":
             fn = _deepspeed_attention(group)
         else:
-            local_fn = sdpa_sbhd if method == "ulysses-sdpa" else triton_sbhd
-            fn = DistributedAttention(local_fn, group, scatter_idx=2, gather_idx=0)
+            local_fn = triton_sbhd if method == "ulysses-triton" else sdpa_sbhd
+            # "-overlapN": all-to-alls pipelined against attention over N head groups
+            chunks = int(method.rsplit("overlap", 1)[1]) if "overlap" in method else 1
+            fn = DistributedAttention(
+                local_fn, group, scatter_idx=2, gather_idx=0, num_chunks=chunks
+            )
     dout = torch.randn(s_here, args.batch, args.heads, args.head_dim, device=device, dtype=dtype)
 
     def step() -> None:
