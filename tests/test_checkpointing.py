@@ -68,6 +68,8 @@ def _half_written_and_truncated(tmp):
     from megatron.checkpointing import find_checkpoint
 
     root = _make_checkpoint(tmp)
+    # A save that crashed half-way leaves only an .inprogress directory: never loaded.
+    os.makedirs(os.path.join(root, "iter_0000006.inprogress", "rng"))
     results = {"complete": find_checkpoint(root)}
     # A crash after the tracker moved but before meta.json: fall back to iteration 2.
     os.remove(os.path.join(root, "iter_0000004", "meta.json"))
