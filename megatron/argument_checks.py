@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 
 import torch
 
@@ -17,6 +16,7 @@ from megatron.arguments import COMPAT_ONLY
 from megatron.core.parallel_state import ParallelDims
 from megatron.core.sequence.layer import check_heads_for_sp
 from megatron.errors import UsageError
+from megatron.model.config import derive_shape
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +70,14 @@ def _check_model_shape(args: argparse.Namespace) -> None:
                 f"{args.num_query_groups} disagree; pass one of them"
             )
         args.num_key_value_heads = args.num_query_groups
-    if args.num_key_value_heads is None:
-        args.num_key_value_heads = args.num_attention_heads
-    if args.num_attention_heads % args.num_key_value_heads != 0:
-        raise UsageError(
-            f"--num-key-value-heads {args.num_key_value_heads} does not divide "
-            f"--num-attention-heads {args.num_attention_heads}"
-        )
-    if args.kv_channels is None:
-        if args.hidden_size % args.num_attention_heads != 0:
-            raise UsageError(
-                f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-                f"{args.num_attention_heads}; pass --kv-channels to set the head size"
-            )
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.ffn_hidden_size is None:
-        if args.swiglu:
-            # Llama's rule: 2/3 of 4h, rounded up to a multiple of 64.
-            args.ffn_hidden_size = int(math.ceil(8 * args.hidden_size / 3 / 64) * 64)
-        else:
-            args.ffn_hidden_size = 4 * args.hidden_size
+    args.num_key_value_heads, args.kv_channels, args.ffn_hidden_size = derive_shape(
+        args.hidden_size,
+        args.num_attention_heads,
+        args.num_key_value_heads,
+        args.kv_channels,
+        args.ffn_hidden_size,
+        args.swiglu,
+    )
     norm = args.normalization.lower()
     if norm not in ("layernorm", "rmsnorm"):
         raise UsageError(f"--normalization {args.normalization}: expected LayerNorm or RMSNorm")

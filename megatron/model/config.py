@@ -2,7 +2,7 @@
 
 The parsed command line is the one source of truth (:meth:`ModelConfig.from_args`); tests
 build the dataclass directly. Derived values (head size, FFN size, K/V heads) are filled in
-by ``__post_init__`` with the same rules as :mod:`megatron.argument_checks`.
+by :func:`derive_shape`, which :mod:`megatron.argument_checks` uses too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,35 @@ from megatron.errors import UsageError
 ATTENTION_BACKENDS = ("classic", "sdpa", "triton")
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+def derive_shape(
+    hidden_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int | None,
+    kv_channels: int | None,
+    ffn_hidden_size: int | None,
+    swiglu: bool,
+) -> tuple[int, int, int]:
+    """(K/V heads, head size, FFN size) with Megatron's defaults; bad combinations are errors."""
+    kv_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+    if num_attention_heads % kv_heads != 0:
+        raise UsageError(
+            f"--num-key-value-heads {kv_heads} does not divide --num-attention-heads {num_attention_heads}"
+        )
+    if kv_channels is None:
+        if hidden_size % num_attention_heads != 0:
+            raise UsageError(
+                f"--hidden-size {hidden_size} is not divisible by --num-attention-heads "
+                f"{num_attention_heads}; pass --kv-channels to set the head size"
+            )
+        kv_channels = hidden_size // num_attention_heads
+    if ffn_hidden_size is None:
+        # SwiGLU (Llama's rule): 2/3 of 4h, rounded up to a multiple of 64.
+        ffn_hidden_size = (
+            int(math.ceil(8 * hidden_size / 3 / 64) * 64) if swiglu else 4 * hidden_size
+        )
+    return kv_heads, kv_channels, ffn_hidden_size
 
 
 @dataclass
@@ -65,25 +94,14 @@ class ModelConfig:
                 )
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise UsageError(
-                f"--num-key-value-heads {self.num_key_value_heads} does not divide "
-                f"--num-attention-heads {self.num_attention_heads}"
-            )
-        if self.kv_channels is None:
-            if self.hidden_size % self.num_attention_heads != 0:
-                raise UsageError(
-                    f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                    f"{self.num_attention_heads}; pass --kv-channels to set the head size"
-                )
-            self.kv_channels = self.hidden_size // self.num_attention_heads
-        if self.ffn_hidden_size is None:
-            if self.swiglu:
-                self.ffn_hidden_size = int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
-            else:
-                self.ffn_hidden_size = 4 * self.hidden_size
+        self.num_key_value_heads, self.kv_channels, self.ffn_hidden_size = derive_shape(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.kv_channels,
+            self.ffn_hidden_size,
+            self.swiglu,
+        )
         self._check_choices()
         self._check_recompute()
         if self.loss_chunk_size < 0:
