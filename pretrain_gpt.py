@@ -31,9 +31,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTMo
     args = get_args()
     get_tokenizer()  # sets args.padded_vocab_size
     state = parallel_state.get_parallel_state()
-    return GPTModel(
-        ModelConfig.from_args(args), sp_group=state.sp_group if state.dims.sp > 1 else None
-    )
+    sp_group = state.sp_group if state.dims.sp > 1 else None
+    return GPTModel(ModelConfig.from_args(args), sp_group=sp_group, device=args.device_obj)
 
 
 def get_batch(data_iterator):

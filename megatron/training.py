@@ -215,6 +215,22 @@ def pretrain(
         exit_with_usage_error(err, args.rank)
 
 
+def build_grad_scaler(args: argparse.Namespace) -> ConstantGradScaler:
+    """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1."""
+    if not args.fp16:
+        return ConstantGradScaler(1.0)
+    if args.loss_scale:
+        return ConstantGradScaler(args.loss_scale)
+    return DynamicGradScaler(
+        initial_scale=args.initial_loss_scale,
+        min_scale=args.min_loss_scale,
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        growth_interval=args.loss_scale_window,
+        hysteresis=args.hysteresis,
+    )
+
+
 def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> list[float]:
     state = get_parallel_state()
     device = args.device_obj
@@ -237,21 +253,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     model = shard_model_for_zero(model, args.zero_stage, state, (ParallelTransformerLayer,))
     optimizer = get_megatron_optimizer(model, args)
     scheduler = get_optimizer_param_scheduler(optimizer, args)
-    if args.fp16:
-        scaler = (
-            ConstantGradScaler(args.loss_scale)
-            if args.loss_scale
-            else DynamicGradScaler(
-                initial_scale=args.initial_loss_scale,
-                min_scale=args.min_loss_scale,
-                growth_factor=2.0,
-                backoff_factor=0.5,
-                growth_interval=args.loss_scale_window,
-                hysteresis=args.hysteresis,
-            )
-        )
-    else:
-        scaler = ConstantGradScaler(1.0)
+    scaler = build_grad_scaler(args)
     ts = TrainState()
     set_random_seed(args.seed, dropout_seed_offset(state))
     checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
