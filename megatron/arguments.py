@@ -78,6 +78,9 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
         "--layernorm-epsilon", "--norm-epsilon", dest="layernorm_epsilon", type=float, default=1e-5
     )
     g.add_argument("--swiglu", action="store_true")
+    g.add_argument(
+        "--openai-gelu", action="store_true", help="tanh-approximated GeLU, as GPT-2 uses"
+    )
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--no-masked-softmax-fusion", action="store_true")

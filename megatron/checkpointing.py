@@ -345,7 +345,7 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> None:
     for key in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
         "num_key_value_heads", "max_position_embeddings", "position_embedding_type", "rotary_percent",
-        "rotary_position_embeddings_theta", "normalization", "layernorm_epsilon", "swiglu",
+        "rotary_position_embeddings_theta", "normalization", "layernorm_epsilon", "swiglu", "openai_gelu",
         "add_bias_linear", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
         "seq_length", "tokenizer_type", "vocab_size", "tokenizer_model", "vocab_file", "merge_file",
     ):  # fmt: skip

@@ -35,7 +35,7 @@ MODEL_ARG_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
     "num_key_value_heads", "max_position_embeddings", "position_embedding_type",
     "use_rotary_position_embeddings", "rotary_percent", "rotary_position_embeddings_theta",
-    "normalization", "layernorm_epsilon", "swiglu", "add_bias_linear",
+    "normalization", "layernorm_epsilon", "swiglu", "openai_gelu", "add_bias_linear",
     "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "seq_length",
     "padded_vocab_size", "attention_dropout", "hidden_dropout", "init_method_std",
 )  # fmt: skip
@@ -68,6 +68,7 @@ def config_from_args(args: dict[str, Any], padded_vocab_size: int) -> ModelConfi
         normalization="RMSNorm" if norm.lower() == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=args.get("layernorm_epsilon", 1e-5),
         swiglu=bool(args.get("swiglu", False)),
+        openai_gelu=bool(args.get("openai_gelu", False)),
         add_bias_linear=bool(args.get("add_bias_linear", True)),
         untie_embeddings_and_output_weights=bool(
             args.get("untie_embeddings_and_output_weights", False)
@@ -96,6 +97,7 @@ def args_from_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
         "normalization": config.normalization,
         "layernorm_epsilon": config.layernorm_epsilon,
         "swiglu": config.swiglu,
+        "openai_gelu": config.openai_gelu,
         "add_bias_linear": config.add_bias_linear,
         "untie_embeddings_and_output_weights": config.untie_embeddings_and_output_weights,
         "padded_vocab_size": config.padded_vocab_size,
@@ -130,6 +132,8 @@ def model_flags(args: dict[str, Any]) -> list[str]:
     flags.append(f"--layernorm-epsilon {args['layernorm_epsilon']:g}")
     if args["swiglu"]:
         flags.append("--swiglu")
+    if args.get("openai_gelu"):
+        flags.append("--openai-gelu")
     if not args["add_bias_linear"]:
         flags.append("--disable-bias-linear")
     if args["untie_embeddings_and_output_weights"]:
@@ -287,7 +291,8 @@ def _gpt2_config(config: ModelConfig, vocab: int) -> dict[str, Any]:
         "n_layer": config.num_layers,
         "n_head": config.num_attention_heads,
         "n_inner": config.ffn_hidden_size,
-        "activation_function": "gelu",  # our MLP uses exact (erf) GeLU, not GPT-2's tanh one
+        # GPT-2's own tanh GeLU with --openai-gelu, else exact (erf) GeLU
+        "activation_function": "gelu_new" if config.openai_gelu else "gelu",
         "resid_pdrop": config.hidden_dropout,
         "embd_pdrop": config.hidden_dropout,
         "attn_pdrop": config.attention_dropout,

@@ -79,13 +79,7 @@ def _prefix(hf: Tensors, probe: str, prefix: str) -> str:
 
 def _from_gpt2(hf: Tensors, c: dict[str, Any], source: str) -> tuple[Tensors, ModelConfig]:
     act = c.get("activation_function", "gelu_new")
-    if act in _TANH_GELUS:
-        logger.warning(
-            "WARNING: %s uses activation_function %s (tanh GeLU); this model's MLP uses exact "
-            "GeLU, so outputs differ slightly (|gelu - gelu_tanh| < 1e-3) until fine-tuned",
-            source, act,
-        )  # fmt: skip
-    elif act != "gelu":
+    if act not in _TANH_GELUS and act != "gelu":
         raise UsageError(
             f"{source}/config.json: activation_function {act!r} is not GeLU; cannot import it"
         )
@@ -110,6 +104,7 @@ def _from_gpt2(hf: Tensors, c: dict[str, Any], source: str) -> tuple[Tensors, Mo
         attention_dropout=c.get("attn_pdrop", 0.1),
         hidden_dropout=c.get("resid_pdrop", 0.1),
         init_method_std=c.get("initializer_range", 0.02),
+        openai_gelu=act in _TANH_GELUS,  # GPT-2's tanh GeLU: --openai-gelu
     )
     p = _prefix(hf, "wte.weight", "transformer.")
     sd = {

@@ -64,6 +64,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 # ---- HF -> ours ----
 def _hf_model(kind: str, directory: str):
+    """A small random HF model; "gpt2" uses exact GeLU, "gpt2-tanh" GPT-2's own gelu_new."""
     torch.manual_seed(0)
     if kind == "llama":
         config = transformers.LlamaConfig(
@@ -76,7 +77,8 @@ def _hf_model(kind: str, directory: str):
     else:
         config = transformers.GPT2Config(
             n_layer=2, n_embd=64, n_head=8, vocab_size=VOCAB, n_positions=64,
-            activation_function="gelu", bos_token_id=None, eos_token_id=None,
+            activation_function="gelu_new" if kind == "gpt2-tanh" else "gelu",
+            bos_token_id=None, eos_token_id=None,
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(config)
     _perturb(model, 1)
@@ -97,7 +99,7 @@ def _model_from_flags(flags: list[str]) -> ModelConfig:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt2-tanh"])
 def test_import_matches_transformers(kind, tmp_path, capsys):
     hf = _hf_model(kind, str(tmp_path / "hf"))
     save = str(tmp_path / "ck")

@@ -73,6 +73,7 @@ class ModelConfig:
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
     swiglu: bool = False
+    openai_gelu: bool = False  # tanh-approximated GeLU (GPT-2's), instead of exact erf GeLU
     add_bias_linear: bool = True
     untie_embeddings_and_output_weights: bool = False
     attention_dropout: float = 0.1
@@ -186,6 +187,7 @@ class ModelConfig:
             normalization=args.normalization,
             layernorm_epsilon=args.layernorm_epsilon,
             swiglu=args.swiglu,
+            openai_gelu=args.openai_gelu,
             add_bias_linear=args.add_bias_linear,
             untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
             attention_dropout=args.attention_dropout,

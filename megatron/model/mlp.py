@@ -14,6 +14,7 @@ class ParallelMLP(torch.nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.swiglu = config.swiglu
+        self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         factory = {"device": device, "dtype": config.params_dtype}
         up_width = 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size
         self.dense_h_to_4h = torch.nn.Linear(
@@ -30,5 +31,5 @@ class ParallelMLP(torch.nn.Module):
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         else:
-            x = F.gelu(x)
+            x = F.gelu(x, approximate=self.gelu_approximate)
         return self.dense_4h_to_h(x)
