@@ -62,12 +62,32 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
         dist.init_process_group(
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
+    elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        # Under torchrun, key the rendezvous by the restart attempt: a restarted worker group
+        # must never read the addresses that the failed group left in the agent's store.
+        store = _elastic_store(args, timeout)
+        dist.init_process_group(
+            backend, store=store, rank=args.rank, world_size=args.world_size, timeout=timeout
+        )
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "6000")
         dist.init_process_group(
             backend, rank=args.rank, world_size=args.world_size, timeout=timeout
         )
+
+
+def _elastic_store(args: argparse.Namespace, timeout: timedelta) -> dist.Store:
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        args.world_size,
+        is_master=not agent_hosts_store and args.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"megatron/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def set_random_seed(seed: int, rank_offset: int = 0) -> None:

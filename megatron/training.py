@@ -311,41 +311,11 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
 
         if ts.iteration % args.log_interval == 0:
             elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
-            tflops = (
-                flops_per_token
-                * gbs
-                * args.seq_length
-                / (elapsed_ms / 1000.0)
-                / args.world_size
-                / 1e12
-            )
-            lr = optimizer.param_groups[0]["lr"]
-            eta = elapsed_ms / 1000.0 * (train_iters - ts.iteration)
-            peak = peak_memory_gb(device)
-            logger.info(
-                iteration_line(
-                    iteration=ts.iteration, train_iters=train_iters,
-                    consumed_samples=ts.consumed_train_samples, consumed_tokens=ts.consumed_train_tokens,
-                    elapsed_ms=elapsed_ms, lr=lr, global_batch_size=gbs, losses=losses,
-                    loss_scale=scaler.scale, grad_norm=grad_norm, seq_length=args.seq_length,
-                    skipped=ts.skipped_iters, nan_iters=ts.nan_iters, world_size=args.world_size,
-                    tflops=tflops, peak_mem_gb=peak, eta_s=eta,
-                )
+            log_training_iteration(
+                args, ts, tb, train_iters=train_iters, elapsed_ms=elapsed_ms, global_batch_size=gbs,
+                losses=losses, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
+                loss_scale=scaler.scale, flops_per_token=flops_per_token,
             )  # fmt: skip
-            scalars = {"lm loss": losses.get("lm loss", float("nan")), "learning-rate": lr, "batch-size": gbs,
-                       "loss-scale": scaler.scale, "iteration-time": elapsed_ms / 1000.0,
-                       "throughput/tflops": tflops}  # fmt: skip
-            if grad_norm is not None:
-                scalars["grad-norm"] = grad_norm
-            if peak is not None:
-                scalars["mem-max-allocated-bytes"] = peak * 2**30
-            tb.training(
-                ts.iteration,
-                ts.consumed_train_samples,
-                ts.consumed_train_tokens,
-                scalars,
-                {"interval": elapsed_ms},
-            )
             window_start, window_iters = time.time(), 0
 
         if args.eval_interval and valid_it is not None and ts.iteration % args.eval_interval == 0:
@@ -403,6 +373,43 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         )
     tb.close()
     return history
+
+
+def log_training_iteration(
+    args, ts: TrainState, tb: TensorBoardLogger, *, train_iters: int, elapsed_ms: float,
+    global_batch_size: int, losses: dict[str, float], grad_norm: float | None, lr: float,
+    loss_scale: float, flops_per_token: float,
+) -> None:  # fmt: skip
+    """Megatron's iteration line (rank 0) and the TensorBoard scalars of this iteration."""
+    seconds = elapsed_ms / 1000.0
+    tflops = (
+        flops_per_token * global_batch_size * args.seq_length / seconds / args.world_size / 1e12
+    )
+    peak = peak_memory_gb(args.device_obj)
+    logger.info(
+        iteration_line(
+            iteration=ts.iteration, train_iters=train_iters,
+            consumed_samples=ts.consumed_train_samples, consumed_tokens=ts.consumed_train_tokens,
+            elapsed_ms=elapsed_ms, lr=lr, global_batch_size=global_batch_size, losses=losses,
+            loss_scale=loss_scale, grad_norm=grad_norm, seq_length=args.seq_length,
+            skipped=ts.skipped_iters, nan_iters=ts.nan_iters, world_size=args.world_size,
+            tflops=tflops, peak_mem_gb=peak, eta_s=seconds * (train_iters - ts.iteration),
+        )
+    )  # fmt: skip
+    scalars = {"lm loss": losses.get("lm loss", float("nan")), "learning-rate": lr,
+               "batch-size": global_batch_size, "loss-scale": loss_scale,
+               "iteration-time": seconds, "throughput/tflops": tflops}  # fmt: skip
+    if grad_norm is not None:
+        scalars["grad-norm"] = grad_norm
+    if peak is not None:
+        scalars["mem-max-allocated-bytes"] = peak * 2**30
+    tb.training(
+        ts.iteration,
+        ts.consumed_train_samples,
+        ts.consumed_train_tokens,
+        scalars,
+        {"interval": elapsed_ms},
+    )
 
 
 def run_validation(
