@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from common import (
     H100_BF16_PEAK_FLOPS,
-    LiveBytes,
     init_distributed,
     is_oom,
     log0,
@@ -41,6 +40,8 @@ from common import (
     time_ms,
     write_json,
 )
+
+from megatron.memory_tracker import LiveBytes  # noqa: E402  (common put the repo on sys.path)
 
 GIB = 2**30
 

@@ -12,19 +12,17 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 
@@ -154,40 +152,3 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-class LiveBytes(TorchDispatchMode):
-    """CPU stand-in for ``torch.cuda.max_memory_allocated`` in the smoke runs: the bytes of
-    live storages created under this mode (at their current size: FSDP2 frees by resizing;
-    a DTensor counts its local shard), with the peak since ``reset_peak``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, weakref.ref] = {}
-        self.peak = 0
-
-    def current(self) -> int:
-        return sum(s.nbytes() for s in (r() for r in self._live.values()) if s is not None)
-
-    def reset_peak(self) -> None:
-        self.peak = self.current()
-
-    def _forget(self, key: int) -> None:
-        self._live.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.distributed.tensor import DTensor
-
-        out = func(*args, **(kwargs or {}))
-        grew = False
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
-            if id(storage) not in self._live:
-                self._live[id(storage)] = weakref.ref(storage)
-                weakref.finalize(storage, self._forget, id(storage))
-                grew = True
-        if grew:
-            self.peak = max(self.peak, self.current())
-        return out

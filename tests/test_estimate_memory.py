@@ -11,54 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 
 import pytest
 import torch
 from model_utils import LLAMA, make_batch, slice_batch, tiny_config
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from megatron import memory_model as mm
 from megatron.errors import UsageError
+from megatron.memory_tracker import LiveBytes
 from megatron.model import GPTModel, parameter_counts
 from megatron.optimizer.optimizer import param_groups
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the live storages created under this mode; ``peak`` since ``reset_peak``."""
-
-    def __init__(self, exclude=()) -> None:
-        super().__init__()
-        self._live: dict[int, weakref.ref] = {}
-        self._excluded = {id(t.untyped_storage()) for t in exclude}  # e.g. existing params
-        self.peak = 0
-
-    def current(self) -> int:
-        return sum(s.nbytes() for s in (r() for r in self._live.values()) if s is not None)
-
-    def reset_peak(self) -> None:
-        self.peak = self.current()
-
-    def _forget(self, key: int) -> None:
-        self._live.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        grew = False
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage()
-            key = id(storage)
-            if key not in self._live and key not in self._excluded:
-                self._live[key] = weakref.ref(storage)
-                weakref.finalize(storage, self._forget, key)
-                grew = True
-        if grew:
-            self.peak = max(self.peak, self.current())
-        return out
 
 
 def _autocast(bf16: bool):
