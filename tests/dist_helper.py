@@ -95,6 +95,8 @@ class DistWorld:
                 continue
             (results if ok else errors)[rank] = value
         if errors:
+            # A failed call can leave ranks out of step in their collectives: start afresh.
+            self.shutdown(force=True)
             rank = min(errors)
             raise AssertionError(
                 f"{fn.__name__} failed on rank {rank} (of {sorted(errors)}):\n{errors[rank]}"

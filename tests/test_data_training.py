@@ -17,9 +17,7 @@ PACKED = (
 )
 
 
-def _train_both(tmp):
-    from tools import preprocess_data
-
+def _write_datasets(tmp, preprocess_data):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 120, size=int(n)).tolist() for n in rng.integers(5, 60, size=200)]
     with open(f"{tmp}/corpus.jsonl", "w") as f:
@@ -34,6 +32,16 @@ def _train_both(tmp):
     write_reference_dataset(
         f"{tmp}/megatron_text_document", [d + [120] for d in docs], range(1, len(docs) + 1)
     )
+
+
+def _train_both(tmp):
+    import torch.distributed as dist
+
+    from tools import preprocess_data
+
+    if dist.get_rank() == 0:  # one writer; the other ranks wait for the files
+        _write_datasets(tmp, preprocess_data)
+    dist.barrier()
     out = {}
     for name, prefix in (
         ("tool", f"{tmp}/tool_text_document"),
