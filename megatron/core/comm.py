@@ -62,13 +62,18 @@ def seq_to_head_start(
     seq_dim: int,
     head_dim: int,
     async_op: bool = True,
+    heads_split: bool = False,
 ) -> PendingExchange:
-    """Start sequence-sharded -> head-sharded; outputs are views of one receive buffer."""
+    """Start sequence-sharded -> head-sharded; outputs are views of one receive buffer.
+
+    ``heads_split``: the inputs already hold their heads as ``[..., p, h/p, ...]`` (two dims
+    at ``head_dim``), e.g. strided views of a subset of heads, so no copy is made to split them.
+    """
     p = dist.get_world_size(group)
     # [..., h, ...] -> [p, ..., h/p, ...]: block r holds the heads that rank r will own.
-    blocks = [
-        x.unflatten(head_dim, (p, x.shape[head_dim] // p)).movedim(head_dim, 0) for x in tensors
-    ]
+    if not heads_split:
+        tensors = [x.unflatten(head_dim, (p, x.shape[head_dim] // p)) for x in tensors]
+    blocks = [x.movedim(head_dim, 0) for x in tensors]
 
     # recv: [p (source rank = sequence block), ..., s/p, ..., h/p, ...] -> [..., s, ..., h/p, ...]
     def merge(y: torch.Tensor) -> torch.Tensor:
@@ -83,15 +88,21 @@ def head_to_seq_start(
     seq_dim: int,
     head_dim: int,
     async_op: bool = True,
+    merge_heads: bool = True,
 ) -> PendingExchange:
-    """Start head-sharded -> sequence-sharded."""
+    """Start head-sharded -> sequence-sharded.
+
+    ``merge_heads=False`` leaves the outputs as views ``[..., s/p, ..., p, h/p, ...]`` of the
+    receive buffer instead of copying them into ``[..., s/p, ..., h, ...]``.
+    """
     p = dist.get_world_size(group)
     # [..., s, ..., h/p, ...] -> [p, ..., s/p, ..., h/p, ...]: block r is rank r's tokens.
     blocks = [x.unflatten(seq_dim, (p, x.shape[seq_dim] // p)).movedim(seq_dim, 0) for x in tensors]
 
     # recv: [p (source rank = head block), ..., s/p, ..., h/p, ...] -> [..., s/p, ..., h, ...]
     def merge(y: torch.Tensor) -> torch.Tensor:
-        return y.movedim(0, head_dim).flatten(head_dim, head_dim + 1)
+        y = y.movedim(0, head_dim)
+        return y.flatten(head_dim, head_dim + 1) if merge_heads else y
 
     return _start(blocks, group, head_dim, merge, async_op)
 

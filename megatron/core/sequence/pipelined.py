@@ -8,7 +8,9 @@ independent per head, and every head lands on the same rank in the same order.
 
 Head order: for ``h`` heads over ``p`` ranks and ``C`` chunks, chunk ``c`` of rank ``r`` holds
 heads ``r*h/p + c*h/(p*C) + j``; a chunk's tensor in the sequence-sharded layout is therefore
-``x.unflatten(head, (p, C, h/(p*C)))[:, :, c]``.
+``x.unflatten(head, (p, C, h/(p*C)))[:, :, c]``, a strided view that the all-to-all packs
+directly; the outputs come back as ``[..., p, h/(p*C), ...]`` views and are stacked into
+place with one copy.
 """
 
 from __future__ import annotations
@@ -27,15 +29,14 @@ def effective_chunks(requested: int, heads_per_rank: int, kv_heads_per_rank: int
 
 
 def _chunk(x: torch.Tensor, p: int, chunks: int, head_dim: int) -> list[torch.Tensor]:
-    """``[..., h, ...]`` -> ``chunks`` tensors ``[..., h/C, ...]`` (rank-major head order)."""
+    """``[..., h, ...]`` -> ``chunks`` strided views ``[..., p, h/(pC), ...]`` (no copy)."""
     blocks = x.unflatten(head_dim, (p, chunks, x.shape[head_dim] // (p * chunks)))
-    return [blocks.select(head_dim + 1, c).flatten(head_dim, head_dim + 1) for c in range(chunks)]
+    return [blocks.select(head_dim + 1, c) for c in range(chunks)]
 
 
-def _unchunk(parts: list[torch.Tensor], p: int, head_dim: int) -> torch.Tensor:
-    """Inverse of :func:`_chunk`."""
-    blocks = [t.unflatten(head_dim, (p, t.shape[head_dim] // p)) for t in parts]
-    return torch.stack(blocks, dim=head_dim + 1).flatten(head_dim, head_dim + 2)
+def _unchunk(parts: list[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """Inverse of :func:`_chunk`: ``chunks`` x ``[..., p, w, ...]`` -> ``[..., p*C*w, ...]``."""
+    return torch.stack(parts, dim=head_dim + 1).flatten(head_dim, head_dim + 2)
 
 
 class PipelinedUlyssesAttention(torch.autograd.Function):
@@ -47,7 +48,13 @@ class PipelinedUlyssesAttention(torch.autograd.Function):
         pieces = [_chunk(t, p, chunks, head_dim) for t in (query, key, value)]
         # [s/p, b, h/C, d] -> [s, b, h/(pC), d] for every chunk, all in flight at once
         arriving = [
-            seq_to_head_start([pieces[0][c], pieces[1][c], pieces[2][c]], group, seq_dim, head_dim)
+            seq_to_head_start(
+                [pieces[0][c], pieces[1][c], pieces[2][c]],
+                group,
+                seq_dim,
+                head_dim,
+                heads_split=True,
+            )
             for c in range(chunks)
         ]
         graphs, leaving = [], []
@@ -59,27 +66,31 @@ class PipelinedUlyssesAttention(torch.autograd.Function):
                 context = local_attention(*leaves, **kwargs)
             graphs.append((leaves, context))
             # [s, b, h/(pC), d] -> [s/p, b, h/C, d]; overlaps with the next chunk's attention
-            leaving.append(head_to_seq_start([context.detach()], group, seq_dim, head_dim))
+            leaving.append(
+                head_to_seq_start([context.detach()], group, seq_dim, head_dim, merge_heads=False)
+            )
         outs = [pending.wait()[0] for pending in leaving]
         ctx.graphs, ctx.group, ctx.dims, ctx.p = graphs, group, (seq_dim, head_dim), p
-        return _unchunk(outs, p, head_dim)
+        return _unchunk(outs, head_dim)
 
     @staticmethod
     def backward(ctx, grad_out):
         seq_dim, head_dim = ctx.dims
         graphs = ctx.graphs
         grads_in = _chunk(grad_out, ctx.p, len(graphs), head_dim)
-        arriving = [seq_to_head_start([g], ctx.group, seq_dim, head_dim) for g in grads_in]
+        arriving = [
+            seq_to_head_start([g], ctx.group, seq_dim, head_dim, heads_split=True) for g in grads_in
+        ]
         leaving = []
         for c, (leaves, context) in enumerate(graphs):
             (grad_context,) = arriving[c].wait()
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
             got = iter(torch.autograd.grad(context, wanted, grad_context))
             grads = [next(got) if leaf.requires_grad else torch.zeros_like(leaf) for leaf in leaves]
-            leaving.append(head_to_seq_start(grads, ctx.group, seq_dim, head_dim))
+            leaving.append(
+                head_to_seq_start(grads, ctx.group, seq_dim, head_dim, merge_heads=False)
+            )
         per_chunk = [pending.wait() for pending in leaving]  # chunks x [dq, dk, dv]
         ctx.graphs = None
-        dq, dk, dv = (
-            _unchunk([chunk[i] for chunk in per_chunk], ctx.p, head_dim) for i in range(3)
-        )
+        dq, dk, dv = (_unchunk([chunk[i] for chunk in per_chunk], head_dim) for i in range(3))
         return None, None, None, None, None, None, dq, dk, dv
