@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from megatron.core.parallel_state import ParallelState
+from megatron.optimizer.grad_scaler import non_finite_check_and_unscale_
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +79,6 @@ def reduce_gradients(model: torch.nn.Module, state: ParallelState) -> None:
             bucket, size = [], 0
 
 
-def local_grads(model: torch.nn.Module) -> list[torch.Tensor]:
-    """This rank's gradient tensors (the local shard under FSDP2)."""
-    out = []
-    for p in model.parameters():
-        if p.grad is not None:
-            out.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
-    return out
-
-
 @torch.no_grad()
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Global gradient norm (over all shards), clipping to ``max_norm`` when > 0."""
@@ -101,14 +93,10 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 
 
 @torch.no_grad()
-def any_nonfinite(grads: list[torch.Tensor], inv_scale: float = 1.0) -> bool:
-    """Unscale ``grads`` in place by ``inv_scale`` and report (across all ranks) any inf/nan."""
-    device = grads[0].device if grads else torch.device("cpu")
-    found = torch.zeros(1, device=device)
-    if grads:
-        torch._amp_foreach_non_finite_check_and_unscale_(
-            grads, found, torch.full((1,), inv_scale, device=device)
-        )
+def any_nonfinite(model: torch.nn.Module, inv_scale: float, device: torch.device) -> bool:
+    """Unscale the gradients in place by ``inv_scale``; True if any rank saw an inf or nan."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    found = non_finite_check_and_unscale_(grads, inv_scale).to(device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
     return bool(found.item() > 0)

@@ -19,7 +19,6 @@ from megatron.core.parallel_state import ParallelState, get_parallel_state
 from megatron.distributed import (
     any_nonfinite,
     clip_grad_norm,
-    local_grads,
     reduce_gradients,
     shard_model_for_zero,
 )
@@ -151,7 +150,7 @@ def train_step(
             totals[name] = totals.get(name, 0.0) + value.detach().float() / num_micro
     reduce_gradients(model, state)
     fault_injection.maybe_poison_grads(model, iteration)
-    found_inf = any_nonfinite(local_grads(model), 1.0 / scaler.scale)
+    found_inf = any_nonfinite(model, 1.0 / scaler.scale, args.device_obj)
     if args.fp16:
         scaler.update(found_inf)
     grad_norm = None
@@ -243,7 +242,6 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         state.dims.dp,
     )
     train_iters = compute_train_iters(args, calculator)
-    args.train_iters_resolved = train_iters
 
     # Same initial weights on every rank; then each shard gets its own dropout stream.
     set_random_seed(args.seed)
@@ -266,7 +264,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     handler = SignalHandler() if args.exit_signal_handler else None
     from megatron.model import model_flops_per_token
 
-    flops_per_token = model_flops_per_token(model_config_of(model), args.seq_length)
+    flops_per_token = model_flops_per_token(model.config, args.seq_length)
     history: list[float] = []
     window_start, window_iters = time.time(), 0
     saved_at = -1
@@ -423,8 +421,3 @@ def run_validation(
     logger.info(line)
     logger.info("-" * len(line))
     tb.validation(ts.iteration, ts.consumed_train_samples, ts.consumed_train_tokens, losses)
-
-
-def model_config_of(model: torch.nn.Module):
-    """The ModelConfig of a (possibly FSDP-wrapped) GPTModel."""
-    return model.config
