@@ -53,6 +53,11 @@ METHODS = (
     "deepspeed",
     "ring",
 )
+# Not run by default: where the time of ``ulysses-sdpa`` goes. ``local-contig``: each rank's
+# SDPA alone on the whole sequence and its h/p heads, contiguous [b, h/p, s, d];
+# ``local-ulysses``: the same on the layout the all-to-all hands over (views of one
+# [s, b, 3h/p, d] receive buffer); ``a2a-only``: the all-to-alls around an identity.
+DIAGNOSTICS = ("local-contig", "local-ulysses", "a2a-only")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -79,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.seqlens = "128,256"
     args.seqlens = [int(s) for s in args.seqlens.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(args.methods) - set(METHODS))
+    unknown = sorted(set(args.methods) - set(METHODS) - set(DIAGNOSTICS))
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS + DIAGNOSTICS)}")
     if args.iters < 10:
         p.error("--iters must be >= 10")
     return args
@@ -130,6 +135,8 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
     local = s // p
     if method == "ring":
         return _ring_step(s, args, device, dtype, group)
+    if method.startswith("local-"):
+        return _local_step(method, s, args, device, dtype, p)
     if method == "single":
         qkv = _fused_qkv(s, args, device, dtype, seed=0)
         fn, s_here = sdpa_sbhd, s
@@ -138,6 +145,8 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         s_here = local
         if method == "deepspeed":
             fn = _deepspeed_attention(group)
+        elif method == "a2a-only":
+            fn = DistributedAttention(lambda q, k, v: q, group, scatter_idx=2, gather_idx=0)
         else:
             local_fn = triton_sbhd if method == "ulysses-triton" else sdpa_sbhd
             # "-overlapN": all-to-alls pipelined against attention over N head groups
@@ -151,6 +160,36 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         qkv.grad = None
         q, k, v = _split(qkv, args.heads, args.head_dim)
         fn(q, k, v).backward(dout)
+
+    return step
+
+
+def _local_step(method: str, s: int, args, device, dtype, p: int) -> Callable[[], None]:
+    """One rank's local attention alone: whole sequence, h/p heads (see DIAGNOSTICS)."""
+    heads = args.heads // p
+    g = torch.Generator(device=device).manual_seed(2)
+    if method == "local-contig":
+        shape = (args.batch, heads, s, args.head_dim)
+        leaves = [torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(3)]
+        for t in leaves:
+            t.requires_grad_()
+        dout = torch.randn(shape, device=device, dtype=dtype, generator=g)
+
+        def step() -> None:
+            for t in leaves:
+                t.grad = None
+            F.scaled_dot_product_attention(*leaves, is_causal=True).backward(dout)
+
+        return step
+    # [s, b, 3 * h/p, d]: Q, K, V heads side by side, as in the all-to-all's receive buffer
+    buf = torch.randn(s, args.batch, 3 * heads, args.head_dim, device=device, dtype=dtype,
+                      generator=g).requires_grad_()  # fmt: skip
+    dout = torch.randn(s, args.batch, heads, args.head_dim, device=device, dtype=dtype)
+
+    def step() -> None:
+        buf.grad = None
+        q, k, v = buf.split(heads, dim=2)
+        sdpa_sbhd(q, k, v).backward(dout)
 
     return step
 

@@ -63,11 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="learned_absolute",
     )
     p.add_argument("--attention", choices=["sdpa", "triton", "classic"], default="sdpa")
+    p.add_argument(
+        "--sp-overlap-chunks", type=int, default=1, help="pipeline the all-to-alls (model flag)"
+    )
+    p.add_argument(
+        "--sweep",
+        type=str,
+        default=None,
+        help="several configurations in one process, comma-separated, e.g. "
+        "z1,z3-full,z1-ov2,z1-triton,z1-compile (see sweep_variants)",
+    )
     p.add_argument("--loss-chunk-size", type=int, default=2048)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and hidden dropout")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--torch-compile", action="store_true", help="model flag --torch-compile")
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
     p.add_argument("--max-seqlen", action="store_true", help="see bench_max_seqlen.py")
@@ -88,7 +99,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
     if args.iters < 1 or args.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
+    try:
+        args.variants = sweep_variants(args)
+    except ValueError as err:
+        p.error(f"--sweep {args.sweep!r}: {err}")
+    if args.weak_scaling and len(args.variants) > 1:
+        p.error("--weak-scaling takes one configuration: drop --sweep")
     return args
+
+
+def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One copy of ``args`` per ``--sweep`` entry (just ``args`` without ``--sweep``).
+
+    An entry is tokens joined by ``-``: ``z0``..``z3`` (ZeRO stage), ``none``/``full``/
+    ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
+    (attention), ``compile`` (``--torch-compile``); unnamed settings keep their flag values.
+    """
+    if not args.sweep:
+        return [args]
+    out = []
+    for spec in args.sweep.split(","):
+        variant = argparse.Namespace(**vars(args))
+        for token in spec.split("-"):
+            if token in ("none", "full", "selective"):
+                variant.recompute = token
+            elif token in ("sdpa", "triton", "classic"):
+                variant.attention = token
+            elif token == "compile":
+                variant.torch_compile = True
+            elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
+                variant.zero_stage = int(token[1:])
+            elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
+                variant.sp_overlap_chunks = int(token[2:])
+            else:
+                raise ValueError(f"entry {spec!r}: unknown token {token!r}")
+        out.append(variant)
+    return out
 
 
 def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
@@ -103,7 +149,7 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         "--attention-dropout", args.dropout, "--hidden-dropout", args.dropout,
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", args.vocab_size,
         "--ds-sequence-parallel-size", sp, "--zero-stage", args.zero_stage,
-        "--loss-chunk-size", args.loss_chunk_size,
+        "--loss-chunk-size", args.loss_chunk_size, "--sp-overlap-chunks", args.sp_overlap_chunks,
         "--position-embedding-type", args.position_embedding_type,
         "--eval-interval", 0, "--eval-iters", 0, "--log-interval", 1000, "--num-workers", 0,
         "--device", "cpu" if args.cpu_smoke else "cuda",
@@ -117,6 +163,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out.append("--use-flash-attn-triton")
     if args.recompute != "none":
         out += ["--recompute-granularity", args.recompute]
+    if args.torch_compile:
+        out.append("--torch-compile")
     return [str(x) for x in out]
 
 
@@ -190,6 +238,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     out = {
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
         "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
+        "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "position_embedding_type": args.position_embedding_type, "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens,
         "tokens_per_s_per_gpu": tokens / (ms / 1000.0) / world,
@@ -246,6 +295,7 @@ def profile_iteration(step, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     totals: dict[str, float] = {}
+    kernels: list[tuple[str, str, float, int]] = []
     want = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
     for evt in prof.key_averages():
         if evt.device_type != want:
@@ -254,26 +304,41 @@ def profile_iteration(step, device: torch.device) -> dict:
         if us > 0:
             cat = kernel_category(evt.key)
             totals[cat] = totals.get(cat, 0.0) + us / 1000.0
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+            kernels.append((evt.key[:110], cat, us / 1000.0, evt.count))
+    kernels.sort(key=lambda k: -k[2])
+    return {
+        "categories": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [list(k) for k in kernels[:TOP_KERNELS]],
+    }
+
+
+TOP_KERNELS = 30
 
 
 def report(results: list[dict], title: str) -> None:
     rows = [
-        [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["ms_per_iter"],
+        [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["attention"],
+         r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no", r["ms_per_iter"],
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"]]
         for r in results
     ]  # fmt: skip
-    headers = ["seq", "SP", "DP", "ZeRO", "recompute", "ms/iter", "tokens/s/GPU",
-               "TFLOP/s/GPU", "MFU %", "peak GiB", "predicted GiB"]  # fmt: skip
+    headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
+               "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "predicted GiB"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:
         if r["profile"]:
-            total = sum(r["profile"].values())
-            prow = [[k, v, 100.0 * v / total] for k, v in r["profile"].items()]
-            log0(f"\nprofile, seq {r['seq_length']} SP {r['sp']} (kernel time; collectives "
+            cats = r["profile"]["categories"]
+            total = sum(cats.values())
+            prow = [[k, v, 100.0 * v / total] for k, v in cats.items()]
+            log0(f"\nprofile, seq {r['seq_length']} SP {r['sp']} ZeRO {r['zero_stage']} recompute "
+                 f"{r['recompute']} chunks {r['sp_overlap_chunks']} compile {r['torch_compile']} "
+                 f"(kernel time; collectives "
                  f"overlap compute, so the sum can exceed the iteration):\n")  # fmt: skip
             log0(markdown_table(["category", "ms", "% of kernel time"], prow))
+            log0("\ntop kernels:\n")
+            log0(markdown_table(["kernel", "category", "ms", "calls"], r["profile"]["top_kernels"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,15 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.weak_scaling:
         degrees = [sp for sp in (1, 2, 4, 8, 16) if sp <= world and world % sp == 0]
         degrees = [sp for sp in degrees if args.num_attention_heads % sp == 0]
-        configs = [(args.seq_length * sp, sp) for sp in degrees]
+        configs = [(args.seq_length * sp, sp, v) for sp in degrees for v in args.variants]
     else:
         sp = args.sp or world
-        configs = [(args.seq_length, sp)]
+        configs = [(args.seq_length, sp, v) for v in args.variants]
     results, status = [], "ok"
-    for seq, sp in configs:
-        log0(f"> seq {seq}, SP {sp}, DP {world // sp}: {args.warmup} warm-up + {args.iters} timed")
+    for seq, sp, variant in configs:
+        log0(
+            f"> seq {seq}, SP {sp}, DP {world // sp}, ZeRO {variant.zero_stage}, recompute "
+            f"{variant.recompute}, overlap chunks {variant.sp_overlap_chunks}, attention "
+            f"{variant.attention}, compile {variant.torch_compile}: {args.warmup} warm-up + "
+            f"{args.iters} timed"
+        )
         try:
-            results.append(run_config(args, seq, sp, world, device))
+            results.append(run_config(variant, seq, sp, world, device))
             free_memory(device)
         except Exception as err:  # OOM: report it (the max-seqlen driver reads the JSON)
             if not is_oom(err):

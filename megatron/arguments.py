@@ -123,6 +123,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", type=str, default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", type=str, default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="torch.compile each transformer layer (fuses its pointwise work; attention stays eager)",
+    )
     g.add_argument("--distribute-checkpointed-activations", action="store_true")
     g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
     g.add_argument("--train-iters", type=int, default=None)

@@ -465,8 +465,8 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
                 **common, "grads": grads + 8 * z["per_layer"],
                 "activations": saved + act["shared"] - act["per_layer"],
             }))  # fmt: skip
-    # Optimizer step: all gradients; foreach AdamW (sharded or CPU) makes fp32 temporaries.
-    fused = setup.device == "cuda" and zero == 0
+    # Optimizer step: all gradients; foreach AdamW (CPU) makes fp32 temporaries, fused doesn't.
+    fused = setup.device == "cuda"
     step_tmp = 0 if fused else 4 * z["local"]
     bucket = min(4 * z["total"], 128 * 2**20) if zero == 0 and n_gpus > 1 else 0
     phases.append(("optimizer step", {

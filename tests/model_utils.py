@@ -48,6 +48,7 @@ def reference_config(config: ModelConfig) -> ModelConfig:
         recompute_method=None,
         recompute_num_layers=None,
         loss_chunk_size=0,
+        torch_compile=False,
     )
 
 

@@ -56,6 +56,13 @@ CASES_SP2 = [
     ),
     ("gpt-rope-half", {"position_embedding_type": "rope", "rotary_percent": 0.5}, 2, False),
     ("llama-triton-packed", {**LLAMA, **TRITON}, 2, True),
+    ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
+    (
+        "llama-sdpa-compiled-full-packed",
+        {**LLAMA, **SDPA, **FULL_UNIFORM, "torch_compile": True},
+        2,
+        True,
+    ),
 ]
 CASES_SP4 = [
     ("gpt-classic", {}, 2, False),

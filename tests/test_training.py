@@ -15,6 +15,7 @@ WORLD2 = [
     "--ds-sequence-parallel-size 2 --zero-stage 3",
     "--zero-stage 3 --checkpoint-activations",
     "--ds-sequence-parallel-size 2 --sp-overlap-chunks 2 --checkpoint-activations",
+    "--ds-sequence-parallel-size 2 --zero-stage 3 --torch-compile --checkpoint-activations",
 ]
 WORLD4 = [
     "--ds-sequence-parallel-size 2",

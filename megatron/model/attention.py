@@ -105,9 +105,14 @@ class ParallelAttention(torch.nn.Module):
             cos, sin = rotary
             q_sbhd = apply_rotary(q_sbhd, cos, sin)
             k_sbhd = apply_rotary(k_sbhd, cos, sin)
-        if doc_ids is None:
-            context = self.core_attention(q_sbhd, k_sbhd, v_sbhd)
-        else:
-            context = self.core_attention(q_sbhd, k_sbhd, v_sbhd, doc_ids=doc_ids)
+        context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
         return self.dense(context_sbh)  # [s, b, h]
+
+    @torch.compiler.disable
+    def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """The core attention, always eager: under ``--torch-compile`` the layer's graph breaks
+        here, so the all-to-alls and the attention kernels stay outside the compiled code."""
+        if doc_ids is None:
+            return self.core_attention(q_sbhd, k_sbhd, v_sbhd)
+        return self.core_attention(q_sbhd, k_sbhd, v_sbhd, doc_ids=doc_ids)

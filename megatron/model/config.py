@@ -85,6 +85,7 @@ class ModelConfig:
     recompute_method: str | None = None  # "uniform" | "block" (full only)
     recompute_num_layers: int | None = None
     sp_overlap_chunks: int = 1  # Ulysses all-to-alls pipelined over this many head groups
+    torch_compile: bool = False  # torch.compile each layer (attention core excluded)
     params_dtype: torch.dtype = torch.float32  # from_args keeps fp32 (mixed precision: autocast)
 
     def __post_init__(self) -> None:
@@ -199,6 +200,7 @@ class ModelConfig:
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
             sp_overlap_chunks=args.sp_overlap_chunks,
+            torch_compile=args.torch_compile,
             # Parameters stay fp32: --bf16/--fp16 run the model under torch.autocast (the
             # training loop) and the optimizer steps the fp32 weights.
             params_dtype=torch.float32,

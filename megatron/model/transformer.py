@@ -10,9 +10,15 @@ replays the same mask):
 
 Under SP the recomputed forward repeats the attention all-to-alls in backward; every rank
 runs the same graph in the same order, so the collectives match.
+
+``--torch-compile`` compiles each layer's forward (norms, projections, activation, residual
+adds: fused pointwise work around the matmuls); the core attention stays eager (see
+``ParallelAttention._attend``), so each layer compiles to two graphs shared by all layers.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -25,6 +31,11 @@ from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
 
 Rotary = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def compile_backend() -> str:
+    """torch.compile backend of ``--torch-compile``: inductor; tests may pick a cheaper one."""
+    return os.environ.get("MEGATRON_COMPILE_BACKEND", "inductor")
 
 
 class ParallelTransformerLayer(torch.nn.Module):
@@ -42,6 +53,9 @@ class ParallelTransformerLayer(torch.nn.Module):
         self.self_attention = ParallelAttention(config, sp_group, device)
         self.post_attention_layernorm = build_norm(config, device)
         self.mlp = ParallelMLP(config, device)
+        if config.torch_compile:
+            # An instance attribute: the module's __call__ (and FSDP's hooks) stay eager.
+            self.forward = torch.compile(self.forward, backend=compile_backend(), dynamic=False)
 
     def forward(
         self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite of docs/performance.md on one 4-GPU node, stage by stage:
+#
+#   bash benchmarks/run_h100x4.sh env attention e2e weak maxseq examples triton_tests
+#
+# Results (JSON + logs) go to $RES [results/]; with $OUT set (the device tool) they are also
+# packed into $OUT/results.tgz. Each stage has a wall-clock cap so one hang cannot eat the
+# rest; a failed stage is reported and the next one runs. DeepSpeed (for the attention
+# comparison) is installed from wheels in .whl/ when present.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+RES=${RES:-results}
+mkdir -p "$RES"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+PY=${PYTHON:-python3}
+RUN=(torchrun --standalone --nproc-per-node)
+
+install_wheels() {
+    [[ -d .whl ]] || return 0
+    local tag
+    tag=cp$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl .whl/"$tag"/*.whl && export PYTHONPATH=/tmp/site
+}
+
+stage_env() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nvidia-smi topo -m
+    "$PY" - <<'EOF'
+import torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "nccl", ".".join(map(str, torch.cuda.nccl.version())), "triton", triton.__version__)
+try:
+    import deepspeed
+    print("deepspeed", deepspeed.__version__)
+except Exception as err:
+    print("deepspeed not importable:", err)
+EOF
+}
+
+stage_attention() {
+    timeout 300 "${RUN[@]}" 4 benchmarks/bench_attention_core.py \
+        --seqlens 32768,131072,262144 --json "$RES/attention_core_sp4.json"
+    timeout 120 "${RUN[@]}" 2 benchmarks/bench_attention_core.py \
+        --seqlens 32768,131072 --json "$RES/attention_core_sp2.json"
+}
+
+stage_attention_breakdown() {
+    timeout 120 "${RUN[@]}" 4 benchmarks/bench_attention_core.py --seqlens 32768 \
+        --methods single,ulysses-sdpa,local-contig,local-ulysses,a2a-only \
+        --json "$RES/attention_breakdown_sp4.json"
+}
+
+stage_e2e() {
+    timeout 400 "${RUN[@]}" 4 benchmarks/bench_end_to_end.py --profile \
+        --sweep "${E2E_SWEEP:-z1,z1-compile,z1-full-compile,z3-compile,z3-full-compile}" \
+        --json "$RES/e2e_1p3b_32k.json"
+}
+
+stage_weak() {
+    timeout 200 "${RUN[@]}" 4 benchmarks/bench_end_to_end.py --weak-scaling --seq-length 16384 \
+        --position-embedding-type rope --json "$RES/weak_scaling.json"
+}
+
+stage_maxseq() {
+    timeout 560 "$PY" benchmarks/bench_max_seqlen.py --nproc 4 \
+        --seqlens "${MAXSEQ_LENGTHS:-524288}" --budget-s "${MAXSEQ_BUDGET_S:-420}" \
+        --attempt-timeout-s "${MAXSEQ_ATTEMPT_S:-400}" \
+        --json "$RES/max_seqlen.json"
+}
+
+stage_examples() {
+    local common=(MOCK_DATA=1 TRAIN_ITERS=6 LOG_INTERVAL=1 EVAL_ITERS=1 OUTPUT_DIR=/tmp/ex)
+    env "${common[@]}" timeout 180 bash examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh
+    env "${common[@]}" EXTRA_ARGS="--save=" timeout 150 \
+        bash examples_seq_parallel/pretrain_llama_128k_seq_parallel.sh
+    env "${common[@]}" NUM_LAYERS=16 EXTRA_ARGS="--save=" timeout 180 \
+        bash examples_seq_parallel/ds_pretrain_gpt_30B_seq_parallel_32k.sh
+}
+
+stage_triton_tests() {
+    timeout 300 "$PY" -m pytest tests/test_triton_flash_attn.py -q -p no:cacheprovider
+}
+
+install_wheels || echo "=== wheel install failed: DeepSpeed rows will be skipped"
+for stage in "$@"; do
+    echo "=== stage $stage: $(date -u +%H:%M:%S)"
+    SECONDS=0
+    if ! "stage_$stage"; then echo "=== stage $stage FAILED"; fi
+    echo "=== stage $stage took ${SECONDS}s"
+done
+if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/results.tgz" "$RES"; fi
