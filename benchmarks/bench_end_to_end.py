@@ -294,17 +294,24 @@ def profile_iteration(step, device: torch.device) -> dict:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    totals: dict[str, float] = {}
-    kernels: list[tuple[str, str, float, int]] = []
     want = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
-    for evt in prof.key_averages():
-        if evt.device_type != want:
+    per_name: dict[str, list[float]] = {}  # name -> [ms, calls]
+    for evt in prof.events():
+        # GPU-side user annotations ("nccl:all_to_all", "Optimizer.step#AdamW.step") span the
+        # kernels they launch: counting them too would count that time twice.
+        if evt.device_type != want or evt.is_user_annotation:
             continue
         us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
         if us > 0:
-            cat = kernel_category(evt.key)
-            totals[cat] = totals.get(cat, 0.0) + us / 1000.0
-            kernels.append((evt.key[:110], cat, us / 1000.0, evt.count))
+            entry = per_name.setdefault(evt.name, [0.0, 0])
+            entry[0] += us / 1000.0
+            entry[1] += 1
+    totals: dict[str, float] = {}
+    kernels: list[tuple[str, str, float, int]] = []
+    for name, (ms, calls) in per_name.items():
+        cat = kernel_category(name)
+        totals[cat] = totals.get(cat, 0.0) + ms
+        kernels.append((name[:110], cat, ms, calls))
     kernels.sort(key=lambda k: -k[2])
     return {
         "categories": dict(sorted(totals.items(), key=lambda kv: -kv[1])),

@@ -109,10 +109,9 @@ class ParallelAttention(torch.nn.Module):
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
         return self.dense(context_sbh)  # [s, b, h]
 
-    @torch.compiler.disable
     def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """The core attention, always eager: under ``--torch-compile`` the layer's graph breaks
-        here, so the all-to-alls and the attention kernels stay outside the compiled code."""
+        """The core attention. Under ``--torch-compile`` the layer excludes this call from
+        compilation (its graph breaks here): the all-to-alls and kernels stay eager."""
         if doc_ids is None:
             return self.core_attention(q_sbhd, k_sbhd, v_sbhd)
         return self.core_attention(q_sbhd, k_sbhd, v_sbhd, doc_ids=doc_ids)

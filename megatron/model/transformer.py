@@ -54,7 +54,11 @@ class ParallelTransformerLayer(torch.nn.Module):
         self.post_attention_layernorm = build_norm(config, device)
         self.mlp = ParallelMLP(config, device)
         if config.torch_compile:
-            # An instance attribute: the module's __call__ (and FSDP's hooks) stay eager.
+            # Instance attributes (set only here, so importing the model stays free of dynamo
+            # and triton): the module's __call__ and FSDP's hooks stay eager, and so does the
+            # core attention.
+            attention = self.self_attention
+            attention._attend = torch.compiler.disable(attention._attend)
             self.forward = torch.compile(self.forward, backend=compile_backend(), dynamic=False)
 
     def forward(
