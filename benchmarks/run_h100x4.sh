@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite of docs/performance.md on one 4-GPU node, stage by stage:
+# The GPU benchmark suite of docs/performance.md on one 4-GPU node (NPROC=8 for an 8-GPU one),
+# stage by stage:
 #
 #   bash benchmarks/run_h100x4.sh env attention e2e weak maxseq examples triton_tests
 #
@@ -15,6 +16,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 PY=${PYTHON:-python3}
 RUN=(torchrun --standalone --nproc-per-node)
+NPROC=${NPROC:-4}
 
 install_wheels() {
     [[ -d .whl ]] || return 0
@@ -40,31 +42,31 @@ EOF
 }
 
 stage_attention() {
-    timeout 300 "${RUN[@]}" 4 benchmarks/bench_attention_core.py \
-        --seqlens 32768,131072,262144 --json "$RES/attention_core_sp4.json"
+    timeout 300 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py \
+        --seqlens 32768,131072,262144 --json "$RES/attention_core_sp$NPROC.json"
     timeout 120 "${RUN[@]}" 2 benchmarks/bench_attention_core.py \
         --seqlens 32768,131072 --json "$RES/attention_core_sp2.json"
 }
 
 stage_attention_breakdown() {
-    timeout 120 "${RUN[@]}" 4 benchmarks/bench_attention_core.py --seqlens 32768 \
+    timeout 120 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py --seqlens 32768 \
         --methods single,ulysses-sdpa,local-contig,local-ulysses,a2a-only \
-        --json "$RES/attention_breakdown_sp4.json"
+        --json "$RES/attention_breakdown_sp$NPROC.json"
 }
 
 stage_e2e() {
-    timeout 400 "${RUN[@]}" 4 benchmarks/bench_end_to_end.py --profile \
+    timeout 400 "${RUN[@]}" "$NPROC" benchmarks/bench_end_to_end.py --profile \
         --sweep "${E2E_SWEEP:-z1,z1-compile,z1-full-compile,z3-compile,z3-full-compile}" \
         --json "$RES/e2e_1p3b_32k.json"
 }
 
 stage_weak() {
-    timeout 200 "${RUN[@]}" 4 benchmarks/bench_end_to_end.py --weak-scaling --seq-length 16384 \
+    timeout 200 "${RUN[@]}" "$NPROC" benchmarks/bench_end_to_end.py --weak-scaling --seq-length 16384 \
         --position-embedding-type rope --json "$RES/weak_scaling.json"
 }
 
 stage_maxseq() {
-    timeout 560 "$PY" benchmarks/bench_max_seqlen.py --nproc 4 \
+    timeout 560 "$PY" benchmarks/bench_max_seqlen.py --nproc "$NPROC" \
         --seqlens "${MAXSEQ_LENGTHS:-524288}" --budget-s "${MAXSEQ_BUDGET_S:-420}" \
         --attempt-timeout-s "${MAXSEQ_ATTEMPT_S:-400}" \
         --json "$RES/max_seqlen.json"
