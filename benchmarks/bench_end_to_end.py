@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--torch-compile", action="store_true", help="model flag --torch-compile")
+    p.add_argument(
+        "--checkpoint-in-cpu", action="store_true", help="model flag (with --recompute full)"
+    )
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
     p.add_argument("--max-seqlen", action="store_true", help="see bench_max_seqlen.py")
@@ -165,6 +168,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out += ["--recompute-granularity", args.recompute]
     if args.torch_compile:
         out.append("--torch-compile")
+    if args.checkpoint_in_cpu:
+        out.append("--checkpoint-in-cpu")
     return [str(x) for x in out]
 
 
@@ -239,6 +244,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
         "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
+        "checkpoint_in_cpu": args.checkpoint_in_cpu,
         "position_embedding_type": args.position_embedding_type, "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens,
         "tokens_per_s_per_gpu": tokens / (ms / 1000.0) / world,

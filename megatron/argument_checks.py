@@ -152,6 +152,11 @@ def _check_training(args: argparse.Namespace) -> None:
         args.recompute_num_layers = args.recompute_num_layers or 1
     elif args.recompute_method is not None:
         raise UsageError("--recompute-method needs --recompute-granularity full")
+    if args.checkpoint_in_cpu and args.recompute_granularity != "full":
+        raise UsageError(
+            "--checkpoint-in-cpu moves the inputs of fully recomputed layers to host memory; "
+            "add --checkpoint-activations (or --recompute-granularity full)"
+        )
     if args.train_iters is not None and args.train_samples is not None:
         raise UsageError("--train-iters and --train-samples were both given; choose one")
     if args.train_iters is not None and args.rampup_batch_size is not None:

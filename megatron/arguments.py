@@ -124,6 +124,11 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", type=str, default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument(
+        "--checkpoint-in-cpu",
+        action="store_true",
+        help="with full recompute, keep each recomputed group's input in host memory (longest sequences)",
+    )
+    g.add_argument(
         "--torch-compile",
         action="store_true",
         help="torch.compile each transformer layer (fuses its pointwise work; attention stays eager)",

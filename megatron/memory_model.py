@@ -233,10 +233,11 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
     L = config.num_layers
     if config.recompute_granularity == "full":
         k = config.recompute_num_layers
+        kept = 0 if inputs_on_host(config, setup) else 4 * n * h  # each group's fp32 input
         if config.recompute_method == "block":
-            layers = k * 4 * n * h + (L - k) * per_layer
+            layers = k * kept + (L - k) * per_layer
         else:
-            layers = math.ceil(L / k) * 4 * n * h  # each group's fp32 input
+            layers = math.ceil(L / k) * kept
     else:
         layers = L * per_layer
     # Final norm: its fp32 input; the loss keeps its output (fp32 when chunked).
@@ -376,8 +377,19 @@ def _zero_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     }
 
 
+def inputs_on_host(config: ModelConfig, setup: RunSetup) -> bool:
+    """--checkpoint-in-cpu on a GPU: recomputed groups' inputs wait in host memory (on a CPU
+    run "host" is the device, so nothing moves)."""
+    return config.checkpoint_in_cpu and setup.device != "cpu"
+
+
 def _backward_saved(
-    config: ModelConfig, act: dict[str, int], per_layer_lowp: int, tokens_x_h: int, done: int
+    config: ModelConfig,
+    act: dict[str, int],
+    per_layer_lowp: int,
+    tokens_x_h: int,
+    done: int,
+    on_host: bool = False,
 ) -> tuple[int, int]:
     """(saved layer activations, low-precision weight copies) while the backward of layer
     ``L - done`` runs, ``done`` layers after the last one finished."""
@@ -388,13 +400,14 @@ def _backward_saved(
     k = config.recompute_num_layers
     if config.recompute_method == "uniform":
         in_group = (left - 1) % k + 1  # layers of the recomputed group not yet back-propagated
-        return math.ceil(left / k) * group_input + in_group * act["per_layer"], (
-            in_group * per_layer_lowp
-        )
+        # --checkpoint-in-cpu: only the group being recomputed has its input back on the GPU
+        groups_kept = 1 if on_host else math.ceil(left / k)
+        return groups_kept * group_input + in_group * act["per_layer"], (in_group * per_layer_lowp)
     # block: the first k layers were checkpointed one by one, the rest kept everything
     plain = max(0, left - k)
     recomputed = 1 if left <= k else 0
-    saved = plain * act["per_layer"] + min(left, k) * group_input + recomputed * act["per_layer"]
+    inputs_kept = recomputed if on_host else min(left, k)
+    saved = plain * act["per_layer"] + inputs_kept * group_input + recomputed * act["per_layer"]
     return saved, (plain + recomputed) * per_layer_lowp
 
 
@@ -443,7 +456,9 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
         v for key, v in layer_saved_bytes(config, setup).items() if key in MLP_SAVED_KEYS
     )
     for done in range(L):
-        saved, lowp = _backward_saved(config, act, per_layer_lowp, n * h, done)
+        saved, lowp = _backward_saved(
+            config, act, per_layer_lowp, n * h, done, inputs_on_host(config, setup)
+        )
         # Gradients so far: the output layer's and final norm's (unsharded under ZeRO until
         # the root's backward ends), finished layers' (sharded under ZeRO), the current one's.
         finished = done * (z["per_layer"] if zero == 0 else z["layer_local"])

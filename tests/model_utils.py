@@ -49,6 +49,7 @@ def reference_config(config: ModelConfig) -> ModelConfig:
         recompute_num_layers=None,
         loss_chunk_size=0,
         torch_compile=False,
+        checkpoint_in_cpu=False,
     )
 
 

@@ -150,6 +150,12 @@ ERRORS = [
         4,
         "--num-key-value-heads 3 and --ds-sequence-parallel-size 4: one must divide the other",
     ),
+    (
+        TINY + " --checkpoint-in-cpu",
+        1,
+        "--checkpoint-in-cpu moves the inputs of fully recomputed layers to host memory; "
+        "add --checkpoint-activations",
+    ),
 ]
 
 

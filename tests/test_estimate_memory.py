@@ -127,6 +127,22 @@ def test_recompute_full_keeps_only_group_inputs():
     assert none["layers"] == 4 * none["per_layer"] > full["layers"]
 
 
+def test_checkpoint_in_cpu_moves_group_inputs_off_the_gpu():
+    config = tiny_config(
+        num_layers=4, attention_backend="sdpa", loss_chunk_size=32, seq_length=4096,
+        recompute_granularity="full", recompute_num_layers=2,
+    )  # fmt: skip
+    offloaded = dataclasses.replace(config, checkpoint_in_cpu=True)
+    gpu = mm.RunSetup(micro_batch_size=1, precision="bf16", device="cuda")
+    cpu = _setup(True, 1)
+    assert mm.saved_activation_bytes(offloaded, gpu)["layers"] == 0
+    # On a CPU run the host is the device: nothing moves.
+    assert mm.saved_activation_bytes(offloaded, cpu) == mm.saved_activation_bytes(config, cpu)
+    n, h = config.seq_length, config.hidden_size
+    saved_on_gpu = mm.estimate_memory(config, gpu).total - mm.estimate_memory(offloaded, gpu).total
+    assert 0 < saved_on_gpu <= 2 * 4 * n * h  # at most both groups' fp32 inputs
+
+
 @pytest.mark.parametrize("overrides", [{}, LLAMA, {"untie_embeddings_and_output_weights": True}])
 def test_parameter_shapes_match_model(overrides):
     config = tiny_config(**overrides)

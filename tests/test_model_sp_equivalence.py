@@ -56,6 +56,7 @@ CASES_SP2 = [
     ),
     ("gpt-rope-half", {"position_embedding_type": "rope", "rotary_percent": 0.5}, 2, False),
     ("llama-triton-packed", {**LLAMA, **TRITON}, 2, True),
+    ("gpt-full-uniform-ckpt-in-cpu", {**FULL_UNIFORM, "checkpoint_in_cpu": True}, 2, False),
     ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
     (
         "llama-sdpa-compiled-full-packed",
@@ -75,6 +76,7 @@ CASES_SP4 = [
         2,
         True,
     ),
+    ("llama-block-ckpt-in-cpu", {**LLAMA, **FULL_BLOCK, "checkpoint_in_cpu": True}, 2, True),
 ]
 
 

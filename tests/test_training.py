@@ -16,6 +16,7 @@ WORLD2 = [
     "--zero-stage 3 --checkpoint-activations",
     "--ds-sequence-parallel-size 2 --sp-overlap-chunks 2 --checkpoint-activations",
     "--ds-sequence-parallel-size 2 --zero-stage 3 --torch-compile --checkpoint-activations",
+    "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations --checkpoint-in-cpu",
 ]
 WORLD4 = [
     "--ds-sequence-parallel-size 2",

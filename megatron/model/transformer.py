@@ -8,6 +8,10 @@ replays the same mask):
 * ``full`` + ``block``: checkpoint each of the first ``recompute_num_layers`` layers;
 * ``selective``: checkpoint only the core attention (see :class:`CoreAttention`).
 
+With ``--checkpoint-in-cpu`` (full recompute) the input each checkpoint keeps for backward
+lives in pinned host memory until the recomputation needs it: at the longest sequences these
+fp32 ``[s/p, b, h]`` inputs are most of what a fully recomputed model holds.
+
 Under SP the recomputed forward repeats the attention all-to-alls in backward; every rank
 runs the same graph in the same order, so the collectives match.
 
@@ -18,6 +22,7 @@ adds: fused pointwise work around the matmuls); the core attention stays eager (
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -87,6 +92,7 @@ class ParallelTransformer(torch.nn.Module):
         self.recompute_full = config.recompute_granularity == "full"
         self.recompute_method = config.recompute_method
         self.recompute_num_layers = config.recompute_num_layers
+        self.checkpoint_in_cpu = config.checkpoint_in_cpu
 
     def _run_layers(
         self, start: int, end: int, hidden_sbh: torch.Tensor, rotary: Rotary, doc_ids
@@ -105,13 +111,26 @@ class ParallelTransformer(torch.nn.Module):
             step = self.recompute_num_layers
             for start in range(0, n_layers, step):
                 end = min(start + step, n_layers)
-                hidden_sbh = checkpoint(
-                    self._run_layers, start, end, hidden_sbh, rotary, doc_ids, use_reentrant=False
-                )
+                with self._inputs_kept_on_host(hidden_sbh):
+                    hidden_sbh = checkpoint(
+                        self._run_layers, start, end, hidden_sbh, rotary, doc_ids,
+                        use_reentrant=False,
+                    )  # fmt: skip
         else:  # block: the first recompute_num_layers layers, each on its own
             for i, layer in enumerate(self.layers):
                 if i < self.recompute_num_layers:
-                    hidden_sbh = checkpoint(layer, hidden_sbh, rotary, doc_ids, use_reentrant=False)
+                    with self._inputs_kept_on_host(hidden_sbh):
+                        hidden_sbh = checkpoint(
+                            layer, hidden_sbh, rotary, doc_ids, use_reentrant=False
+                        )
                 else:
                     hidden_sbh = layer(hidden_sbh, rotary, doc_ids)
         return self.final_layernorm(hidden_sbh)
+
+    def _inputs_kept_on_host(self, hidden_sbh: torch.Tensor):
+        """Around one ``checkpoint`` call: the inputs it saves for backward go to (pinned) host
+        memory under --checkpoint-in-cpu. Tensors saved inside the checkpointed region are
+        not affected: the checkpoint's own hooks take precedence there."""
+        if not self.checkpoint_in_cpu:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=hidden_sbh.is_cuda)
