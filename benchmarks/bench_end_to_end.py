@@ -265,6 +265,7 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+TOP_KERNELS = 30  # listed by --profile
 CATEGORIES = (  # first match wins; names lower-cased
     ("all-to-all", ("alltoall", "all_to_all", "sendrecv")),
     ("other collectives", ("nccl", "allgather", "all_gather", "reduce_scatter", "reducescatter",
@@ -323,9 +324,6 @@ def profile_iteration(step, device: torch.device) -> dict:
         "categories": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
         "top_kernels": [list(k) for k in kernels[:TOP_KERNELS]],
     }
-
-
-TOP_KERNELS = 30
 
 
 def report(results: list[dict], title: str) -> None:

@@ -389,7 +389,7 @@ def _backward_saved(
     per_layer_lowp: int,
     tokens_x_h: int,
     done: int,
-    on_host: bool = False,
+    on_host: bool,
 ) -> tuple[int, int]:
     """(saved layer activations, low-precision weight copies) while the backward of layer
     ``L - done`` runs, ``done`` layers after the last one finished."""
@@ -402,7 +402,7 @@ def _backward_saved(
         in_group = (left - 1) % k + 1  # layers of the recomputed group not yet back-propagated
         # --checkpoint-in-cpu: only the group being recomputed has its input back on the GPU
         groups_kept = 1 if on_host else math.ceil(left / k)
-        return groups_kept * group_input + in_group * act["per_layer"], (in_group * per_layer_lowp)
+        return groups_kept * group_input + in_group * act["per_layer"], in_group * per_layer_lowp
     # block: the first k layers were checkpointed one by one, the rest kept everything
     plain = max(0, left - k)
     recomputed = 1 if left <= k else 0

@@ -84,7 +84,7 @@ class ModelConfig:
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full only)
     recompute_num_layers: int | None = None
-    checkpoint_in_cpu: bool = False  # full recompute: keep each checkpointed input in host memory
+    checkpoint_in_cpu: bool = False  # full recompute only: checkpointed inputs wait in host memory
     sp_overlap_chunks: int = 1  # Ulysses all-to-alls pipelined over this many head groups
     torch_compile: bool = False  # torch.compile each layer (attention core excluded)
     params_dtype: torch.dtype = torch.float32  # from_args keeps fp32 (mixed precision: autocast)
@@ -147,11 +147,6 @@ class ModelConfig:
                     f"--recompute-num-layers {self.recompute_num_layers} must be between 1 and "
                     f"--num-layers {self.num_layers}"
                 )
-        elif self.checkpoint_in_cpu:
-            raise UsageError(
-                "--checkpoint-in-cpu moves the inputs of fully recomputed layers to host memory; "
-                "add --checkpoint-activations (or --recompute-granularity full)"
-            )
 
     @property
     def head_dim(self) -> int:

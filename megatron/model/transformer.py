@@ -111,7 +111,7 @@ class ParallelTransformer(torch.nn.Module):
             step = self.recompute_num_layers
             for start in range(0, n_layers, step):
                 end = min(start + step, n_layers)
-                with self._inputs_kept_on_host(hidden_sbh):
+                with self._inputs_kept_on_host():
                     hidden_sbh = checkpoint(
                         self._run_layers, start, end, hidden_sbh, rotary, doc_ids,
                         use_reentrant=False,
@@ -119,7 +119,7 @@ class ParallelTransformer(torch.nn.Module):
         else:  # block: the first recompute_num_layers layers, each on its own
             for i, layer in enumerate(self.layers):
                 if i < self.recompute_num_layers:
-                    with self._inputs_kept_on_host(hidden_sbh):
+                    with self._inputs_kept_on_host():
                         hidden_sbh = checkpoint(
                             layer, hidden_sbh, rotary, doc_ids, use_reentrant=False
                         )
@@ -127,10 +127,27 @@ class ParallelTransformer(torch.nn.Module):
                     hidden_sbh = layer(hidden_sbh, rotary, doc_ids)
         return self.final_layernorm(hidden_sbh)
 
-    def _inputs_kept_on_host(self, hidden_sbh: torch.Tensor):
-        """Around one ``checkpoint`` call: the inputs it saves for backward go to (pinned) host
+    def _inputs_kept_on_host(self):
+        """Around one ``checkpoint`` call: the inputs it saves for backward go to pinned host
         memory under --checkpoint-in-cpu. Tensors saved inside the checkpointed region are
         not affected: the checkpoint's own hooks take precedence there."""
         if not self.checkpoint_in_cpu:
             return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=hidden_sbh.is_cuda)
+        return torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host)
+
+
+def _to_host(t: torch.Tensor):
+    """Copy a GPU tensor to pinned host memory without waiting for it (stream-ordered, so the
+    source's memory is reused only after the copy); CPU tensors stay where they are."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return t.device, host
+
+
+def _from_host(packed) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host = packed
+    return host.to(device, non_blocking=True)
