@@ -74,6 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", type=str, default=",".join(METHODS), help="comma list")
     p.add_argument("--json", type=str, default=None, help="write the results here")
     p.add_argument(
+        "--trace-dir", type=str, default=None,
+        help="also write a profiler trace (rank 0, 2 steps) of each method here",
+    )  # fmt: skip
+    p.add_argument(
+        "--high-priority",
+        action="store_true",
+        help="run the all-to-alls on a high-priority NCCL stream (a new group)",
+    )
+    p.add_argument(
         "--cpu-smoke", action="store_true", help="gloo on CPU, tiny sizes (checks the code path)"
     )
     args = p.parse_args(argv)
@@ -234,6 +243,23 @@ def _ring_step(s: int, args, device, dtype, group, backend=None) -> Callable[[],
     return step
 
 
+def export_trace(step, device, path: str, steps: int = 2) -> None:
+    """A profiler trace of ``steps`` runs of ``step``, written by rank 0 (gzipped JSON)."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if dist.get_rank() == 0:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(path)
+
+
 def run_method(method: str, s: int, args, device, group) -> tuple[float, str]:
     """(median ms, note); every rank takes part (rank 0 alone computes for ``single``)."""
     note, ms, ok = "", float("nan"), True
@@ -260,6 +286,8 @@ def run_method(method: str, s: int, args, device, group) -> tuple[float, str]:
                 ms = median(time_ms(step, device, args.warmup, args.iters, barrier=False))
         else:
             ms = median(time_ms(step, device, args.warmup, args.iters, group=group))
+        if args.trace_dir and step is not None:
+            export_trace(step, device, f"{args.trace_dir}/attn_{method}_{s}.json.gz")
     except Exception as err:  # noqa: BLE001 - reported as a skipped row, the run goes on
         ok = False
         kind = "out of memory" if is_oom(err) else f"{type(err).__name__}: {err}"
@@ -291,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.heads % sp:
         raise SystemExit(f"error: --heads {args.heads} is not divisible by the SP degree {sp}")
     group = dist.group.WORLD
+    if args.high_priority and device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+        group = dist.new_group(list(range(world)), pg_options=options)
     rows, records = [], []
     for s in args.seqlens:
         if s % sp:

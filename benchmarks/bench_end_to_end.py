@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import glob
 import os
 import sys
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-in-cpu", action="store_true", help="model flag (with --recompute full)"
     )
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
+    p.add_argument("--trace", type=str, default=None, help="with --profile: write its trace here")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
     p.add_argument("--max-seqlen", action="store_true", help="see bench_max_seqlen.py")
     p.add_argument("--timeout-minutes", type=float, default=10.0, help="process-group timeout")
@@ -231,7 +233,12 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         times = time_ms(step, device, 0, args.iters)
         peak = peak_memory_bytes(device) if tracker is None else tracker.peak
     peak = max_over_ranks(float(peak), device)
-    breakdown = profile_iteration(step, device) if args.profile else None
+    trace = None
+    if args.trace and args.profile:  # one file per configuration of a sweep
+        trace = args.trace.replace(
+            ".json", f"_{len(glob.glob(args.trace.replace('.json', '_*')))}.json"
+        )
+    breakdown = profile_iteration(step, device, trace) if args.profile else None
     ms = max_over_ranks(median(times), device)
     setup = RunSetup(
         num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
@@ -289,7 +296,17 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_iteration(step, device: torch.device) -> dict:
+def _union_ms(spans: list[tuple[float, float]]) -> float:
+    """Length (ms) of the union of microsecond intervals."""
+    total, end = 0.0, float("-inf")
+    for t0, t1 in sorted(spans):
+        if t1 > end:
+            total += t1 - max(t0, end)
+            end = t1
+    return total / 1000.0
+
+
+def profile_iteration(step, device: torch.device, trace: str | None = None) -> dict:
     """ms per category of one profiled iteration: GPU kernel time (CPU op time on CPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -301,8 +318,12 @@ def profile_iteration(step, device: torch.device) -> dict:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    if trace and (not dist.is_initialized() or dist.get_rank() == 0):
+        os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
+        prof.export_chrome_trace(trace)
     want = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
     per_name: dict[str, list[float]] = {}  # name -> [ms, calls]
+    spans: dict[bool, list[tuple[float, float]]] = {True: [], False: []}  # is_comm -> [(t0, t1)]
     for evt in prof.events():
         # GPU-side user annotations ("nccl:all_to_all", "Optimizer.step#AdamW.step") span the
         # kernels they launch: counting them too would count that time twice.
@@ -313,6 +334,8 @@ def profile_iteration(step, device: torch.device) -> dict:
             entry = per_name.setdefault(evt.name, [0.0, 0])
             entry[0] += us / 1000.0
             entry[1] += 1
+            comm = kernel_category(evt.name) in ("all-to-all", "other collectives")
+            spans[comm].append((evt.time_range.start, evt.time_range.end))
     totals: dict[str, float] = {}
     kernels: list[tuple[str, str, float, int]] = []
     for name, (ms, calls) in per_name.items():
@@ -321,6 +344,10 @@ def profile_iteration(step, device: torch.device) -> dict:
         kernels.append((name[:110], cat, ms, calls))
     kernels.sort(key=lambda k: -k[2])
     return {
+        # GPU time covered by compute kernels / by any kernel (overlaps merged): the rest of
+        # the iteration is exposed communication or idle (launch gaps, waiting).
+        "compute_busy_ms": _union_ms(spans[False]),
+        "busy_ms": _union_ms(spans[False] + spans[True]),
         "categories": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
         "top_kernels": [list(k) for k in kernels[:TOP_KERNELS]],
     }
@@ -348,6 +375,9 @@ def report(results: list[dict], title: str) -> None:
                  f"(kernel time; collectives "
                  f"overlap compute, so the sum can exceed the iteration):\n")  # fmt: skip
             log0(markdown_table(["category", "ms", "% of kernel time"], prow))
+            log0(f"\nGPU busy with compute kernels {r['profile']['compute_busy_ms']:.1f} ms, "
+                 f"with any kernel {r['profile']['busy_ms']:.1f} ms (iteration "
+                 f"{r['ms_per_iter']:.1f} ms)")  # fmt: skip
             log0("\ntop kernels:\n")
             log0(markdown_table(["kernel", "category", "ms", "calls"], r["profile"]["top_kernels"]))
 

@@ -48,6 +48,20 @@ stage_attention() {
         --seqlens 32768,131072 --json "$RES/attention_core_sp2.json"
 }
 
+stage_a2a() {
+    # Raw all-to-all: NCCL (under a few tuning settings, one process each) vs copy engines.
+    timeout 90 "${RUN[@]}" "$NPROC" benchmarks/bench_all_to_all.py --json "$RES/a2a_defaults.json"
+    local i=0 knobs
+    for knobs in "NCCL_MIN_NCHANNELS=32" "NCCL_MIN_P2P_NCHANNELS=32 NCCL_MAX_P2P_NCHANNELS=32" \
+        "NCCL_NCHANNELS_PER_PEER=8" "NCCL_P2P_NVL_CHUNKSIZE=2097152" "NCCL_BUFFSIZE=16777216" \
+        "NCCL_PROTO=Simple"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        env $knobs timeout 60 "${RUN[@]}" "$NPROC" benchmarks/bench_all_to_all.py --impls nccl \
+            --no-overlap --json "$RES/a2a_nccl_$i.json"
+    done
+}
+
 stage_attention_breakdown() {
     timeout 120 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py --seqlens 32768 \
         --methods single,ulysses-sdpa,local-contig,local-ulysses,a2a-only \

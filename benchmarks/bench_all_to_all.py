@@ -1,0 +1,155 @@
+"""Raw all-to-all rates on one node: NCCL vs copy engines (symmetric memory), alone and under compute.
+
+For each per-rank buffer size (MiB; 96 and 32 are the Q/K/V and context all-to-alls of the
+attention core at 32K tokens, SP 4, 16 heads x 128, bf16): the median time of an equal-block
+all-to-all, its algorithm bandwidth (bytes each rank sends to others / time) and NCCL's
+"bus bandwidth" convention (the same here); then the same all-to-all on a side stream while
+the compute stream runs bf16 matmuls: how much each transport slows compute down.
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_all_to_all.py --json results/a2a.json
+
+NCCL reads its environment once per process, so tuning variables (e.g. NCCL_MIN_NCHANNELS)
+are compared by separate runs (``run_h100x4.sh a2a``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+from common import init_distributed, log0, markdown_table, median, time_ms, write_json
+
+from megatron.core.ce_all_to_all import copy_engine_all_to_all_for
+
+NCCL_KNOBS = (
+    "NCCL_MIN_NCHANNELS",
+    "NCCL_MAX_NCHANNELS",
+    "NCCL_MIN_P2P_NCHANNELS",
+    "NCCL_MAX_P2P_NCHANNELS",
+    "NCCL_NCHANNELS_PER_PEER",
+    "NCCL_P2P_NVL_CHUNKSIZE",
+    "NCCL_BUFFSIZE",
+    "NCCL_PROTO",
+    "NCCL_P2P_LEVEL",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes-mib", default="32,96", help="per-rank buffer sizes, comma list")
+    p.add_argument("--impls", default="nccl,ce,ce3", help="nccl, ce (1 stream), ce3 (3 streams)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-overlap", action="store_true", help="skip the under-compute runs")
+    p.add_argument("--label", default=None, help="name of this run's NCCL settings")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    args.sizes_mib = [float(s) for s in args.sizes_mib.split(",") if s]
+    args.impls = [s for s in args.impls.split(",") if s]
+    return args
+
+
+def make_exchange(impl: str, send_src: torch.Tensor, group):
+    """A no-argument callable that runs one all-to-all of ``send_src`` ([p, n] blocks)."""
+    recv = torch.empty_like(send_src)
+    if impl == "nccl":
+        return lambda: dist.all_to_all_single(recv, send_src, group=group), recv
+    a2a = copy_engine_all_to_all_for(group, streams=3 if impl == "ce3" else 1)
+    if a2a is None:
+        return None, recv
+
+    def run():
+        send = a2a.send_buffer(tuple(send_src.shape), send_src.dtype)
+        send.copy_(send_src)  # the pack copy that the attention core does anyway
+        a2a.exchange(send, recv)
+
+    return run, recv
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = init_distributed(False)
+    group = dist.group.WORLD
+    label = args.label or ",".join(f"{k}={os.environ[k]}" for k in NCCL_KNOBS if k in os.environ)
+    label = label or "defaults"
+    rows, results = [], []
+    mm_a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+
+    def compute(n: int = 2):
+        for _ in range(n):
+            torch.mm(mm_a, mm_b)
+
+    compute_ms = median(time_ms(compute, device, 3, args.iters))
+    side = torch.cuda.Stream()
+    reference = {}
+    for size in args.sizes_mib:
+        n = int(size * 2**20) // 2 // world  # bf16 elements per block
+        g = torch.Generator(device=device).manual_seed(rank)
+        src = torch.randn(world, n, device=device, dtype=torch.bfloat16, generator=g)
+        for impl in args.impls:
+            run, recv = make_exchange(impl, src, group)
+            if run is None:
+                log0(f"{impl}: not available here")
+                continue
+            ms = median(time_ms(run, device, args.warmup, args.iters))
+            run()
+            torch.cuda.synchronize()
+            if impl == "nccl":
+                reference[size] = recv.clone()
+            same = bool(torch.equal(recv, reference[size])) if size in reference else None
+            sent = n * 2 * (world - 1)
+            row = {
+                "impl": impl,
+                "mib_per_rank": size,
+                "ms": ms,
+                "algbw_gbs": sent / ms / 1e6,
+                "equal_to_nccl": same,
+            }
+            if not args.no_overlap:
+
+                def both(run=run):
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        run()
+                    compute()
+                    torch.cuda.current_stream().wait_stream(side)
+
+                row["compute_alone_ms"] = compute_ms
+                row["both_ms"] = median(time_ms(both, device, args.warmup, args.iters))
+            results.append(row)
+            rows.append(
+                [
+                    impl,
+                    size,
+                    ms,
+                    row["algbw_gbs"],
+                    row.get("compute_alone_ms", float("nan")),
+                    row.get("both_ms", float("nan")),
+                    str(same),
+                ]
+            )
+    log0(f"\nall-to-all, {world} ranks, NCCL settings: {label}")
+    log0(
+        markdown_table(
+            [
+                "impl",
+                "MiB/rank",
+                "ms",
+                "GB/s/rank",
+                "matmuls alone ms",
+                "a2a + matmuls ms",
+                "= NCCL",
+            ],
+            rows,
+        )
+    )
+    write_json(args.json, {"label": label, "results": results})
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
