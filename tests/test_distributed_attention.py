@@ -138,3 +138,23 @@ def test_sp1_is_pass_through():
     q = torch.randn(8, 2, 4, 8)
     attn = DistributedAttention(causal_attention, None)
     torch.testing.assert_close(attn(q, q, q), causal_attention(q, q, q), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,index",
+    [
+        (torch.bfloat16, (4, 3, 6, 16), (slice(None), slice(1, 3))),  # 16-byte elements
+        (torch.float32, (2, 5, 4, 6), (slice(None), slice(None), slice(1, 3))),  # 8-byte
+        (torch.float32, (3, 5, 3), (slice(None), slice(1, 4))),  # odd last dim: plain copy
+    ],
+)
+def test_wide_copies_equal_plain_copies(dtype, shape, index):
+    """The all-to-all's packing and merging copies move wide elements but the same bytes."""
+    from megatron.core.comm import _flatten_pair, _pack, copy_wide_
+
+    x = torch.randn(shape).to(dtype)
+    src = x[index].movedim(0, 1)  # strided, not contiguous
+    assert torch.equal(copy_wide_(torch.empty(src.shape, dtype=dtype), src), src)
+    blocks = [src, src * 2]
+    assert torch.equal(_pack(blocks, 1), torch.cat(blocks, 1))
+    assert torch.equal(_flatten_pair(src, 0), src.flatten(0, 1))
