@@ -15,8 +15,10 @@ bf16, every rank holding an ``s/p`` slice of the sequence. Methods, all in the s
 * ``ring``: PyTorch's ring attention, ``torch.distributed.tensor.experimental.context_parallel``
   with SDPA on a 1-D mesh (causal load balancing as PyTorch sets it).
 
-Each: median of ``--iters`` (>= 10) timed runs after ``--warmup``, CUDA events, a barrier
-before each run. Reported: ms, % of ideal (single-GPU ms / p / ms), and per-GPU TFLOP/s
+Each: median of ``--iters`` (>= 10) timed runs after ``--warmup``. ``--timing back-to-back``
+(default): after one barrier the runs are launched one after another, as a training loop
+does, and CUDA events around each give its GPU time; ``--timing synced``: a barrier and a
+host sync before every run, which adds the CPU's time to launch the first kernels. Reported: ms, % of ideal (single-GPU ms / p / ms), and per-GPU TFLOP/s
 with the FlashAttention convention (causal fwd+bwd = 7 * b * s^2 * h * d FLOPs in total).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_attention_core.py \\
@@ -77,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trace-dir", type=str, default=None,
         help="also write a profiler trace (rank 0, 2 steps) of each method here",
     )  # fmt: skip
+    p.add_argument(
+        "--timing",
+        choices=("back-to-back", "synced"),
+        default="back-to-back",
+        help="back-to-back: calls launched one after another as in training, CUDA events "
+        "around each (default); synced: a barrier and host sync before every call",
+    )
     p.add_argument(
         "--high-priority",
         action="store_true",
@@ -264,6 +273,7 @@ def run_method(method: str, s: int, args, device, group) -> tuple[float, str]:
     """(median ms, note); every rank takes part (rank 0 alone computes for ``single``)."""
     note, ms, ok = "", float("nan"), True
     step = None
+    b2b = args.timing == "back-to-back"
     try:
         step = (
             build_step(method, s, args, device, group)
@@ -283,9 +293,13 @@ def run_method(method: str, s: int, args, device, group) -> tuple[float, str]:
                 note = "SDPA flash kernel (context_parallel lacks the default one)"
         if method == "single":
             if step is not None:
-                ms = median(time_ms(step, device, args.warmup, args.iters, barrier=False))
+                ms = median(
+                    time_ms(step, device, args.warmup, args.iters, barrier=False, back_to_back=b2b)
+                )
         else:
-            ms = median(time_ms(step, device, args.warmup, args.iters, group=group))
+            ms = median(
+                time_ms(step, device, args.warmup, args.iters, group=group, back_to_back=b2b)
+            )
         if args.trace_dir and step is not None:
             export_trace(step, device, f"{args.trace_dir}/attn_{method}_{s}.json.gz")
     except Exception as err:  # noqa: BLE001 - reported as a skipped row, the run goes on

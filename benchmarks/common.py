@@ -63,30 +63,45 @@ def time_ms(
     iters: int,
     group: dist.ProcessGroup | None = None,
     barrier: bool = True,
+    back_to_back: bool = False,
 ) -> list[float]:
     """Milliseconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones.
 
-    Every call starts after a barrier (all ranks aligned); CUDA events time the GPU work,
-    ``perf_counter`` the CPU smoke runs."""
+    Default (``synced``): every call starts after a barrier and a host sync (all ranks
+    aligned, the GPU idle), so the CPU's time to launch the first kernels is counted.
+    ``back_to_back``: one barrier, then the calls are launched one after another as in a
+    training loop; CUDA events around each call give its GPU time while the CPU runs ahead.
+    CPU smoke runs are timed with ``perf_counter``."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if barrier and dist.is_initialized():
-            dist.barrier(group=group)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            if barrier and dist.is_initialized():
+                dist.barrier(group=group)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1000.0)
-    return times
+        return times
+    events = []
+    if back_to_back:
+        if barrier and dist.is_initialized():
+            dist.barrier(group=group)
+        torch.cuda.synchronize(device)
+    for _ in range(iters):
+        if not back_to_back:
+            if barrier and dist.is_initialized():
+                dist.barrier(group=group)
+            torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+        if not back_to_back:
+            end.synchronize()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def median(values: Sequence[float]) -> float:

@@ -64,13 +64,17 @@ stage_a2a() {
 
 stage_attention_breakdown() {
     timeout 120 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py --seqlens 32768 \
-        --methods single,ulysses-sdpa,local-contig,local-ulysses,a2a-only \
+        --methods single,ulysses-sdpa,deepspeed,ring,local-contig,local-ulysses,a2a-only \
         --json "$RES/attention_breakdown_sp$NPROC.json"
+    # The same with a barrier and host sync before every call (the earlier timing).
+    timeout 120 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py --seqlens 32768 \
+        --methods single,ulysses-sdpa,deepspeed,ring,a2a-only --timing synced \
+        --json "$RES/attention_breakdown_synced_sp$NPROC.json"
 }
 
 stage_e2e() {
     timeout 400 "${RUN[@]}" "$NPROC" benchmarks/bench_end_to_end.py --profile \
-        --sweep "${E2E_SWEEP:-z1,z1-compile,z1-full-compile,z3-compile,z3-full-compile}" \
+        --sweep "${E2E_SWEEP:-z1,z1-full,z3,z3-full}" \
         --json "$RES/e2e_1p3b_32k.json"
 }
 

@@ -80,8 +80,12 @@ def reduce_gradients(model: torch.nn.Module, state: ParallelState) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global gradient norm (over all shards), clipping to ``max_norm`` when > 0."""
+def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over all shards) as a device tensor; clips to ``max_norm`` > 0.
+
+    No host sync: the caller reads the norm together with everything else it reports. A
+    non-finite norm (a nan or inf gradient) leaves the gradients unusable: the step is skipped.
+    """
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
@@ -89,7 +93,13 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
         total = total.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total.item()
+    return total
+
+
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global gradient norm (over all shards), clipping to ``max_norm`` when > 0."""
+    return grad_norm_and_clip(model, max_norm).item()
 
 
 @torch.no_grad()

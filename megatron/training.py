@@ -19,6 +19,7 @@ from megatron.core.parallel_state import ParallelState, get_parallel_state
 from megatron.distributed import (
     any_nonfinite,
     clip_grad_norm,
+    grad_norm_and_clip,
     reduce_gradients,
     shard_model_for_zero,
 )
@@ -126,6 +127,13 @@ def build_data_iterators(
     )
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for PyTorch's fused Adam/AdamW, which skip a step on the GPU given ``found_inf``."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
+        optimizer.defaults.get("fused")
+    )
+
+
 def train_step(
     forward_step_func,
     data_iterator,
@@ -150,23 +158,42 @@ def train_step(
             totals[name] = totals.get(name, 0.0) + value.detach().float() / num_micro
     reduce_gradients(model, state)
     fault_injection.maybe_poison_grads(model, iteration)
-    found_inf = any_nonfinite(model, 1.0 / scaler.scale, args.device_obj)
-    if args.fp16:
-        scaler.update(found_inf)
-    grad_norm = None
-    if not found_inf:
-        grad_norm = clip_grad_norm(model, args.clip_grad)
-        optimizer.step()
-    # Reported losses: mean over micro-batches, then over data-parallel replicas.
     names = sorted(totals)
-    if names:
-        stacked = torch.stack([totals[n] for n in names])
-        if state.dims.dp > 1:
-            dist.all_reduce(stacked, group=state.dp_group)
-            stacked /= state.dims.dp
-        losses = {n: v.item() for n, v in zip(names, stacked)}
+    if args.fp16:  # the dynamic scaler needs to know now whether the gradients overflowed
+        found_inf = any_nonfinite(model, 1.0 / scaler.scale, args.device_obj)
+        scaler.update(found_inf)
+        grad_norm = None
+        if not found_inf:
+            grad_norm = clip_grad_norm(model, args.clip_grad)
+            optimizer.step()
+        norm_t = None
     else:
-        losses = {}
+        # bf16/fp32: the step is skipped when the norm is not finite. A fused AdamW skips on
+        # the GPU (its found_inf argument), so the whole step is launched without waiting for
+        # the GPU; the one host sync below reads the norm and the losses together.
+        norm_t = grad_norm_and_clip(model, args.clip_grad)
+        found_t = (~torch.isfinite(norm_t)).float()
+        if skips_on_device(optimizer):
+            optimizer.found_inf = found_t
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif found_t.item() == 0:
+            optimizer.step()
+    # Reported losses: mean over micro-batches, then over data-parallel replicas.
+    reported = [totals[n] for n in names]
+    if names and state.dims.dp > 1:
+        stacked = torch.stack(reported)
+        dist.all_reduce(stacked, group=state.dp_group)
+        reported = list(stacked / state.dims.dp)
+    if norm_t is not None:
+        reported += [norm_t.float().reshape(()), found_t.reshape(())]
+    values = torch.stack(reported).tolist() if reported else []  # the host sync
+    losses = dict(zip(names, values))
+    if norm_t is not None:
+        found_inf = values[-1] > 0
+        grad_norm = None if found_inf else values[-2]
     return losses, grad_norm, found_inf
 
 
