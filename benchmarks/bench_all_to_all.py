@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from common import init_distributed, log0, markdown_table, median, time_ms, write_json
 
-from megatron.core.ce_all_to_all import copy_engine_all_to_all_for
+from ce_all_to_all import copy_engine_all_to_all_for
 
 NCCL_KNOBS = (
     "NCCL_MIN_NCHANNELS",
