@@ -19,9 +19,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from common import init_distributed, log0, markdown_table, median, time_ms, write_json
-
 from ce_all_to_all import copy_engine_all_to_all_for
+from common import init_distributed, log0, markdown_table, median, time_ms, write_json
 
 NCCL_KNOBS = (
     "NCCL_MIN_NCHANNELS",
