@@ -161,90 +161,18 @@ def head_to_seq_start(
     return _start(blocks, group, head_dim, merge, async_op)
 
 
-def exchange_blocks(
-    sends: Sequence[Sequence[torch.Tensor]],
-    recvs: Sequence[Sequence[torch.Tensor]],
-    group: dist.ProcessGroup,
-) -> None:
-    """``recvs[t][j]`` <- rank j's ``sends[t][rank]`` for every tensor t, in one batch.
-
-    Every block is contiguous, so no send buffer is packed and every block lands where it
-    belongs (grouped sends/receives: NCCL runs them as one kernel, as it does an all-to-all).
-    Every rank lists the same tensors in the same order.
-    """
-    p, rank = dist.get_world_size(group), dist.get_rank(group)
-    ops = []
-    for peer in range(p):
-        if peer == rank:
-            continue
-        global_peer = dist.get_global_rank(group, peer)
-        for send, recv in zip(sends, recvs):
-            ops.append(dist.P2POp(dist.isend, send[peer], global_peer, group))
-            ops.append(dist.P2POp(dist.irecv, recv[peer], global_peer, group))
-    works = dist.batch_isend_irecv(ops) if ops else []
-    for send, recv in zip(sends, recvs):
-        copy_wide_(recv[rank], send[rank])
-    for work in works:
-        work.wait()
-
-
 def seq_to_head(
     tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
 ) -> list[torch.Tensor]:
-    """Sequence-sharded -> head-sharded, no autograd; each output is a new contiguous tensor.
-
-    Each input is packed once (block r = rank r's heads); each sequence block is received
-    straight into its place in the output, so the local attention gets contiguous tensors.
-    """
-    p = dist.get_world_size(group)
-    outs, sends, recvs = [], [], []
-    for x in tensors:
-        shape = list(x.shape)
-        shape[seq_dim], shape[head_dim] = shape[seq_dim] * p, shape[head_dim] // p
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-        pieces = out.chunk(p, dim=seq_dim)  # [..., s/p, ..., h/p, ...]: from rank j
-        if not all(piece.is_contiguous() for piece in pieces):  # e.g. [b, s, h, d] with b > 1
-            return seq_to_head_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
-        # [..., h, ...] -> [p, ..., h/p, ...]: block r holds the heads that rank r will own.
-        blocks = x.unflatten(head_dim, (p, x.shape[head_dim] // p)).movedim(head_dim, 0)
-        outs.append(out)
-        sends.append(_contiguous_wide(blocks).unbind(0))
-        recvs.append(pieces)
-    exchange_blocks(sends, recvs, group)
-    return outs
+    """Sequence-sharded -> head-sharded, no autograd. Outputs are views of one buffer."""
+    return seq_to_head_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
 
 
 def head_to_seq(
-    tensors: Sequence[torch.Tensor],
-    group: dist.ProcessGroup,
-    seq_dim: int,
-    head_dim: int,
-    out: Sequence[torch.Tensor] | None = None,
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
 ) -> list[torch.Tensor]:
-    """Head-sharded -> sequence-sharded, no autograd.
-
-    The blocks are sent without packing (a sequence block of a contiguous tensor is
-    contiguous); the received head blocks are merged with one copy, into ``out`` when given
-    (e.g. column views of a fused QKV gradient).
-    """
-    p = dist.get_world_size(group)
-    sends, recvs = [], []
-    for y in tensors:
-        y = _contiguous_wide(y)
-        pieces = y.chunk(p, dim=seq_dim)  # block r: rank r's tokens
-        if not all(piece.is_contiguous() for piece in pieces):
-            if out is not None:
-                raise ValueError("head_to_seq(out=...) needs the sequence as the outer dim")
-            return head_to_seq_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
-        sends.append(pieces)
-        recvs.append(torch.empty((p, *pieces[0].shape), dtype=y.dtype, device=y.device))
-    exchange_blocks(sends, [r.unbind(0) for r in recvs], group)
-    # recv: [p (source rank = head block), ..., s/p, ..., h/p, ...] -> [..., s/p, ..., h, ...]
-    if out is None:
-        return [_flatten_pair(r.movedim(0, head_dim), head_dim) for r in recvs]
-    for dst, r in zip(out, recvs):
-        copy_wide_(dst.unflatten(head_dim, (p, dst.shape[head_dim] // p)), r.movedim(0, head_dim))
-    return list(out)
+    """Head-sharded -> sequence-sharded, no autograd."""
+    return head_to_seq_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
 
 
 def _grads_or_zeros(
@@ -283,60 +211,6 @@ class HeadToSeqAllToAll(torch.autograd.Function):
     def backward(ctx, *grads):
         grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
         return (None, None, None, *seq_to_head(grads, ctx.group, ctx.seq_dim, ctx.head_dim))
-
-
-class FusedQKVSeqToHead(torch.autograd.Function):
-    """:class:`SeqToHeadAllToAll` for Q, K, V that are column slices of one fused projection
-    output ``qkv`` ``[..., (hq + 2 hkv) d]``: the gradient flows to ``qkv`` itself, and the
-    received dQ, dK, dV blocks are written straight into it (one copy instead of a merge per
-    tensor plus the split's concatenation)."""
-
-    @staticmethod
-    def forward(ctx, group, seq_dim, head_dim, qkv, q, k, v):
-        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
-        ctx.qkv_shape, ctx.shapes = qkv.shape, [t.shape for t in (q, k, v)]
-        outs = seq_to_head([q, k, v], group, seq_dim, head_dim)
-        ctx.out_shapes = [o.shape for o in outs]
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
-        grad_qkv = grads[0].new_empty(ctx.qkv_shape)
-        columns, start = [], 0
-        for shape in ctx.shapes:  # [..., h_t, d] column block of the fused gradient
-            width = shape[-2] * shape[-1]
-            columns.append(grad_qkv.narrow(-1, start, width).view(shape))
-            start += width
-        head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim, out=columns)
-        return None, None, None, grad_qkv, None, None, None
-
-
-def fused_qkv_source(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int
-) -> torch.Tensor | None:
-    """The fused ``[..., (hq + 2 hkv) d]`` tensor whose consecutive column blocks ``q``, ``k``
-    and ``v`` (``[..., h, d]`` views) are, or None."""
-    base = q._base
-    if base is None or k._base is not base or v._base is not base:
-        return None
-    if head_dim != q.dim() - 2 or base.dim() != q.dim() - 1 or not base.is_contiguous():
-        return None
-    d, offset = q.shape[-1], base.storage_offset()
-    # Strides of size-1 dims are arbitrary: compare the others.
-    outer = [st for n, st in zip(base.shape[:-1], base.stride()[:-1]) if n > 1]
-    for t in (q, k, v):
-        if (
-            t.shape[-1] != d
-            or t.shape[:-2] != base.shape[:-1]
-            or [st for n, st in zip(t.shape[:-2], t.stride()[:-2]) if n > 1] != outer
-            or (t.shape[-2] > 1 and t.stride(-2) != d)
-            or t.stride(-1) != 1
-            or t.storage_offset() != offset
-        ):
-            return None
-        offset += t.shape[-2] * d
-    return base if offset - base.storage_offset() == base.shape[-1] else None
 
 
 class AllReduceSumIdentityGrad(torch.autograd.Function):
