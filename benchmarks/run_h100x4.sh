@@ -2,7 +2,7 @@
 # The GPU benchmark suite of docs/performance.md on one 4-GPU node (NPROC=8 for an 8-GPU one),
 # stage by stage:
 #
-#   bash benchmarks/run_h100x4.sh env attention e2e weak maxseq examples triton_tests
+#   bash benchmarks/run_h100x4.sh env a2a attention attention_breakdown e2e weak maxseq examples triton_tests
 #
 # Results (JSON + logs) go to $RES [results/]; with $OUT set (the device tool) they are also
 # packed into $OUT/results.tgz. Each stage has a wall-clock cap so one hang cannot eat the
