@@ -44,20 +44,28 @@ CASES = [
     (2, 0, 1, 8, 8, False, 4),
     (4, 0, 3, 8, 8, False, 2),
     (4, 1, 1, 8, 1, False, 2),  # one K/V head: no split possible, plain path
+    # Q, K, V as column slices of one fused projection output: the gradient goes to it
+    (2, 0, 3, 4, 2, False, 1, "fused"),
+    (4, 0, 1, 8, 4, True, 1, "fused"),
+    (4, 0, 3, 8, 8, False, 1, "fused"),
+    (4, 0, 1, 8, 2, False, 1, "fused"),  # K/V heads replicated: the unfused path
 ]
 
 
 def _check_cases(cases):
     from megatron.core import parallel_state as ps
+    from megatron.core.sequence import layer
 
     results = []
     for sp, seq_dim, b, h, h_kv, merge, *chunks in cases:
+        fused = "fused" in chunks
+        chunks = [c for c in chunks if c != "fused"]
         state = ps.initialize_model_parallel(sequence_parallel_size=sp)
         torch.manual_seed(1234 + 17 * len(results))
         s, d = 16, 8
         q_shape = (s, b, h, d) if seq_dim == 0 else (b, s, h, d)
-        kv_shape = (s, b, h_kv, d) if seq_dim == 0 else (b, s, h_kv, d)
-        q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+        qkv = torch.randn(*q_shape[:2], (h + 2 * h_kv) * d)
+        q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([h * d, h_kv * d, h_kv * d], -1))
         grad_out = torch.randn(q_shape).flatten(2) if merge else torch.randn(q_shape)
 
         def local(q_, k_, v_, merge=merge, seq_dim=seq_dim):
@@ -75,14 +83,32 @@ def _check_cases(cases):
             return t.narrow(seq_dim, start, length)
 
         my_in = [take(t).clone().requires_grad_() for t in (q, k, v)]
-        calls = []
-        real = dist.all_to_all_single
+        if fused:  # one leaf; the inputs are its column slices
+            my_qkv = take(qkv).clone().requires_grad_()
+            split = my_qkv.split([h * d, h_kv * d, h_kv * d], -1)
+            attn_in = [t.unflatten(-1, (-1, d)) for t in split]
+        else:
+            attn_in = my_in
+        calls, fused_calls = [], []
+        real_fused = layer.FusedQKVSeqToHead.apply
 
-        def counting(*a, calls=calls, real=real, **kw):
-            calls.append(1)
-            return real(*a, **kw)
+        def fused_apply(*a, real_fused=real_fused, fused_calls=fused_calls):
+            fused_calls.append(1)
+            return real_fused(*a)
 
-        dist.all_to_all_single = counting
+        layer.FusedQKVSeqToHead.apply = fused_apply
+        real_a2a, real_batch = dist.all_to_all_single, dist.batch_isend_irecv
+
+        def counting(real, calls=calls):
+            def call(*a, **kw):
+                calls.append(1)
+                return real(*a, **kw)
+
+            return call
+
+        # One exchange per all-to-all: all_to_all_single, or one batch of sends/receives.
+        dist.all_to_all_single = counting(real_a2a)
+        dist.batch_isend_irecv = counting(real_batch)
         try:
             attn = DistributedAttention(
                 local,
@@ -91,13 +117,18 @@ def _check_cases(cases):
                 gather_idx=seq_dim,
                 num_chunks=(chunks or [1])[0],
             )
-            out = attn(*my_in)
+            out = attn(*attn_in)
             (out * take(grad_out)).sum().backward()
         finally:
-            dist.all_to_all_single = real
+            dist.all_to_all_single, dist.batch_isend_irecv = real_a2a, real_batch
+            layer.FusedQKVSeqToHead.apply = real_fused
+        if fused:
+            for m, g in zip(my_in, my_qkv.grad.split([h * d, h_kv * d, h_kv * d], -1)):
+                m.grad = g.unflatten(-1, (-1, d))
         errs = [(out - take(ref_out)).abs().max().item()]
         errs += [(m.grad - take(r.grad)).abs().max().item() for m, r in zip(my_in, ref_in)]
-        results.append({"max_err": max(errs), "all_to_alls": len(calls), "shape": tuple(out.shape)})
+        results.append({"max_err": max(errs), "all_to_alls": len(calls), "shape": tuple(out.shape),
+                        "fused_path": bool(fused_calls)})  # fmt: skip
         ps.destroy_model_parallel()
     return results
 
@@ -117,20 +148,26 @@ def results():
     "case",
     CASES,
     ids=lambda c: (
-        "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c) + (f"-chunks{c[6]}" if len(c) > 6 else "")
+        "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c)
+        + (f"-chunks{c[6]}" if len(c) > 6 else "")
+        + ("-fused" if "fused" in c else "")
     ),
 )
 def test_matches_full_attention(results, case):
     sp, seq_dim, b, h, h_kv, merge, *chunks = case
     from megatron.core.sequence.pipelined import effective_chunks
 
-    n = effective_chunks((chunks or [1])[0], h // sp, max(h_kv, sp) // sp)
+    n = effective_chunks(
+        ([c for c in chunks if c != "fused"] or [1])[0], h // sp, max(h_kv, sp) // sp
+    )
     for rank_result in results[case]:
         assert rank_result["max_err"] <= 1e-5
         # Q, K, V in one all-to-all and the context in one (per chunk); backward mirrors it.
         assert rank_result["all_to_alls"] == 4 * n
         expected = (16 // sp, b) if seq_dim == 0 else (b, 16 // sp)
         assert rank_result["shape"][:2] == expected
+        # The fused path is taken exactly for slices of one tensor with whole K/V heads per rank.
+        assert rank_result["fused_path"] == ("fused" in chunks and h_kv % sp == 0)
 
 
 def test_sp1_is_pass_through():

@@ -169,10 +169,23 @@ def seq_to_head(
 
 
 def head_to_seq(
-    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    seq_dim: int,
+    head_dim: int,
+    out: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Head-sharded -> sequence-sharded, no autograd."""
-    return head_to_seq_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
+    """Head-sharded -> sequence-sharded, no autograd; into ``out`` when given (each merged
+    with one copy, e.g. into column views of a fused QKV gradient)."""
+    if out is None:
+        return head_to_seq_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
+    pieces = head_to_seq_start(
+        tensors, group, seq_dim, head_dim, async_op=False, merge_heads=False
+    ).wait()  # [..., s/p, ..., p, h/p, ...] views of the receive buffer
+    p = dist.get_world_size(group)
+    for dst, piece in zip(out, pieces):
+        copy_wide_(dst.unflatten(head_dim, (p, dst.shape[head_dim] // p)), piece)
+    return list(out)
 
 
 def _grads_or_zeros(
@@ -211,6 +224,60 @@ class HeadToSeqAllToAll(torch.autograd.Function):
     def backward(ctx, *grads):
         grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
         return (None, None, None, *seq_to_head(grads, ctx.group, ctx.seq_dim, ctx.head_dim))
+
+
+class FusedQKVSeqToHead(torch.autograd.Function):
+    """:class:`SeqToHeadAllToAll` for Q, K, V that are column slices of one fused projection
+    output ``qkv`` ``[..., (hq + 2 hkv) d]``: the gradient flows to ``qkv`` itself, and the
+    received dQ, dK, dV blocks are copied once, straight into it (instead of a merge per
+    tensor and then the split's concatenation: 2x the bytes)."""
+
+    @staticmethod
+    def forward(ctx, group, seq_dim, head_dim, qkv, q, k, v):
+        ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        ctx.qkv_shape, ctx.shapes = qkv.shape, [t.shape for t in (q, k, v)]
+        outs = seq_to_head([q, k, v], group, seq_dim, head_dim)
+        ctx.out_shapes = [o.shape for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+        grad_qkv = grads[0].new_empty(ctx.qkv_shape)
+        columns, start = [], 0
+        for shape in ctx.shapes:  # [..., h_t, d] column block of the fused gradient
+            width = shape[-2] * shape[-1]
+            columns.append(grad_qkv.narrow(-1, start, width).view(shape))
+            start += width
+        head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim, out=columns)
+        return None, None, None, grad_qkv, None, None, None
+
+
+def fused_qkv_source(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int
+) -> torch.Tensor | None:
+    """The fused ``[..., (hq + 2 hkv) d]`` tensor whose consecutive column blocks ``q``, ``k``
+    and ``v`` (``[..., h, d]`` views) are, or None."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base:
+        return None
+    if head_dim != q.dim() - 2 or base.dim() != q.dim() - 1 or not base.is_contiguous():
+        return None
+    d, offset = q.shape[-1], base.storage_offset()
+    # Strides of size-1 dims are arbitrary: compare the others.
+    outer = [st for n, st in zip(base.shape[:-1], base.stride()[:-1]) if n > 1]
+    for t in (q, k, v):
+        if (
+            t.shape[-1] != d
+            or t.shape[:-2] != base.shape[:-1]
+            or [st for n, st in zip(t.shape[:-2], t.stride()[:-2]) if n > 1] != outer
+            or (t.shape[-2] > 1 and t.stride(-2) != d)
+            or t.stride(-1) != 1
+            or t.storage_offset() != offset
+        ):
+            return None
+        offset += t.shape[-2] * d
+    return base if offset - base.storage_offset() == base.shape[-1] else None
 
 
 class AllReduceSumIdentityGrad(torch.autograd.Function):

@@ -12,7 +12,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megatron.core.comm import HeadToSeqAllToAll, SeqToHeadAllToAll
+from megatron.core.comm import (
+    FusedQKVSeqToHead,
+    HeadToSeqAllToAll,
+    SeqToHeadAllToAll,
+    fused_qkv_source,
+)
 from megatron.core.sequence.pipelined import PipelinedUlyssesAttention, effective_chunks
 from megatron.errors import UsageError
 
@@ -91,8 +96,14 @@ class DistributedAttention(torch.nn.Module):
             return PipelinedUlyssesAttention.apply(
                 self.local_attn, self.spg, seq, head, chunks, kwargs, query, key, value
             )
-        # [s/p, b, h, d] -> [s, b, h/p, d] (shown for gather_idx 0), Q, K, V in one all-to-all
-        q_full, k_full, v_full = SeqToHeadAllToAll.apply(self.spg, seq, head, query, key, value)
+        # [s/p, b, h, d] -> [s, b, h/p, d] (shown for gather_idx 0), Q, K, V in one exchange
+        qkv = fused_qkv_source(query, key, value, head)
+        if qkv is not None:  # slices of one projection: the gradient goes to it directly
+            q_full, k_full, v_full = FusedQKVSeqToHead.apply(
+                self.spg, seq, head, qkv, query.detach(), key.detach(), value.detach()
+            )
+        else:
+            q_full, k_full, v_full = SeqToHeadAllToAll.apply(self.spg, seq, head, query, key, value)
         context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
         # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
         (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, context)
