@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import glob
 import os
 import sys
 
@@ -235,9 +234,9 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     peak = max_over_ranks(float(peak), device)
     trace = None
     if args.trace and args.profile:  # one file per configuration of a sweep
-        trace = args.trace.replace(
-            ".json", f"_{len(glob.glob(args.trace.replace('.json', '_*')))}.json"
-        )
+        tag = f"s{seq}_sp{sp}_z{margs.zero_stage}_{args.recompute}_{args.attention}"
+        tag += f"_c{args.sp_overlap_chunks}" + ("_compile" if args.torch_compile else "")
+        trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
     ms = max_over_ranks(median(times), device)
     setup = RunSetup(

@@ -76,14 +76,14 @@ class CopyEngineAllToAll:
         return recv
 
 
-_INSTANCES: dict[tuple[str, int], CopyEngineAllToAll | None] = {}
+_INSTANCES: dict[tuple[int, int], CopyEngineAllToAll | None] = {}
 
 
 def copy_engine_all_to_all_for(
     group: dist.ProcessGroup, streams: int = 1
 ) -> CopyEngineAllToAll | None:
     """The (cached) copy-engine all-to-all of ``group``, or None where it cannot run."""
-    key = (dist.get_backend(group) + str(id(group)), streams)
+    key = (id(group), streams)
     if key not in _INSTANCES:
         instance = None
         if torch.cuda.is_available() and dist.get_backend(group) == "nccl":

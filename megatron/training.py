@@ -159,6 +159,7 @@ def train_step(
     reduce_gradients(model, state)
     fault_injection.maybe_poison_grads(model, iteration)
     names = sorted(totals)
+    device_flags: list[torch.Tensor] = []  # [grad norm, found_inf], read with the losses
     if args.fp16:  # the dynamic scaler needs to know now whether the gradients overflowed
         found_inf = any_nonfinite(model, 1.0 / scaler.scale, args.device_obj)
         scaler.update(found_inf)
@@ -166,32 +167,30 @@ def train_step(
         if not found_inf:
             grad_norm = clip_grad_norm(model, args.clip_grad)
             optimizer.step()
-        norm_t = None
     else:
         # bf16/fp32: the step is skipped when the norm is not finite. A fused AdamW skips on
         # the GPU (its found_inf argument), so the whole step is launched without waiting for
         # the GPU; the one host sync below reads the norm and the losses together.
-        norm_t = grad_norm_and_clip(model, args.clip_grad)
-        found_t = (~torch.isfinite(norm_t)).float()
+        norm = grad_norm_and_clip(model, args.clip_grad).float().reshape(())
+        found = (~torch.isfinite(norm)).float()
         if skips_on_device(optimizer):
-            optimizer.found_inf = found_t
+            optimizer.found_inf = found
             try:
                 optimizer.step()
             finally:
                 del optimizer.found_inf
-        elif found_t.item() == 0:
+        elif found.item() == 0:
             optimizer.step()
+        device_flags = [norm, found]
     # Reported losses: mean over micro-batches, then over data-parallel replicas.
     reported = [totals[n] for n in names]
     if names and state.dims.dp > 1:
         stacked = torch.stack(reported)
         dist.all_reduce(stacked, group=state.dp_group)
         reported = list(stacked / state.dims.dp)
-    if norm_t is not None:
-        reported += [norm_t.float().reshape(()), found_t.reshape(())]
-    values = torch.stack(reported).tolist() if reported else []  # the host sync
-    losses = dict(zip(names, values))
-    if norm_t is not None:
+    values = torch.stack(reported + device_flags).tolist() if reported or device_flags else []
+    losses = dict(zip(names, values))  # the line above is the host sync
+    if device_flags:
         found_inf = values[-1] > 0
         grad_norm = None if found_inf else values[-2]
     return losses, grad_norm, found_inf

@@ -52,14 +52,20 @@ CASES = [
 ]
 
 
+def _parse(case):
+    """(sp, seq_dim, batch, heads, kv_heads, merge, chunks, fused) of a CASES entry."""
+    sp, seq_dim, b, h, h_kv, merge, *rest = case
+    chunks = next((c for c in rest if isinstance(c, int)), 1)
+    return sp, seq_dim, b, h, h_kv, merge, chunks, "fused" in rest
+
+
 def _check_cases(cases):
     from megatron.core import parallel_state as ps
     from megatron.core.sequence import layer
 
     results = []
-    for sp, seq_dim, b, h, h_kv, merge, *chunks in cases:
-        fused = "fused" in chunks
-        chunks = [c for c in chunks if c != "fused"]
+    for case in cases:
+        sp, seq_dim, b, h, h_kv, merge, chunks, fused = _parse(case)
         state = ps.initialize_model_parallel(sequence_parallel_size=sp)
         torch.manual_seed(1234 + 17 * len(results))
         s, d = 16, 8
@@ -97,30 +103,25 @@ def _check_cases(cases):
             return real_fused(*a)
 
         layer.FusedQKVSeqToHead.apply = fused_apply
-        real_a2a, real_batch = dist.all_to_all_single, dist.batch_isend_irecv
+        real = dist.all_to_all_single
 
-        def counting(real, calls=calls):
-            def call(*a, **kw):
-                calls.append(1)
-                return real(*a, **kw)
+        def counting(*a, calls=calls, real=real, **kw):
+            calls.append(1)
+            return real(*a, **kw)
 
-            return call
-
-        # One exchange per all-to-all: all_to_all_single, or one batch of sends/receives.
-        dist.all_to_all_single = counting(real_a2a)
-        dist.batch_isend_irecv = counting(real_batch)
+        dist.all_to_all_single = counting
         try:
             attn = DistributedAttention(
                 local,
                 state.sp_group,
                 scatter_idx=2,
                 gather_idx=seq_dim,
-                num_chunks=(chunks or [1])[0],
+                num_chunks=chunks,
             )
             out = attn(*attn_in)
             (out * take(grad_out)).sum().backward()
         finally:
-            dist.all_to_all_single, dist.batch_isend_irecv = real_a2a, real_batch
+            dist.all_to_all_single = real
             layer.FusedQKVSeqToHead.apply = real_fused
         if fused:
             for m, g in zip(my_in, my_qkv.grad.split([h * d, h_kv * d, h_kv * d], -1)):
@@ -154,12 +155,10 @@ def results():
     ),
 )
 def test_matches_full_attention(results, case):
-    sp, seq_dim, b, h, h_kv, merge, *chunks = case
+    sp, seq_dim, b, h, h_kv, merge, chunks, fused = _parse(case)
     from megatron.core.sequence.pipelined import effective_chunks
 
-    n = effective_chunks(
-        ([c for c in chunks if c != "fused"] or [1])[0], h // sp, max(h_kv, sp) // sp
-    )
+    n = effective_chunks(chunks, h // sp, max(h_kv, sp) // sp)
     for rank_result in results[case]:
         assert rank_result["max_err"] <= 1e-5
         # Q, K, V in one all-to-all and the context in one (per chunk); backward mirrors it.
@@ -167,7 +166,7 @@ def test_matches_full_attention(results, case):
         expected = (16 // sp, b) if seq_dim == 0 else (b, 16 // sp)
         assert rank_result["shape"][:2] == expected
         # The fused path is taken exactly for slices of one tensor with whole K/V heads per rank.
-        assert rank_result["fused_path"] == ("fused" in chunks and h_kv % sp == 0)
+        assert rank_result["fused_path"] == (fused and h_kv % sp == 0)
 
 
 def test_sp1_is_pass_through():
