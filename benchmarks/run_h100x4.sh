@@ -101,9 +101,29 @@ stage_examples() {
 
 stage_triton_tests() {
     # Compilation dominates on a fresh machine (6-7 minutes for the whole file); TRITON_K
-    # selects cases (pytest -k). The log is written as it goes, so a cut-off run keeps it.
-    timeout "${TRITON_TIMEOUT_S:-540}" "$PY" -m pytest tests/test_triton_flash_attn.py -v \
-        -p no:cacheprovider ${TRITON_K:+-k "$TRITON_K"} 2>&1 | tee "$RES/triton_tests.log"
+    # selects cases (pytest -k). TRITON_GROUPS="sel1;sel2;..." runs each selection in its own
+    # process on its own GPU at once (compiling is CPU-bound). Logs are written as they go.
+    local limit=${TRITON_TIMEOUT_S:-540}
+    if [[ -z "${TRITON_GROUPS:-}" ]]; then
+        timeout "$limit" "$PY" -m pytest tests/test_triton_flash_attn.py -v \
+            -p no:cacheprovider ${TRITON_K:+-k "$TRITON_K"} 2>&1 | tee "$RES/triton_tests.log"
+        return
+    fi
+    local sels sel i=0 rc=0 pids=()
+    IFS=';' read -ra sels <<<"$TRITON_GROUPS"
+    for sel in "${sels[@]}"; do
+        CUDA_VISIBLE_DEVICES=$((i % NPROC)) timeout "$limit" "$PY" -m pytest \
+            tests/test_triton_flash_attn.py -v -p no:cacheprovider -k "$sel" \
+            >"$RES/triton_tests_$i.log" 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+    done
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || rc=1
+        echo "--- group $i: ${sels[$i]}"
+        grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" "$RES/triton_tests_$i.log"
+    done
+    return $rc
 }
 
 install_wheels || echo "=== wheel install failed: DeepSpeed rows will be skipped"
