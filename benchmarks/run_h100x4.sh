@@ -84,10 +84,13 @@ stage_weak() {
 }
 
 stage_maxseq() {
-    timeout 560 "$PY" benchmarks/bench_max_seqlen.py --nproc "$NPROC" \
-        --seqlens "${MAXSEQ_LENGTHS:-524288}" --budget-s "${MAXSEQ_BUDGET_S:-420}" \
+    # MAXSEQ_EXTRA: flags for bench_end_to_end.py, e.g. --checkpoint-in-cpu
+    local budget=${MAXSEQ_BUDGET_S:-420}
+    # shellcheck disable=SC2086
+    timeout $((budget + 30)) "$PY" benchmarks/bench_max_seqlen.py --nproc "$NPROC" \
+        --seqlens "${MAXSEQ_LENGTHS:-524288}" --budget-s "$budget" \
         --attempt-timeout-s "${MAXSEQ_ATTEMPT_S:-400}" \
-        --json "$RES/max_seqlen.json"
+        --json "$RES/max_seqlen.json" ${MAXSEQ_EXTRA:+-- $MAXSEQ_EXTRA}
 }
 
 stage_examples() {

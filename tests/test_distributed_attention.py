@@ -49,14 +49,18 @@ CASES = [
     (4, 0, 1, 8, 4, True, 1, "fused"),
     (4, 0, 3, 8, 8, False, 1, "fused"),
     (4, 0, 1, 8, 2, False, 1, "fused"),  # K/V heads replicated: the unfused path
+    # ... of a view of a 2-D result, as F.linear returns for [s, b, h] inputs
+    (2, 0, 3, 4, 2, False, 1, "fused-2d"),
+    (4, 1, 2, 8, 4, False, 1, "fused-2d"),
 ]
 
 
 def _parse(case):
-    """(sp, seq_dim, batch, heads, kv_heads, merge, chunks, fused) of a CASES entry."""
+    """(sp, seq_dim, batch, heads, kv_heads, merge, chunks, fused) of a CASES entry;
+    fused is "", "fused" or "fused-2d"."""
     sp, seq_dim, b, h, h_kv, merge, *rest = case
     chunks = next((c for c in rest if isinstance(c, int)), 1)
-    return sp, seq_dim, b, h, h_kv, merge, chunks, "fused" in rest
+    return sp, seq_dim, b, h, h_kv, merge, chunks, next((c for c in rest if isinstance(c, str)), "")
 
 
 def _check_cases(cases):
@@ -91,7 +95,10 @@ def _check_cases(cases):
         my_in = [take(t).clone().requires_grad_() for t in (q, k, v)]
         if fused:  # one leaf; the inputs are its column slices
             my_qkv = take(qkv).clone().requires_grad_()
-            split = my_qkv.split([h * d, h_kv * d, h_kv * d], -1)
+            src = my_qkv
+            if fused == "fused-2d":  # a [tokens, n] result viewed as [s, b, n] or [b, s, n]
+                src = (my_qkv.reshape(-1, my_qkv.shape[-1]) * 1.0).view(my_qkv.shape)
+            split = src.split([h * d, h_kv * d, h_kv * d], -1)
             attn_in = [t.unflatten(-1, (-1, d)) for t in split]
         else:
             attn_in = my_in
@@ -151,7 +158,7 @@ def results():
     ids=lambda c: (
         "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c)
         + (f"-chunks{c[6]}" if len(c) > 6 else "")
-        + ("-fused" if "fused" in c else "")
+        + "".join(f"-{x}" for x in c[7:])
     ),
 )
 def test_matches_full_attention(results, case):
@@ -166,7 +173,7 @@ def test_matches_full_attention(results, case):
         expected = (16 // sp, b) if seq_dim == 0 else (b, 16 // sp)
         assert rank_result["shape"][:2] == expected
         # The fused path is taken exactly for slices of one tensor with whole K/V heads per rank.
-        assert rank_result["fused_path"] == (fused and h_kv % sp == 0)
+        assert rank_result["fused_path"] == (bool(fused) and h_kv % sp == 0)
 
 
 def test_sp1_is_pass_through():

@@ -257,27 +257,38 @@ def fused_qkv_source(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int
 ) -> torch.Tensor | None:
     """The fused ``[..., (hq + 2 hkv) d]`` tensor whose consecutive column blocks ``q``, ``k``
-    and ``v`` (``[..., h, d]`` views) are, or None."""
+    and ``v`` (``[..., h, d]`` views) are, as a view of their common base, or None.
+
+    The base may have another shape (``F.linear`` on ``[s, b, h]`` returns a view of its
+    ``[s * b, n]`` result) as long as it is contiguous and exactly tiled by the three blocks.
+    """
     base = q._base
-    if base is None or k._base is not base or v._base is not base:
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
         return None
-    if head_dim != q.dim() - 2 or base.dim() != q.dim() - 1 or not base.is_contiguous():
+    if head_dim != q.dim() - 2:
         return None
-    d, offset = q.shape[-1], base.storage_offset()
-    # Strides of size-1 dims are arbitrary: compare the others.
-    outer = [st for n, st in zip(base.shape[:-1], base.stride()[:-1]) if n > 1]
+    lead, d = q.shape[:-2], q.shape[-1]
+    width = (q.shape[-2] + k.shape[-2] + v.shape[-2]) * d
+    if base.numel() != lead.numel() * width:
+        return None
+    # Strides of a contiguous [*lead, width]; those of size-1 dims are arbitrary: skip them.
+    want, step = [], width
+    for n in reversed(lead):
+        want.insert(0, step)
+        step *= n
+    offset = base.storage_offset()
     for t in (q, k, v):
         if (
-            t.shape[-1] != d
-            or t.shape[:-2] != base.shape[:-1]
-            or [st for n, st in zip(t.shape[:-2], t.stride()[:-2]) if n > 1] != outer
+            t.shape[:-2] != lead
+            or t.shape[-1] != d
+            or any(n > 1 and st != w for n, st, w in zip(lead, t.stride()[:-2], want))
             or (t.shape[-2] > 1 and t.stride(-2) != d)
             or t.stride(-1) != 1
             or t.storage_offset() != offset
         ):
             return None
         offset += t.shape[-2] * d
-    return base if offset - base.storage_offset() == base.shape[-1] else None
+    return base.view(*lead, width)
 
 
 class AllReduceSumIdentityGrad(torch.autograd.Function):
