@@ -71,11 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="several configurations in one process, comma-separated, e.g. "
-        "z1,z3-full,z1-ov2,z1-triton,z1-compile (see sweep_variants)",
+        "z1,z3-full,z1-ov2,z1-triton,z1-compile,z1-fp32gather (see sweep_variants)",
     )
     p.add_argument("--loss-chunk-size", type=int, default=2048)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and hidden dropout")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument(
+        "--fp32-param-gather",
+        action="store_true",
+        help="model flag: ZeRO gathers fp32 layer weights (autocast casts them per use)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--torch-compile", action="store_true", help="model flag --torch-compile")
@@ -117,7 +122,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
 
     An entry is tokens joined by ``-``: ``z0``..``z3`` (ZeRO stage), ``none``/``full``/
     ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
-    (attention), ``compile`` (``--torch-compile``); unnamed settings keep their flag values.
+    (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``);
+    unnamed settings keep their flag values.
     """
     if not args.sweep:
         return [args]
@@ -131,6 +137,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.attention = token
             elif token == "compile":
                 variant.torch_compile = True
+            elif token == "fp32gather":
+                variant.fp32_param_gather = True
             elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
                 variant.zero_stage = int(token[1:])
             elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
@@ -171,6 +179,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out.append("--torch-compile")
     if args.checkpoint_in_cpu:
         out.append("--checkpoint-in-cpu")
+    if args.fp32_param_gather and args.zero_stage > 0 and args.precision != "fp32":
+        out.append("--fp32-param-gather")
     return [str(x) for x in out]
 
 
@@ -192,7 +202,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
     from megatron.optimizer.optimizer import get_megatron_optimizer
     from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
-    from megatron.training import train_step
+    from megatron.training import train_step, zero_param_dtype
 
     parallel_state.destroy_model_parallel()
     pretrain_gpt._TOKENIZER = None
@@ -205,7 +215,9 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         with torch.device(device):  # parameters are created and initialised on the device
             model = pretrain_gpt.model_provider()
         config: ModelConfig = model.config
-        model = shard_model_for_zero(model, margs.zero_stage, state, (ParallelTransformerLayer,))
+        model = shard_model_for_zero(
+            model, margs.zero_stage, state, (ParallelTransformerLayer,), zero_param_dtype(margs)
+        )
         optimizer = get_megatron_optimizer(model, margs)
         scheduler = get_optimizer_param_scheduler(optimizer, margs)
         scaler = (
@@ -236,12 +248,14 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     if args.trace and args.profile:  # one file per configuration of a sweep
         tag = f"s{seq}_sp{sp}_z{margs.zero_stage}_{args.recompute}_{args.attention}"
         tag += f"_c{args.sp_overlap_chunks}" + ("_compile" if args.torch_compile else "")
+        tag += "_fp32gather" if margs.fp32_param_gather else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
     ms = max_over_ranks(median(times), device)
     setup = RunSetup(
         num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
         zero_stage=margs.zero_stage, precision=args.precision, device=device.type,
+        fp32_param_gather=margs.fp32_param_gather,
     )  # fmt: skip
     est = estimate_memory(config, setup)
     tokens = margs.global_batch_size * seq
@@ -250,7 +264,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
         "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
-        "checkpoint_in_cpu": args.checkpoint_in_cpu,
+        "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
         "position_embedding_type": args.position_embedding_type, "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens,
         "tokens_per_s_per_gpu": tokens / (ms / 1000.0) / world,
@@ -355,13 +369,14 @@ def profile_iteration(step, device: torch.device, trace: str | None = None) -> d
 def report(results: list[dict], title: str) -> None:
     rows = [
         [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["attention"],
-         r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no", r["ms_per_iter"],
+         r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
+         "yes" if r["fp32_param_gather"] else "no", r["ms_per_iter"],
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"]]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:

@@ -138,6 +138,12 @@ def _check_precision(args: argparse.Namespace) -> None:
     args.params_dtype = (
         torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     )
+    if args.fp32_param_gather and (args.params_dtype == torch.float32 or args.zero_stage == 0):
+        raise UsageError(
+            "--fp32-param-gather changes only --zero-stage 1/2/3 runs with --bf16 or --fp16 "
+            f"(here: --zero-stage {args.zero_stage}, {str(args.params_dtype).split('.')[-1]}); "
+            "drop it"
+        )
 
 
 def _check_training(args: argparse.Namespace) -> None:

@@ -245,6 +245,13 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--fp16-lm-cross-entropy", action="store_true")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument(
+        "--fp32-param-gather",
+        action="store_true",
+        help="ZeRO>=1 under --bf16/--fp16 gathers the transformer layers' weights in the "
+        "compute dtype by default; this flag gathers fp32 weights and lets autocast cast them "
+        "per use, as before",
+    )
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:

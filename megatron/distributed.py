@@ -23,23 +23,39 @@ _BUCKET_BYTES = 128 * 1024 * 1024
 
 
 def shard_model_for_zero(
-    model: torch.nn.Module, stage: int, state: ParallelState, block_types: tuple
+    model: torch.nn.Module,
+    stage: int,
+    state: ParallelState,
+    block_types: tuple,
+    param_dtype: torch.dtype | None = None,
 ) -> torch.nn.Module:
     """ZeRO 1/2/3 with FSDP2 over the SP x DP mesh; stage 0 leaves the model alone.
 
     Stage 1 and 2 keep parameters unsharded between forward and backward
-    (``reshard_after_forward=False``); stage 3 reshards them.
+    (``reshard_after_forward=False``); stage 3 reshards them. With ``param_dtype`` bf16/fp16
+    the blocks (``block_types``) all-gather their weights in that dtype: FSDP casts each
+    fp32 shard before the all-gather (half the bytes, no per-use autocast cast) and copies
+    the blocks' low-precision gradients into an fp32 reduce-scatter. The root (embeddings,
+    final norm, output layer) keeps fp32, so the residual stream and its gradients do too.
     """
     if stage == 0:
         return model
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if stage == 1:
         logger.info("> --zero-stage 1 runs as stage 2: FSDP2 has no optimizer-only sharding")
     reshard = stage == 3
+    block_kwargs = {}
+    if param_dtype in (torch.bfloat16, torch.float16):
+        block_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+        logger.info("> ZeRO: transformer layers all-gather their weights in %s", param_dtype)
+    elif param_dtype not in (None, torch.float32):
+        raise ValueError(f"param_dtype {param_dtype}: expected bfloat16, float16 or float32")
     for module in model.modules():
         if isinstance(module, block_types):
-            fully_shard(module, mesh=state.sdp_mesh, reshard_after_forward=reshard)
+            fully_shard(module, mesh=state.sdp_mesh, reshard_after_forward=reshard, **block_kwargs)
     fully_shard(model, mesh=state.sdp_mesh, reshard_after_forward=reshard)
     gloo = dist.get_backend(state.sdp_group) == "gloo"
     for module in model.modules():

@@ -9,12 +9,17 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
 * Parameters are fp32 (``ModelConfig.from_args``); ``--bf16/--fp16`` run under autocast,
   whose cast cache keeps a low-precision copy of every linear weight used in forward (saved
   for backward; with full recompute only until forward ends, then one group at a time).
+  Under ZeRO the transformer layers' weights are all-gathered in the compute dtype instead
+  (FSDP2 ``MixedPrecisionPolicy``; ``--fp32-param-gather`` keeps fp32): no autocast copies
+  of them, and a layer's backward holds its low-precision gradients until FSDP2 copies them
+  into its fp32 reduce-scatter buffer. The root module (embeddings, final norm, output
+  layer) stays fp32, so the output layer's autocast copy remains.
 * The residual stream is fp32; each norm keeps its fp32 input and statistics; every linear
   keeps its (compute-dtype) input; local attention keeps q, k, v, the output and the fp32
   log-sum-exp (``sdpa``/``triton``) or the ``[b, h/p, s, s]`` fp32 probabilities (``classic``).
 * Under SP the saved q/k/v are the all-to-all's receive buffer (K/V heads replicated up to
   ``p`` when fewer), and the context is copied once more on its way back to ``[s/p, b, h]``.
-* ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered fp32 weights
+* ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered weights
   from forward to backward; stage 3 holds the root module (embeddings, final norm) plus
   about two layers unsharded. AdamW keeps two fp32 states (and a step scalar) per tensor.
 * The chunked loss keeps the fp32 final hidden states; its transient is one chunk's logits.
@@ -37,8 +42,10 @@ MISC_BYTES_PER_TOKEN = 16  # labels copy and per-token losses (int64 / fp32)
 class RunSetup:
     """How the model is trained: GPUs, SP degree, micro-batch, ZeRO stage, precision.
 
-    ``device="cpu"`` switches the two details that differ on CPU (dropout masks have the
-    input's dtype instead of bool; RMSNorm is composed of ops that keep ``x * rstd``)."""
+    ``device="cpu"`` switches the details that differ on CPU (dropout masks have the input's
+    dtype instead of bool; RMSNorm is composed of ops that keep ``x * rstd``; gloo's
+    reduce-scatter works on a full-size copy of its input).
+    ``fp32_param_gather`` is ``--fp32-param-gather`` (changes only ZeRO with bf16/fp16)."""
 
     num_gpus: int = 1
     sp: int = 1
@@ -46,6 +53,7 @@ class RunSetup:
     zero_stage: int = 0
     precision: str = "bf16"
     device: str = "cuda"
+    fp32_param_gather: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -63,13 +71,23 @@ class RunSetup:
     def compute_bytes(self) -> int:
         return PRECISIONS[self.precision]
 
+    @property
+    def lowp_layer_params(self) -> bool:
+        """True when ZeRO all-gathers the transformer layers' weights in the compute dtype."""
+        return self.zero_stage > 0 and self.compute_bytes < 4 and not self.fp32_param_gather
+
+    @property
+    def layer_param_bytes(self) -> int:
+        """Bytes per element of a layer's unsharded weights and their gradients."""
+        return self.compute_bytes if self.lowp_layer_params else 4
+
 
 @dataclass
 class MemoryEstimate:
     """Peak per-GPU bytes by component, at the phase of the iteration where the sum peaks."""
 
     params: int  # fp32 master weights this GPU stores (all, or its ZeRO shard)
-    params_unsharded: int  # FSDP2 all-gathered fp32 weights alive at the peak (ZeRO 1-3)
+    params_unsharded: int  # FSDP2 all-gathered weights alive at the peak (ZeRO 1-3)
     params_lowp: int  # autocast bf16/fp16 weight copies alive at the peak
     grads: int  # fp32 gradients alive at the peak
     optimizer: int  # AdamW exp_avg + exp_avg_sq (+ step scalars)
@@ -256,8 +274,9 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
 
 def lowp_weight_bytes(config: ModelConfig, setup: RunSetup, layers: int | None = None) -> int:
     """Autocast's low-precision copies of the linear weights of ``layers`` layers (all by
-    default), which the linears save for backward. (Bias copies are not saved: ignored.)"""
-    if setup.compute_bytes == 4:
+    default), which the linears save for backward. (Bias copies are not saved: ignored.)
+    None when ZeRO gathers the layers' weights in the compute dtype: they are used as is."""
+    if setup.compute_bytes == 4 or setup.lowp_layer_params:
         return 0
     shapes = parameter_shapes(config)
     per_model = sum(
@@ -326,7 +345,9 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
         workspace = n * (a * x + 4 * hd)
     shapes = parameter_shapes(config)
     largest_linear = max(_numel(s) for name, s in shapes.items() if _is_linear(name))
-    weight_grad_tmp = a * largest_linear if a < 4 else 0
+    # Autocast over fp32 weights: a weight's low-precision gradient before its cast to fp32.
+    # (Weights gathered in the compute dtype take that gradient as their own, no cast.)
+    weight_grad_tmp = a * largest_linear if a < 4 and not setup.lowp_layer_params else 0
     # The residual-stream gradient (fp32) and, under autocast, its compute-dtype cast.
     stream = n * (4 * h + (a * h if a < 4 else 0))
     # FC1-output gradient (SwiGLU: the gate and up gradients). The FC2-input gradient
@@ -431,12 +452,14 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
     out_copy = output_weight_copy_bytes(config, setup) if config.loss_chunk_size <= 0 else 0
     n, h = _dims(config, setup)["n"], config.hidden_size
 
+    pb = setup.layer_param_bytes  # a layer's unsharded weights and gradients (root: fp32)
+
     def unsharded(layers_left: int) -> int:
         if zero == 0:
             return 0
         if zero == 3:
-            return 4 * (z["root"] + min(2, L) * z["per_layer"])
-        return 4 * (z["root"] + layers_left * z["per_layer"])
+            return 4 * z["root"] + pb * min(2, L) * z["per_layer"]
+        return 4 * z["root"] + pb * layers_left * z["per_layer"]
 
     base = {"params": z["params"], "optimizer": z["optimizer"]}
     zeros = dict.fromkeys(MemoryEstimate.COMPONENTS, 0)
@@ -466,20 +489,30 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
         common = {**zeros, **base, "params_unsharded": unsharded(L - done), "params_lowp": lowp}
         layer = L - done
         phases.append((f"backward of layer {layer} (MLP)", {
-            **common, "grads": grads + 4 * z["mlp_params"], "working": layer_bwd["mlp"],
+            **common, "grads": grads + pb * z["mlp_params"], "working": layer_bwd["mlp"],
             "activations": saved + act["shared"],
         }))  # fmt: skip
         phases.append((f"backward of layer {layer} (attention)", {
-            **common, "grads": grads + 4 * z["per_layer"],
+            **common, "grads": grads + pb * z["per_layer"],
             "activations": saved + act["shared"] - mlp_saved,
             "attention_workspace": layer_bwd["attention_workspace"],
             "all_to_all": layer_bwd["all_to_all"], "working": layer_bwd["attention_other"],
         }))  # fmt: skip
-        if zero > 0:  # FSDP2 copies the layer's gradients into a reduce-scatter buffer
+        if zero > 0:
+            # FSDP2 reshards the layer (stages 1/2: one layer fewer unsharded), then copies its
+            # gradients into an fp32 reduce-scatter buffer and frees them; the reduce-scatter
+            # writes an fp32 shard, on gloo (CPU) through a full-size copy of the buffer.
+            rs = {**common, "activations": saved + act["shared"] - act["per_layer"]}
+            if zero < 3:
+                rs["params_unsharded"] = unsharded(L - done - 1)
             phases.append((f"gradient reduce-scatter of layer {layer}", {
-                **common, "grads": grads + 8 * z["per_layer"],
-                "activations": saved + act["shared"] - act["per_layer"],
+                **rs, "grads": grads + (pb + 4) * z["per_layer"],
             }))  # fmt: skip
+            if setup.device == "cpu":
+                phases.append((f"gradient reduce-scatter of layer {layer} (gloo)", {
+                    **rs, "grads": grads + 4 * (z["per_layer"] + z["layer_local"]),
+                    "working": 4 * z["per_layer"],
+                }))  # fmt: skip
     # Optimizer step: all gradients; foreach AdamW (CPU) makes fp32 temporaries, fused doesn't.
     fused = setup.device == "cuda"
     step_tmp = 0 if fused else 4 * z["local"]

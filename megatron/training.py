@@ -77,6 +77,14 @@ def autocast_context(args: argparse.Namespace):
     return torch.autocast(device_type=args.device_obj.type, dtype=args.params_dtype)
 
 
+def zero_param_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The dtype ZeRO all-gathers the transformer layers' weights in: the compute dtype under
+    --bf16/--fp16 (unless --fp32-param-gather), else None (fp32, as stored)."""
+    if args.params_dtype == torch.float32 or args.fp32_param_gather:
+        return None
+    return args.params_dtype
+
+
 def compute_train_iters(args: argparse.Namespace, calculator) -> int:
     """Iterations implied by --train-iters, --train-samples or --train-tokens."""
     if args.train_iters is not None:
@@ -274,7 +282,9 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     model = model_provider(pre_process=True, post_process=True).to(device)
     from megatron.model import ParallelTransformerLayer
 
-    model = shard_model_for_zero(model, args.zero_stage, state, (ParallelTransformerLayer,))
+    model = shard_model_for_zero(
+        model, args.zero_stage, state, (ParallelTransformerLayer,), zero_param_dtype(args)
+    )
     optimizer = get_megatron_optimizer(model, args)
     scheduler = get_optimizer_param_scheduler(optimizer, args)
     scaler = build_grad_scaler(args)

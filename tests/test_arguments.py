@@ -156,6 +156,17 @@ ERRORS = [
         "--checkpoint-in-cpu moves the inputs of fully recomputed layers to host memory; "
         "add --checkpoint-activations",
     ),
+    (
+        TINY + " --bf16 --fp32-param-gather",
+        1,
+        "--fp32-param-gather changes only --zero-stage 1/2/3 runs with --bf16 or --fp16 "
+        "(here: --zero-stage 0, bfloat16)",
+    ),
+    (
+        TINY + " --zero-stage 1 --fp32-param-gather",
+        1,
+        "(here: --zero-stage 1, float32)",
+    ),
 ]
 
 
@@ -203,3 +214,12 @@ def test_launcher_environments(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert launch_env() == (3, 4, 3)
+
+
+def test_zero_param_dtype():
+    from megatron.training import zero_param_dtype
+
+    assert zero_param_dtype(args_for(TINY + " --bf16 --zero-stage 1")) == torch.bfloat16
+    assert zero_param_dtype(args_for(TINY + " --fp16 --zero-stage 3")) == torch.float16
+    assert zero_param_dtype(args_for(TINY + " --bf16 --zero-stage 1 --fp32-param-gather")) is None
+    assert zero_param_dtype(args_for(TINY + " --zero-stage 1")) is None

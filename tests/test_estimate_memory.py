@@ -177,8 +177,11 @@ def test_peak_matches_measurement(name):
     assert 0.95 * peak <= est.total <= 1.15 * peak, (est.total, peak, est.peak_phase)
 
 
-def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool):
-    """On each of 2 gloo ranks: measured vs predicted saved bytes, params, optimizer, peak."""
+def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool, fp32_gather: bool = False):
+    """On each of 2 gloo ranks: measured vs predicted saved bytes, params, optimizer, peak.
+
+    The saved bytes are measured on the unsharded model (ZeRO 0); the peak on the sharded one,
+    whose layers all-gather bf16 weights under bf16 unless ``fp32_gather``."""
     from megatron.core import parallel_state
     from megatron.distributed import shard_model_for_zero
     from megatron.model import ParallelTransformerLayer
@@ -188,8 +191,10 @@ def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool):
     group = state.sp_group if sp > 1 else None
     saved = measure_saved(config, bf16, sp_group=group, rank=state.sp_rank, world=sp)
 
+    param_dtype = torch.bfloat16 if bf16 and not fp32_gather else None
+
     def shard(model):
-        return shard_model_for_zero(model, zero, state, (ParallelTransformerLayer,))
+        return shard_model_for_zero(model, zero, state, (ParallelTransformerLayer,), param_dtype)
 
     peak, model, opt = measure_iteration(config, bf16, 2, shard, group, state.sp_rank)
 
@@ -200,10 +205,10 @@ def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool):
     states = sum(
         local(v).numel() * v.element_size() for st in opt.state.values() for v in st.values()
     )
-    setup = _setup(bf16, 2, num_gpus=2, sp=sp, zero_stage=zero)
+    setup = _setup(bf16, 2, num_gpus=2, sp=sp, zero_stage=zero, fp32_param_gather=fp32_gather)
     est = mm.estimate_memory(config, setup)
     return {
-        "saved": (saved, predicted_saved(config, setup)),
+        "saved": (saved, predicted_saved(config, dataclasses.replace(setup, zero_stage=0))),
         "params": (params, est.params),
         "optimizer": (states, est.optimizer),
         "peak": (peak, est.total),
@@ -212,6 +217,10 @@ def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool):
 
 TWO_RANK = [
     ({"attention_backend": "sdpa"}, 0, 2, False),
+    # bf16 under ZeRO: layers gathered in bf16 (the default), then in fp32 as before.
+    ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True),
+    ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True, True),
+    ({**LLAMA, "num_layers": 4, "attention_backend": "sdpa", "loss_chunk_size": 32}, 3, 1, True),
     ({**LLAMA, "num_key_value_heads": 1, "attention_backend": "sdpa"}, 0, 2, True),
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, False),
     ({"num_layers": 4, "attention_backend": "sdpa", "loss_chunk_size": 32}, 3, 1, False),
@@ -228,9 +237,10 @@ def test_sp_and_zero_on_two_ranks():
     from dist_helper import get_world
 
     world = get_world(2)
-    for overrides, zero, sp, bf16 in TWO_RANK:
-        for rank, res in enumerate(world.run(_two_rank_case, overrides, zero, sp, bf16)):
-            where = f"{overrides} ZeRO {zero} SP {sp} bf16={bf16} rank {rank}"
+    for overrides, zero, sp, bf16, *fp32_gather in TWO_RANK:
+        results = world.run(_two_rank_case, overrides, zero, sp, bf16, *fp32_gather)
+        for rank, res in enumerate(results):
+            where = f"{overrides} ZeRO {zero} SP {sp} bf16={bf16} {fp32_gather} rank {rank}"
             measured, predicted = res["saved"]
             assert predicted == pytest.approx(measured, rel=0.10), (where, res)
             # FSDP2 pads dim 0 to a multiple of the world: the prediction is rank 0's size.
@@ -241,6 +251,26 @@ def test_sp_and_zero_on_two_ranks():
                 assert res["optimizer"][0] == res["optimizer"][1], (where, res)
             peak, est = res["peak"]
             assert 0.95 * peak <= est <= 1.15 * peak, (where, res)
+
+
+def test_bf16_layer_gather_halves_unsharded_layers():
+    """ZeRO + bf16: layers' unsharded weights take 2 bytes and have no autocast copies; the
+    root stays fp32 and keeps its output-layer copy; --fp32-param-gather is the old model."""
+    config = tiny_config(num_layers=4, attention_backend="sdpa", loss_chunk_size=0)
+    lowp = mm.RunSetup(num_gpus=2, zero_stage=1)
+    fp32 = dataclasses.replace(lowp, fp32_param_gather=True)
+    assert lowp.lowp_layer_params and not fp32.lowp_layer_params
+    assert not dataclasses.replace(lowp, zero_stage=0).lowp_layer_params
+    assert not dataclasses.replace(lowp, precision="fp32").lowp_layer_params
+    assert mm.lowp_weight_bytes(config, lowp) == 0 < mm.lowp_weight_bytes(config, fp32)
+    out_copy = mm.output_weight_copy_bytes(config, lowp)
+    assert mm.lowp_saved_bytes(config, lowp) == out_copy > 0
+    z = mm._zero_bytes(config, lowp)
+    a, b = mm.estimate_memory(config, lowp), mm.estimate_memory(config, fp32)
+    assert b.details["phases"]["end of forward (loss)"] - a.details["phases"][
+        "end of forward (loss)"
+    ] == 2 * 4 * z["per_layer"] + mm.lowp_weight_bytes(config, fp32)
+    assert a.total < b.total
 
 
 def test_more_sp_less_memory_and_find_min_sp():

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from dist_helper import get_world
 from train_utils import run_many
 
@@ -18,6 +19,13 @@ WORLD2 = [
     "--ds-sequence-parallel-size 2 --zero-stage 3 --torch-compile --checkpoint-activations",
     "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations --checkpoint-in-cpu",
 ]
+# bf16: ZeRO gathers the layers' weights in bf16 (default) or fp32 (--fp32-param-gather).
+WORLD2_BF16 = [
+    "--bf16",
+    "--bf16 --zero-stage 1",
+    "--bf16 --zero-stage 1 --fp32-param-gather",
+    "--bf16 --ds-sequence-parallel-size 2 --zero-stage 3",
+]
 WORLD4 = [
     "--ds-sequence-parallel-size 2",
     "--ds-sequence-parallel-size 2 --zero-stage 3",
@@ -30,6 +38,7 @@ def losses():
     out = {}
     out[1] = get_world(1).run(run_many, WORLD1)[0]
     out[2] = get_world(2).run(run_many, WORLD2)
+    out["bf16"] = get_world(2).run(run_many, WORLD2_BF16)
     out[4] = get_world(4).run(run_many, WORLD4)
     return out
 
@@ -58,3 +67,68 @@ def test_world2_matches_world1(losses, i):
 def test_world4_matches_world1(losses, i):
     for rank_losses in losses[4]:
         assert_same_losses(rank_losses[i], losses[1][0])
+
+
+def test_bf16_zero_matches_zero0(losses):
+    """Gathering bf16 layer weights rounds only what autocast did not already round (the
+    norms' weights, their gradients): a bf16-level difference. The fp32 gather is the old
+    path: the same as ZeRO 0 up to the order of the gradient sums."""
+    for ref, bf16_gather, fp32_gather, zero3 in losses["bf16"]:
+        assert len(ref) == 10 and all(math.isfinite(x) for x in ref)
+        for a, b in zip(fp32_gather, ref):
+            assert math.isclose(a, b, rel_tol=1e-4), (fp32_gather, ref)
+        for run in (bf16_gather, zero3):
+            assert run[0] == pytest.approx(ref[0], rel=1e-6), (run, ref)
+            for a, b in zip(run, ref):
+                assert math.isclose(a, b, rel_tol=1e-3), (run, ref)
+
+
+def _zero_dtypes(zero: int, param_dtype) -> dict:
+    """ZeRO ``zero`` under bf16 autocast: the dtypes the layers compute with, of the stored
+    parameters and of their gradients, after one forward and backward."""
+    from model_utils import make_batch, slice_batch, tiny_config
+    from torch.distributed.tensor import DTensor
+
+    from megatron.core import parallel_state
+    from megatron.distributed import shard_model_for_zero
+    from megatron.model import GPTModel, ParallelTransformerLayer
+
+    state = parallel_state.initialize_model_parallel(device_type="cpu")
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(attention_backend="sdpa"))
+    shard_model_for_zero(model, zero, state, (ParallelTransformerLayer,), param_dtype)
+    seen: dict[str, set] = {"layers": set(), "root": set()}
+
+    def record(where):
+        return lambda module, inputs, output: seen[where].update(
+            p.dtype for p in module.parameters(recurse=False)
+        )
+
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_hook(record("layers" if ".layers." in name else "root"))
+    batch = slice_batch(make_batch(2, 0, seq=64), state.dp_rank, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(batch["tokens"], batch["position_ids"], labels=batch["labels"]).sum()
+    loss.backward()
+    params = list(model.parameters())
+    return {
+        **{k: sorted(map(str, v)) for k, v in seen.items()},
+        "sharded": all(isinstance(p, DTensor) for p in params),
+        "params": sorted({str(p.dtype) for p in params}),
+        "grads": sorted({str(p.grad.dtype) for p in params if p.grad is not None}),
+        "grads_sharded": all(isinstance(p.grad, DTensor) for p in params),
+    }
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_zero_gathers_layers_in_bf16(zero):
+    world = get_world(2)
+    bf16 = torch.bfloat16
+    for rank_result in world.run(_zero_dtypes, zero, bf16):
+        assert rank_result == {
+            "layers": ["torch.bfloat16"], "root": ["torch.float32"], "sharded": True,
+            "params": ["torch.float32"], "grads": ["torch.float32"], "grads_sharded": True,
+        }  # fmt: skip
+    for rank_result in world.run(_zero_dtypes, zero, None):  # --fp32-param-gather
+        assert rank_result["layers"] == ["torch.float32"] == rank_result["grads"]

@@ -34,7 +34,7 @@ from megatron.memory_model import (  # noqa: E402
 
 LABELS = {
     "params": "parameters (fp32 master)",
-    "params_unsharded": "parameters (ZeRO all-gathered fp32)",
+    "params_unsharded": "parameters (ZeRO all-gathered)",
     "params_lowp": "parameters (autocast low-precision copies)",
     "grads": "gradients (fp32)",
     "optimizer": "optimizer (AdamW 2 x fp32)",
@@ -106,6 +106,7 @@ def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup
         zero_stage=args.zero_stage,
         precision=precision,
         device="cpu" if args.device == "cpu" else "cuda",
+        fp32_param_gather=args.fp32_param_gather,
     )
 
 
