@@ -64,6 +64,8 @@ def get_batch(data_iterator):
         batch["doc_ids"] = doc_ids
     batch = slice_batch_for_sequence_parallel(batch, state.sp_rank, state.dims.sp)
     device = args.device_obj
+    if device.type == "cuda":  # from pageable memory a non_blocking copy may sync the stream
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -2,8 +2,12 @@
 
 Runs ``pretrain_gpt.py``'s own machinery in-process: ``initialize_megatron`` on a built
 argument list, the same model provider, ZeRO sharding, optimizer, scheduler and
-``megatron.training.train_step``; random tokens stand in for data. After ``--warmup``
-iterations, ``--iters`` are timed (CUDA events, a barrier before each). Reported: tokens/s
+``megatron.training.train_step_async``; random tokens stand in for data. After ``--warmup``
+iterations, ``--iters`` are timed. By default they run as the training loop runs them: each
+step's values are read (and the LR scheduler stepped) during the next step, just before its
+optimizer step, so the CPU runs ahead; CUDA events around each call time it back to back.
+``--sync-every-step`` reads every step at its end instead and times each after a barrier and
+a host sync (the timing before deferred reads). Reported: tokens/s
 per GPU, model TFLOP/s per GPU and MFU (``model_flops_per_token`` x tokens / time / 989e12
 per GPU; recomputation not counted), ``torch.cuda.max_memory_allocated`` (max over ranks)
 next to ``megatron.memory_model``'s prediction, and with ``--profile`` a kernel-time
@@ -42,6 +46,7 @@ from common import (
 )
 
 from megatron.memory_tracker import LiveBytes  # noqa: E402  (common put the repo on sys.path)
+from megatron.step_result import PendingStep  # noqa: E402
 
 GIB = 2**30
 
@@ -80,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp32-param-gather",
         action="store_true",
         help="model flag: ZeRO gathers fp32 layer weights (autocast casts them per use)",
+    )
+    p.add_argument(
+        "--sync-every-step",
+        action="store_true",
+        help="read each step's values at its end and time it after a barrier (old timing); "
+        "default: read during the next step, as the training loop does, timed back to back",
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -202,7 +213,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
     from megatron.optimizer.optimizer import get_megatron_optimizer
     from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
-    from megatron.training import train_step, zero_param_dtype
+    from megatron.training import train_step_async, zero_param_dtype
 
     parallel_state.destroy_model_parallel()
     pretrain_gpt._TOKENIZER = None
@@ -227,21 +238,33 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         )
         data = mock_batches(args.vocab_size, margs.micro_batch_size, seq, seed=state.dp_rank)
         step_no = [0]
+        pending: list[PendingStep] = []  # the launched step not yet read (at most one)
+
+        def finish() -> None:
+            """Read the pending step; the scheduler steps as in the training loop."""
+            while pending:
+                _, _, skipped = pending.pop().read()
+                if not skipped:
+                    scheduler.step(increment=margs.global_batch_size)
 
         def step() -> None:
             step_no[0] += 1
-            train_step(
-                pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler, margs, 1,
-                step_no[0],
+            pending.append(
+                train_step_async(
+                    pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler, margs,
+                    1, step_no[0], before_optimizer_step=finish,
+                )
             )  # fmt: skip
-            scheduler.step(increment=margs.global_batch_size)
+            if args.sync_every_step:
+                finish()
 
         model.train()
         time_ms(step, device, args.warmup, 0)  # warm-up; the peak below is steady state
         reset_peak_memory(device)
         if tracker is not None:
             tracker.reset_peak()
-        times = time_ms(step, device, 0, args.iters)
+        times = time_ms(step, device, 0, args.iters, back_to_back=not args.sync_every_step)
+        finish()
         peak = peak_memory_bytes(device) if tracker is None else tracker.peak
     peak = max_over_ranks(float(peak), device)
     trace = None
@@ -251,6 +274,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         tag += "_fp32gather" if margs.fp32_param_gather else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
+    finish()
     ms = max_over_ranks(median(times), device)
     setup = RunSetup(
         num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
@@ -265,7 +289,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
-        "position_embedding_type": args.position_embedding_type, "ms_per_iter": ms,
+        "position_embedding_type": args.position_embedding_type,
+        "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens,
         "tokens_per_s_per_gpu": tokens / (ms / 1000.0) / world,
         "tflops_per_gpu": flops / (ms / 1000.0) / world / 1e12,
@@ -370,13 +395,13 @@ def report(results: list[dict], title: str) -> None:
     rows = [
         [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
-         "yes" if r["fp32_param_gather"] else "no", r["ms_per_iter"],
+         "yes" if r["fp32_param_gather"] else "no", r["host_sync"], r["ms_per_iter"],
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"]]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "host sync", "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:
@@ -419,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             f"> seq {seq}, SP {sp}, DP {world // sp}, ZeRO {variant.zero_stage}, recompute "
             f"{variant.recompute}, overlap chunks {variant.sp_overlap_chunks}, attention "
             f"{variant.attention}, compile {variant.torch_compile}: {args.warmup} warm-up + "
-            f"{args.iters} timed"
+            f"{args.iters} timed, host sync "
+            f"{'every step' if args.sync_every_step else 'deferred (back to back)'}"
         )
         try:
             results.append(run_config(variant, seq, sp, world, device))

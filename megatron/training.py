@@ -35,9 +35,14 @@ from megatron.microbatches import build_num_microbatches_calculator
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.optimizer import get_megatron_optimizer
 from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
+from megatron.step_result import PendingStep, StepValues
 from megatron.training_log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
 
 logger = logging.getLogger("megatron")
+
+# Finish a step's host bookkeeping during the next step (False: at the end of its own
+# iteration, as before). Tests switch it off to check that both give the same run.
+DEFER_STEP_SYNC = True
 
 
 @dataclass
@@ -142,18 +147,25 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def train_step(
-    forward_step_func,
+def train_step_async(
+    forward_step_func: Callable,
     data_iterator,
-    model,
-    optimizer,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     scheduler,
     scaler,
-    args,
+    args: argparse.Namespace,
     num_micro: int,
     iteration: int,
-):
-    """One optimizer step over ``num_micro`` micro-batches; returns (losses, grad_norm, skipped)."""
+    before_optimizer_step: Callable[[], None] | None = None,
+) -> PendingStep:
+    """Launch one optimizer step over ``num_micro`` micro-batches without waiting for the GPU.
+
+    Returns a ``PendingStep`` whose ``read()`` gives (losses, grad_norm, skipped).
+    ``before_optimizer_step`` runs exactly once, right before the optimizer step is launched
+    (or skipped): the training loop finishes the previous step's host bookkeeping there (the
+    LR scheduler's step), so this step's update uses the same LR as with an immediate read.
+    """
     state = get_parallel_state()
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
@@ -168,19 +180,24 @@ def train_step(
     fault_injection.maybe_poison_grads(model, iteration)
     names = sorted(totals)
     device_flags: list[torch.Tensor] = []  # [grad norm, found_inf], read with the losses
+    known: tuple[float | None, bool] | None = None
     if args.fp16:  # the dynamic scaler needs to know now whether the gradients overflowed
         found_inf = any_nonfinite(model, 1.0 / scaler.scale, args.device_obj)
         scaler.update(found_inf)
-        grad_norm = None
+        grad_norm = None if found_inf else clip_grad_norm(model, args.clip_grad)
+        if before_optimizer_step is not None:
+            before_optimizer_step()
         if not found_inf:
-            grad_norm = clip_grad_norm(model, args.clip_grad)
             optimizer.step()
+        known = (grad_norm, found_inf)
     else:
         # bf16/fp32: the step is skipped when the norm is not finite. A fused AdamW skips on
         # the GPU (its found_inf argument), so the whole step is launched without waiting for
-        # the GPU; the one host sync below reads the norm and the losses together.
+        # the GPU; the caller reads the norm and the losses together, later (PendingStep).
         norm = grad_norm_and_clip(model, args.clip_grad).float().reshape(())
         found = (~torch.isfinite(norm)).float()
+        if before_optimizer_step is not None:
+            before_optimizer_step()
         if skips_on_device(optimizer):
             optimizer.found_inf = found
             try:
@@ -196,12 +213,26 @@ def train_step(
         stacked = torch.stack(reported)
         dist.all_reduce(stacked, group=state.dp_group)
         reported = list(stacked / state.dims.dp)
-    values = torch.stack(reported + device_flags).tolist() if reported or device_flags else []
-    losses = dict(zip(names, values))  # the line above is the host sync
-    if device_flags:
-        found_inf = values[-1] > 0
-        grad_norm = None if found_inf else values[-2]
-    return losses, grad_norm, found_inf
+    values = torch.stack(reported + device_flags) if reported or device_flags else None
+    return PendingStep(iteration, names, values, known)
+
+
+def train_step(
+    forward_step_func: Callable,
+    data_iterator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler,
+    args: argparse.Namespace,
+    num_micro: int,
+    iteration: int,
+) -> StepValues:
+    """One optimizer step over ``num_micro`` micro-batches; returns (losses, grad_norm, skipped)."""
+    return train_step_async(
+        forward_step_func, data_iterator, model, optimizer, scheduler, scaler, args, num_micro,
+        iteration,
+    ).read()  # fmt: skip
 
 
 @torch.no_grad()
@@ -302,6 +333,13 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
 
     flops_per_token = model_flops_per_token(model.config, args.seq_length)
     history: list[float] = []
+    unfinished: list[tuple[PendingStep, int]] = []  # at most one launched step (and its gbs)
+
+    def finish() -> None:
+        """Host bookkeeping of the step still unfinished, if any (waits for its values)."""
+        while unfinished:
+            finalize_step(*unfinished.pop(), ts, scheduler, args, history)
+
     window_start, window_iters = time.time(), 0
     saved_at = -1
     model.train()
@@ -311,39 +349,32 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         calculator.update(ts.consumed_train_samples, True)
         num_micro = calculator.get()
         gbs = calculator.get_current_global_batch_size()
-        losses, grad_norm, skipped = train_step(
-            forward_step_func,
-            train_it,
-            model,
-            optimizer,
-            scheduler,
-            scaler,
-            args,
-            num_micro,
-            ts.iteration + 1,
-        )
+        # The previous step is finished inside, once this step's backward is launched and
+        # before its optimizer step: the CPU runs ahead while the GPU completes that step.
+        pending = train_step_async(
+            forward_step_func, train_it, model, optimizer, scheduler, scaler, args, num_micro,
+            ts.iteration + 1, before_optimizer_step=finish,
+        )  # fmt: skip
         fault_injection.maybe_kill(args.rank, ts.iteration + 1)
         ts.iteration += 1
         ts.consumed_train_samples += gbs
         ts.consumed_train_tokens += gbs * args.seq_length
-        if skipped:
-            ts.skipped_iters += 1
-            if not args.fp16:
-                ts.nan_iters += 1
-                ts.nan_iters_in_a_row += 1
-                if ts.nan_iters_in_a_row >= args.max_nan_iterations:
-                    raise UsageError(
-                        f"{ts.nan_iters_in_a_row} iterations in a row had a non-finite loss or gradient "
-                        f"(iteration {ts.iteration}); the weights were not updated. Lower --lr, check "
-                        "the data, or resume from the last checkpoint (--max-nan-iterations sets the limit)"
-                    )
-        else:
-            ts.nan_iters_in_a_row = 0
-            scheduler.step(increment=gbs)
-        history.append(losses.get("lm loss", float("nan")))
+        unfinished.append((pending, gbs))
         window_iters += 1
 
-        if ts.iteration % args.log_interval == 0:
+        log_now = ts.iteration % args.log_interval == 0
+        eval_now = bool(args.eval_interval) and valid_it is not None
+        eval_now = eval_now and ts.iteration % args.eval_interval == 0
+        save_now = bool(args.save and args.save_interval) and ts.iteration % args.save_interval == 0
+        exit_now = bool(args.exit_interval) and ts.iteration % args.exit_interval == 0
+        last = ts.iteration >= train_iters or (
+            args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens
+        )
+        if not DEFER_STEP_SYNC or log_now or eval_now or save_now or exit_now or last:
+            finish()
+
+        if log_now:
+            losses, grad_norm, _ = pending.read()
             elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
             log_training_iteration(
                 args, ts, tb, train_iters=train_iters, elapsed_ms=elapsed_ms, global_batch_size=gbs,
@@ -352,7 +383,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
             )  # fmt: skip
             window_start, window_iters = time.time(), 0
 
-        if args.eval_interval and valid_it is not None and ts.iteration % args.eval_interval == 0:
+        if eval_now:
             run_validation(
                 "validation",
                 forward_step_func,
@@ -364,7 +395,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
                 f"iteration {ts.iteration}",
             )
 
-        if args.save and args.save_interval and ts.iteration % args.save_interval == 0:
+        if save_now:
             checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
             saved_at = ts.iteration
         stop = handler is not None and _any_rank(handler.received, device)
@@ -372,15 +403,15 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
             stop = stop or _any_rank(
                 (time.time() - start) / 60.0 > args.exit_duration_in_mins, device
             )
-        if args.exit_interval and ts.iteration % args.exit_interval == 0:
-            stop = True
-        if stop:
+        if stop or exit_now:
+            finish()
             if args.save and saved_at != ts.iteration:
                 checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
             logger.info("> exiting at iteration %d", ts.iteration)
             tb.close()
             return history
 
+    finish()
     if args.save and saved_at != ts.iteration and ts.iteration > 0:
         checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
     if valid_it is not None and args.eval_iters:
@@ -407,6 +438,36 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         )
     tb.close()
     return history
+
+
+def finalize_step(
+    pending: PendingStep,
+    global_batch_size: int,
+    ts: TrainState,
+    scheduler,
+    args: argparse.Namespace,
+    history: list[float],
+) -> StepValues:
+    """Host bookkeeping of a launched step, once its values are read: skip and NaN counters
+    (``--max-nan-iterations``), the LR scheduler's step (only when the weights were updated)
+    and the loss history. Call exactly once per step, in iteration order."""
+    losses, grad_norm, skipped = pending.read()
+    if skipped:
+        ts.skipped_iters += 1
+        if not args.fp16:
+            ts.nan_iters += 1
+            ts.nan_iters_in_a_row += 1
+            if ts.nan_iters_in_a_row >= args.max_nan_iterations:
+                raise UsageError(
+                    f"{ts.nan_iters_in_a_row} iterations in a row had a non-finite loss or gradient "
+                    f"(iteration {pending.iteration}); the weights were not updated. Lower --lr, check "
+                    "the data, or resume from the last checkpoint (--max-nan-iterations sets the limit)"
+                )
+    else:
+        ts.nan_iters_in_a_row = 0
+        scheduler.step(increment=global_batch_size)
+    history.append(losses.get("lm loss", float("nan")))
+    return losses, grad_norm, skipped
 
 
 def log_training_iteration(

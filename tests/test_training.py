@@ -13,6 +13,7 @@ WORLD2 = [
     "",  # DP 2: one micro-batch each instead of two accumulated
     "--ds-sequence-parallel-size 2 --zero-stage 1",
     "--zero-stage 2",
+    "--zero-stage 2 --log-interval 4",  # most steps finished during the next one
     "--ds-sequence-parallel-size 2 --zero-stage 3",
     "--zero-stage 3 --checkpoint-activations",
     "--ds-sequence-parallel-size 2 --sp-overlap-chunks 2 --checkpoint-activations",

@@ -1,6 +1,7 @@
 """Logging, TensorBoard, non-finite gradients, launchers, signals and restarts."""
 
 import logging
+import math
 import os
 import re
 import signal
@@ -63,7 +64,37 @@ def _features(tmp):
         "--train-iters 6 --max-nan-iterations 2", {"MEGATRON_FAULT": "nan_grad@2-3"}
     )
     out["tokens"] = _run_captured("--train-iters 100 --train-tokens 1000")
+    for defer in (True, False):
+        out[f"defer={defer}"] = _run_recording_lr(
+            f"--train-iters 7 --log-interval 3 --save {tmp}/defer{defer} --save-interval 100",
+            {"MEGATRON_FAULT": "nan_grad@4-5"},
+            defer,
+        )
+        out[f"defer={defer} stop"] = _run_recording_lr(
+            "--train-iters 6 --log-interval 5 --max-nan-iterations 2",
+            {"MEGATRON_FAULT": "nan_grad@2-3"},
+            defer,
+        )
     return out
+
+
+def _run_recording_lr(extra, env, defer):
+    """``_run_captured`` with the step's host bookkeeping deferred (the default) or done at
+    once (``defer=False``); also returns the LR of every optimizer step as it was launched."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from megatron import training
+
+    lrs = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"])
+    )
+    training.DEFER_STEP_SYNC = defer
+    try:
+        return (*_run_captured(extra, env), lrs)
+    finally:
+        training.DEFER_STEP_SYNC = True
+        handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +157,54 @@ def test_repeated_nan_stops_with_a_clear_message(features):
 def test_train_tokens_stops_training(features):
     losses, code, _ = features[0]["tokens"]
     assert code == 0 and len(losses) == 4  # 4 iterations x 4 samples x 64 tokens >= 1000
+
+
+def test_deferred_step_sync_matches_immediate(features):
+    """Finishing a step's bookkeeping during the next step changes nothing: the same losses,
+    LR of every update, log lines (but their timings), counters and saved scheduler state."""
+    import json
+
+    out, tmp = features
+
+    def untimed(lines):  # the iteration lines without the timing-dependent fields
+        fields = (1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13)
+        return [m.group(*fields) for m in map(LINE.search, lines) if m]
+
+    deferred, immediate = out["defer=True"], out["defer=False"]
+    assert deferred[1] == immediate[1] == 0
+    assert len(deferred[0]) == 7 and deferred[0] == immediate[0]
+    assert all(map(math.isfinite, deferred[0])) and len(deferred[3]) == 7
+    assert deferred[3] == immediate[3]  # fused AdamW steps every iteration (skips on device)
+    logged = untimed(deferred[2])
+    assert [int(g[0]) for g in logged] == [3, 6] and logged == untimed(immediate[2])
+    assert logged[1][-2:] == ("2", "2")  # iterations 4 and 5 skipped, counted as NaN
+    metas = [
+        json.loads((tmp / f"defer{d}" / "iter_0000007" / "meta.json").read_text())
+        for d in (True, False)
+    ]
+    for key in ("train_state", "scheduler"):
+        assert metas[0][key] == metas[1][key], key
+    assert metas[0]["train_state"]["nan_iters"] == 2
+    for defer in (True, False):  # the 2nd NaN in a row (iteration 3) stops before step 4
+        losses, code, _, lrs = out[f"defer={defer} stop"]
+        assert code == 2 and losses is None and len(lrs) == 3, (defer, lrs)  # no 4th update
+
+
+def test_pending_step_reads_once():
+    import torch
+
+    from megatron.step_result import PendingStep
+
+    values = torch.tensor([2.5, 1.0, 0.0])  # [lm loss, grad norm, found_inf]
+    step = PendingStep(3, ["lm loss"], values)
+    assert step.read() == ({"lm loss": 2.5}, 1.0, False)
+    values.fill_(7.0)
+    assert step.read() == ({"lm loss": 2.5}, 1.0, False)  # cached
+    skipped = PendingStep(4, ["lm loss"], torch.tensor([2.0, float("nan"), 1.0]))
+    assert skipped.read() == ({"lm loss": 2.0}, None, True)
+    fp16 = PendingStep(5, ["lm loss"], torch.tensor([2.0]), known=(0.5, False))
+    assert fp16.read() == ({"lm loss": 2.0}, 0.5, False)
+    assert PendingStep(6, [], None, known=(None, True)).read() == ({}, None, True)
 
 
 def _free_port():
