@@ -76,11 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="several configurations in one process, comma-separated, e.g. "
-        "z1,z3-full,z1-ov2,z1-triton,z1-compile,z1-fp32gather (see sweep_variants)",
+        "z1,z3-full,z1-ov2,z1-triton,z1-compile,z1-fp32gather,z1-cefuse,z1-sync "
+        "(see sweep_variants)",
     )
     p.add_argument("--loss-chunk-size", type=int, default=2048)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and hidden dropout")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="model flag: the chunked loss's softmax work in one Triton pass per chunk",
+    )
     p.add_argument(
         "--fp32-param-gather",
         action="store_true",
@@ -133,8 +139,9 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
 
     An entry is tokens joined by ``-``: ``z0``..``z3`` (ZeRO stage), ``none``/``full``/
     ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
-    (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``);
-    unnamed settings keep their flag values.
+    (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
+    ``cefuse`` (``--cross-entropy-loss-fusion``), ``sync`` (``--sync-every-step``); unnamed
+    settings keep their flag values.
     """
     if not args.sweep:
         return [args]
@@ -150,6 +157,10 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.torch_compile = True
             elif token == "fp32gather":
                 variant.fp32_param_gather = True
+            elif token == "cefuse":
+                variant.cross_entropy_loss_fusion = True
+            elif token == "sync":
+                variant.sync_every_step = True
             elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
                 variant.zero_stage = int(token[1:])
             elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
@@ -192,6 +203,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out.append("--checkpoint-in-cpu")
     if args.fp32_param_gather and args.zero_stage > 0 and args.precision != "fp32":
         out.append("--fp32-param-gather")
+    if args.cross_entropy_loss_fusion:
+        out.append("--cross-entropy-loss-fusion")
     return [str(x) for x in out]
 
 
@@ -272,6 +285,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         tag = f"s{seq}_sp{sp}_z{margs.zero_stage}_{args.recompute}_{args.attention}"
         tag += f"_c{args.sp_overlap_chunks}" + ("_compile" if args.torch_compile else "")
         tag += "_fp32gather" if margs.fp32_param_gather else ""
+        tag += "_cefuse" if args.cross_entropy_loss_fusion else ""
+        tag += "_sync" if args.sync_every_step else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
     finish()
@@ -289,6 +304,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
+        "ce_fusion": args.cross_entropy_loss_fusion,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens,
@@ -395,13 +411,14 @@ def report(results: list[dict], title: str) -> None:
     rows = [
         [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
-         "yes" if r["fp32_param_gather"] else "no", r["host_sync"], r["ms_per_iter"],
+         "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
+         r["host_sync"], r["ms_per_iter"],
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"]]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "host sync", "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "host sync", "ms/iter", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:
@@ -411,7 +428,8 @@ def report(results: list[dict], title: str) -> None:
             prow = [[k, v, 100.0 * v / total] for k, v in cats.items()]
             log0(f"\nprofile, seq {r['seq_length']} SP {r['sp']} ZeRO {r['zero_stage']} recompute "
                  f"{r['recompute']} chunks {r['sp_overlap_chunks']} compile {r['torch_compile']} "
-                 f"(kernel time; collectives "
+                 f"fp32 gather {r['fp32_param_gather']} CE fused {r['ce_fusion']} host sync "
+                 f"{r['host_sync']} (kernel time; collectives "
                  f"overlap compute, so the sum can exceed the iteration):\n")  # fmt: skip
             log0(markdown_table(["category", "ms", "% of kernel time"], prow))
             log0(f"\nGPU busy with compute kernels {r['profile']['compute_busy_ms']:.1f} ms, "

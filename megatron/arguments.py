@@ -170,6 +170,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         default=2048,
         help="tokens per chunk of the output layer + cross entropy (0: unchunked)",
     )
+    g.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="the chunked loss's softmax, loss and logit gradient in one Triton pass per chunk "
+        "(CUDA; CPU runs it only under TRITON_INTERPRET=1, else the unfused path)",
+    )
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument(

@@ -306,8 +306,9 @@ def lowp_saved_bytes(config: ModelConfig, setup: RunSetup) -> int:
 def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int]:
     """(forward, backward) transient bytes of the output layer + cross entropy.
 
-    Chunked: one chunk's logits (compute dtype, an fp32 copy, a log-sum-exp temporary), the
-    weight's compute-dtype copy, and in backward the fp32 weight gradient and hidden gradient.
+    Chunked: one chunk's logits (compute dtype, an fp32 copy, a log-sum-exp temporary; with
+    ``cross_entropy_fusion`` the logits alone, their gradient written in place), the weight's
+    compute-dtype copy, and in backward the fp32 weight gradient and hidden gradient.
     Unchunked: the whole local sequence's logits in fp32 (and their gradient)."""
     g = _dims(config, setup)
     n, a, h = g["n"], g["a"], g["h"]
@@ -315,8 +316,14 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
     weight_copy = output_weight_copy_bytes(config, setup)
     if config.loss_chunk_size > 0:
         c = min(config.loss_chunk_size, n)
-        fwd = weight_copy + c * vocab * (a + (4 if a < 4 else 0) + 4) + c * h * a
         grad_w_tmp = (a + 4) * vocab * h if a < 4 else 0  # per-chunk (grad^T @ hidden).float()
+        # Fused (CUDA; on CPU the kernels run only in the Triton interpreter, so the model
+        # follows the unfused path there): logits only, gradient in place; the saved lse.
+        if config.cross_entropy_fusion and setup.device == "cuda":
+            fwd = weight_copy + c * vocab * a + c * h * a + 4 * n
+            bwd = weight_copy + 4 * vocab * h + 4 * n * h + c * vocab * a + grad_w_tmp + 4 * n
+            return fwd, bwd
+        fwd = weight_copy + c * vocab * (a + (4 if a < 4 else 0) + 4) + c * h * a
         bwd = weight_copy + 4 * vocab * h + 4 * n * h + c * vocab * (a + 4) + grad_w_tmp
         return fwd, bwd
     fwd = 4 * n * vocab  # the weight copy is held with the other autocast copies

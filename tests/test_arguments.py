@@ -167,6 +167,11 @@ ERRORS = [
         1,
         "(here: --zero-stage 1, float32)",
     ),
+    (
+        TINY + " --cross-entropy-loss-fusion --loss-chunk-size 0",
+        1,
+        "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0",
+    ),
 ]
 
 

@@ -18,7 +18,7 @@ from megatron.errors import UsageError
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss, model_flops_per_token
 from megatron.model import attention_backends as backends
 from megatron.model.flops import parameter_counts
-from megatron.model.loss import output_layer_cross_entropy
+from megatron.model.loss import can_fuse_cross_entropy, output_layer_cross_entropy
 from megatron.model.rotary import apply_rotary, rotary_cos_sin
 
 
@@ -320,9 +320,14 @@ def test_packed_documents_equal_separate_documents():
 # ---------------------------------------------------------------- loss
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_equals_plain(chunk, dtype):
+def test_chunked_loss_equals_plain(chunk, dtype, fused):
+    """Chunked (and with ``fused``, the Triton cross entropy: on CPU in the interpreter, whose
+    bf16 arithmetic is fine without ``tl.dot``) against the unchunked loss."""
+    if fused and not can_fuse_cross_entropy(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     torch.manual_seed(0)
     hidden = torch.randn(24, 3, 16, dtype=dtype, requires_grad=True)
     weight = torch.randn(40, 16, dtype=dtype, requires_grad=True)
@@ -330,7 +335,7 @@ def test_chunked_loss_equals_plain(chunk, dtype):
     upstream = torch.rand(3, 24)
     results = []
     for size in (0, chunk):
-        loss = output_layer_cross_entropy(hidden, weight, labels, size)
+        loss = output_layer_cross_entropy(hidden, weight, labels, size, fused=fused and size > 0)
         results.append((loss, *torch.autograd.grad((loss * upstream).sum(), [hidden, weight])))
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for got, want in zip(results[1], results[0]):
@@ -338,16 +343,52 @@ def test_chunked_loss_equals_plain(chunk, dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+def test_fused_cross_entropy_kernels_match_fp64():
+    """The Triton kernels alone (interpreter on CPU): vocab sizes below, at and above one
+    block, fp32 and fp16 logits; loss and in-place gradient against an fp64 reference."""
+    if not can_fuse_cross_entropy(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    from megatron.ops.cross_entropy_triton import (
+        BLOCK_V,
+        cross_entropy_backward_,
+        cross_entropy_forward,
+    )
+
+    gen = torch.Generator().manual_seed(5)
+    for dtype, vocab, tol in [
+        (torch.float32, 37, 1e-6),
+        (torch.float32, BLOCK_V + 3, 1e-6),
+        (torch.float16, 2 * BLOCK_V, 1e-3),
+    ]:
+        logits = (3 * torch.randn(3, vocab, generator=gen)).to(dtype)
+        labels = torch.randint(0, vocab, (3,), generator=gen)
+        grad = torch.randn(3, generator=gen)
+        ref = logits.double().requires_grad_()
+        ref_loss = F.cross_entropy(ref, labels, reduction="none")
+        ref_loss.backward(grad.double())
+        loss, lse = cross_entropy_forward(logits, labels)
+        torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-6, atol=1e-5)
+        out = cross_entropy_backward_(logits.clone(), labels, lse, grad)
+        assert out.dtype == dtype
+        err = (out.double() - ref.grad).norm() / ref.grad.norm()
+        assert err < tol, (dtype, vocab, err.item())
+
+
 def test_chunked_loss_in_the_model():
     batch = make_batch(2, seed=3)
     out = {}
-    for chunk in (0, 37):
-        model = _model(seed=2, loss_chunk_size=chunk, untie_embeddings_and_output_weights=True)
+    fusable = can_fuse_cross_entropy(torch.device("cpu"))
+    for chunk, fused in [(0, False), (37, False)] + ([(37, True)] if fusable else []):
+        model = _model(
+            seed=2, loss_chunk_size=chunk, untie_embeddings_and_output_weights=True,
+            cross_entropy_fusion=fused,
+        )  # fmt: skip
         loss = _forward_loss(model, batch)
         loss.backward()
-        out[chunk] = (loss.item(), _grads(model))
-    assert out[37][0] == pytest.approx(out[0][0], rel=1e-6)
-    _assert_grads_close(out[37][1], out[0][1])
+        out[chunk, fused] = (loss.item(), _grads(model))
+    for key in out:
+        assert out[key][0] == pytest.approx(out[0, False][0], rel=1e-6)
+        _assert_grads_close(out[key][1], out[0, False][1])
 
 
 def test_bf16_autocast_with_fp32_parameters():

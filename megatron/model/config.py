@@ -81,6 +81,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     attention_backend: str = "classic"  # classic | sdpa | triton
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
+    cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full only)
     recompute_num_layers: int | None = None
@@ -197,6 +198,7 @@ class ModelConfig:
             init_method_std=args.init_method_std,
             attention_backend=backend,
             loss_chunk_size=args.loss_chunk_size,
+            cross_entropy_fusion=args.cross_entropy_loss_fusion,
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,

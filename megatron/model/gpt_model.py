@@ -131,4 +131,10 @@ class GPTModel(torch.nn.Module):
         weight = self.output_weight()
         if labels is None:
             return F.linear(hidden_sbh, weight).transpose(0, 1)  # [b, s/p, V]
-        return output_layer_cross_entropy(hidden_sbh, weight, labels, self.config.loss_chunk_size)
+        return output_layer_cross_entropy(
+            hidden_sbh,
+            weight,
+            labels,
+            self.config.loss_chunk_size,
+            self.config.cross_entropy_fusion,
+        )
