@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 BLOCK_V = 4096  # vocabulary entries per step of a row's loop
-_FAR = -1.0e30  # stands in for -inf: masked lanes stay finite, so no inf - inf = nan
+_FAR: tl.constexpr = tl.constexpr(-1.0e30)  # for -inf: masked lanes stay finite (no inf - inf)
 
 
 # fmt: off
