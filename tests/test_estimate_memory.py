@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -63,19 +64,26 @@ def measure_iteration(config, bf16: bool, batch_size: int, shard=None, sp_group=
     world = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
     batch = slice_batch(make_batch(batch_size, 0, seq=config.seq_length), rank, world)
     mode = LiveBytes()
-    with mode:
-        model = GPTModel(config, sp_group=sp_group)
-        if shard is not None:
-            model = shard(model)
-        opt = torch.optim.AdamW(param_groups(model), lr=1e-3, foreach=True)
-        for it in range(2):
-            opt.zero_grad(set_to_none=True)
-            if it == 1:
-                mode.reset_peak()
-            with _autocast(bf16):
-                loss = _loss(model, batch)
-            loss.backward()
-            opt.step()
+    # Only reference counting frees tensors while measuring: a garbage collection at some
+    # allocation count would free a cycle's tensors earlier in one run than in another.
+    gc.collect()
+    gc.disable()
+    try:
+        with mode:
+            model = GPTModel(config, sp_group=sp_group)
+            if shard is not None:
+                model = shard(model)
+            opt = torch.optim.AdamW(param_groups(model), lr=1e-3, foreach=True)
+            for it in range(2):
+                opt.zero_grad(set_to_none=True)
+                if it == 1:
+                    mode.reset_peak()
+                with _autocast(bf16):
+                    loss = _loss(model, batch)
+                loss.backward()
+                opt.step()
+    finally:
+        gc.enable()
     return mode.peak, model, opt
 
 
@@ -250,7 +258,11 @@ def test_sp_and_zero_on_two_ranks():
                 assert res["params"][0] == res["params"][1], (where, res)
                 assert res["optimizer"][0] == res["optimizer"][1], (where, res)
             peak, est = res["peak"]
-            assert 0.95 * peak <= est <= 1.15 * peak, (where, res)
+            # The peak of a ZeRO case moved by up to 6% between identical runs, also with the
+            # garbage collector off; most likely when gloo's threads finish FSDP's collectives
+            # (and their buffers are freed) varies. The GPU runs stay within 1% of the model.
+            low = 0.95 if zero == 0 else 0.90
+            assert low * peak <= est <= 1.15 * peak, (where, res)
 
 
 def test_bf16_layer_gather_halves_unsharded_layers():
