@@ -217,22 +217,9 @@ def train_step_async(
     return PendingStep(iteration, names, values, known)
 
 
-def train_step(
-    forward_step_func: Callable,
-    data_iterator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler,
-    args: argparse.Namespace,
-    num_micro: int,
-    iteration: int,
-) -> StepValues:
-    """One optimizer step over ``num_micro`` micro-batches; returns (losses, grad_norm, skipped)."""
-    return train_step_async(
-        forward_step_func, data_iterator, model, optimizer, scheduler, scaler, args, num_micro,
-        iteration,
-    ).read()  # fmt: skip
+def train_step(*args, **kwargs) -> StepValues:
+    """``train_step_async`` (same arguments), read at once: (losses, grad_norm, skipped)."""
+    return train_step_async(*args, **kwargs).read()
 
 
 @torch.no_grad()
