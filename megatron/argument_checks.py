@@ -171,6 +171,11 @@ def _check_training(args: argparse.Namespace) -> None:
         )
     if args.loss_chunk_size < 0:
         raise UsageError(f"--loss-chunk-size {args.loss_chunk_size} must be >= 0")
+    if args.fused_residual_norm and args.torch_compile:
+        raise UsageError(
+            "--fused-residual-norm and --torch-compile: the compiled layer fuses its norms "
+            "itself; drop one"
+        )
     if args.cross_entropy_loss_fusion and args.loss_chunk_size == 0:
         raise UsageError(
             "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0 "

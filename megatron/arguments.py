@@ -171,6 +171,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         help="tokens per chunk of the output layer + cross entropy (0: unchunked)",
     )
     g.add_argument(
+        "--fused-residual-norm",
+        action="store_true",
+        help="each layer's attention residual add and post-attention norm in one Triton pass "
+        "each way (CUDA; CPU runs it only under TRITON_INTERPRET=1, else unfused)",
+    )
+    g.add_argument(
         "--cross-entropy-loss-fusion",
         action="store_true",
         help="the chunked loss's softmax, loss and logit gradient in one Triton pass per chunk "

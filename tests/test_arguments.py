@@ -168,6 +168,11 @@ ERRORS = [
         "(here: --zero-stage 1, float32)",
     ),
     (
+        TINY + " --fused-residual-norm --torch-compile",
+        1,
+        "--fused-residual-norm and --torch-compile: the compiled layer fuses its norms itself",
+    ),
+    (
         TINY + " --cross-entropy-loss-fusion --loss-chunk-size 0",
         1,
         "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -379,6 +380,7 @@ COMPILE_CE_KERNELS = """
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
+from megatron.ops import add_norm_triton as an
 from megatron.ops import cross_entropy_triton as ce
 
 for kernel, last in ((ce._ce_fwd_kernel, "LOSS"), (ce._ce_bwd_kernel, "GRAD")):
@@ -387,13 +389,28 @@ for kernel, last in ((ce._ce_fwd_kernel, "LOSS"), (ce._ce_bwd_kernel, "GRAD")):
                last: "*fp32", "V": "constexpr", "BLOCK": "constexpr"}
         src = ASTSource(fn=kernel, signature=sig, constexprs={"V": 50304, "BLOCK": 4096})
         assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
+rows = {"X": "*fp32", "Y": "*bf16", "W": "*bf16", "B": "*bf16", "R": "*fp32", "OUT": "*bf16",
+        "MEAN": "*fp32", "RSTD": "*fp32", "eps": "fp32"}
+for rms in (False, True):
+    consts = {"H": 2048, "BLOCK": 2048, "RMS": rms, "HAS_BIAS": not rms}
+    sig = {**rows, **dict.fromkeys(consts, "constexpr")}
+    src = ASTSource(fn=an._add_norm_fwd_kernel, signature=sig, constexprs=consts)
+    assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
+    consts = {"H": 2048, "BLOCK": 2048, "ROWS": 32, "RMS": rms, "HAS_BIAS": not rms,
+              "HAS_DR_IN": True, "SAME_DY": False}
+    sig = {"DOUT": "*bf16", "DR_IN": "*fp32", "R": "*fp32", "W": "*bf16", "MEAN": "*fp32",
+           "RSTD": "*fp32", "DX": "*fp32", "DY": "*bf16", "DW_PART": "*fp32",
+           "DB_PART": "*fp32", "n_rows": "i32", **dict.fromkeys(consts, "constexpr")}
+    src = ASTSource(fn=an._add_norm_bwd_kernel, signature=sig, constexprs=consts)
+    assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
 print("ok")
 """
 
 
-def test_cross_entropy_kernels_compile_for_hopper():
+def test_fused_kernels_compile_for_hopper():
     """The interpreter accepts what the compiler rejects (e.g. a plain global in a kernel):
-    compile the fused cross-entropy kernels for sm_90 (Triton's bundled ptxas, no GPU)."""
+    compile the fused cross-entropy and add + norm kernels for sm_90 (Triton's bundled ptxas,
+    no GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -402,6 +419,78 @@ def test_cross_entropy_kernels_compile_for_hopper():
         timeout=180,
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_fused_add_norm_matches_fp64(rms):
+    """``--fused-residual-norm``'s kernels (interpreter on CPU) against fp64: the residual, the
+    norm's output in a lower dtype, and the gradients of both inputs and the weights."""
+    if not can_fuse_cross_entropy(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    from megatron.ops.add_norm_triton import fused_add_norm
+
+    torch.manual_seed(4)
+    h = 96  # not a power of two: masked lanes
+    for y_dtype, w_dtype, out_dtype, tol in [
+        (torch.float32, torch.float32, torch.float32, 1e-6),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16, 1e-2),
+        (torch.float16, torch.float32, torch.float16, 1e-3),
+    ]:
+        norm = torch.nn.RMSNorm(h, eps=1e-5) if rms else torch.nn.LayerNorm(h, eps=1e-5)
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.copy_(torch.randn(h))
+        norm = norm.to(w_dtype)
+        x = torch.randn(5, 3, h, requires_grad=True)
+        y = torch.randn(5, 3, h).to(y_dtype).requires_grad_()
+        grad_r, grad_out = torch.randn(5, 3, h), torch.randn(5, 3, h).to(out_dtype)
+        r, out = fused_add_norm(x, y, norm, out_dtype)
+        assert (r.dtype, out.dtype) == (torch.float32, out_dtype)
+        torch.autograd.backward([r, out], [grad_r, grad_out])
+        params = list(norm.parameters())
+        ref_in = [t.detach().double().requires_grad_() for t in [x, y, *params]]
+        ref_r = ref_in[0] + ref_in[1]
+        bias = None if rms else ref_in[3]
+        ref_out = (
+            F.rms_norm(ref_r, (h,), ref_in[2], 1e-5)
+            if rms
+            else F.layer_norm(ref_r, (h,), ref_in[2], bias, 1e-5)
+        )
+        torch.autograd.backward([ref_r, ref_out], [grad_r.double(), grad_out.double()])
+        got = [r, out, x.grad, y.grad, *(p.grad for p in params)]
+        want = [ref_r, ref_out, *(t.grad for t in ref_in)]
+        for name, g, w in zip(["r", "out", "dx", "dy", "dw", "db"], got, want):
+            err = ((g.double() - w).norm() / w.norm()).item()
+            assert err < tol, (name, y_dtype, err)
+        assert y.grad.dtype == y_dtype and params[0].grad.dtype == w_dtype
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_fused_residual_norm_in_the_model(style):
+    """The layer with ``fused_residual_norm`` computes what the unfused one does, in fp32
+    and under bf16 autocast (where the norm's output goes straight to bf16; the Triton
+    interpreter rounds fp32 -> bf16 by truncation, GPUs and PyTorch to nearest even, hence
+    the looser bf16 tolerance here)."""
+    if not can_fuse_cross_entropy(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    batch = make_batch(2, seed=6)
+    extra = LLAMA if style == "llama" else {}
+    for autocast in (False, True):
+        out = {}
+        for fused in (False, True):
+            model = _model(seed=3, fused_residual_norm=fused, **extra)
+            ctx = (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if autocast
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                loss = _forward_loss(model, batch)
+            loss.backward()
+            out[fused] = (loss.item(), _grads(model))
+        rel = 1e-6 if not autocast else 1e-2
+        assert out[True][0] == pytest.approx(out[False][0], rel=rel)
+        _assert_grads_close(out[True][1], out[False][1], rtol=1e-5 if not autocast else 2e-2)
 
 
 def test_chunked_loss_in_the_model():

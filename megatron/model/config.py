@@ -82,6 +82,7 @@ class ModelConfig:
     attention_backend: str = "classic"  # classic | sdpa | triton
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
+    fused_residual_norm: bool = False  # attention residual add + post-attention norm (Triton)
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full only)
     recompute_num_layers: int | None = None
@@ -199,6 +200,7 @@ class ModelConfig:
             attention_backend=backend,
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
+            fused_residual_norm=args.fused_residual_norm,
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,

@@ -15,6 +15,10 @@ fp32 ``[s/p, b, h]`` inputs are most of what a fully recomputed model holds.
 Under SP the recomputed forward repeats the attention all-to-alls in backward; every rank
 runs the same graph in the same order, so the collectives match.
 
+``--fused-residual-norm`` computes the attention block's residual add and the post-attention
+norm in one Triton pass each way (:mod:`megatron.ops.add_norm_triton`), with the norm's
+output written in autocast's dtype; on CPU it runs only in the Triton interpreter (tests).
+
 ``--torch-compile`` compiles each layer's forward (norms, projections, activation, residual
 adds: fused pointwise work around the matmuls); the core attention stays eager (see
 ``ParallelAttention._attend``), so each layer compiles to two graphs shared by all layers.
@@ -58,6 +62,7 @@ class ParallelTransformerLayer(torch.nn.Module):
         self.self_attention = ParallelAttention(config, sp_group, device)
         self.post_attention_layernorm = build_norm(config, device)
         self.mlp = ParallelMLP(config, device)
+        self.fused_residual_norm = config.fused_residual_norm
         if config.torch_compile:
             # Instance attributes (set only here, so importing the model stays free of dynamo
             # and triton): the module's __call__ and FSDP's hooks stay eager, and so does the
@@ -70,9 +75,30 @@ class ParallelTransformerLayer(torch.nn.Module):
         self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         attn_out = self.self_attention(self.input_layernorm(hidden_sbh), rotary, doc_ids)
-        hidden_sbh = hidden_sbh + F.dropout(attn_out, self.hidden_dropout, self.training)
-        mlp_out = self.mlp(self.post_attention_layernorm(hidden_sbh))
+        attn_out = F.dropout(attn_out, self.hidden_dropout, self.training)
+        if self.fused_residual_norm and _can_fuse(hidden_sbh):
+            from megatron.ops.add_norm_triton import fused_add_norm
+
+            hidden_sbh, normed = fused_add_norm(
+                hidden_sbh, attn_out, self.post_attention_layernorm, _norm_out_dtype(hidden_sbh)
+            )
+        else:
+            hidden_sbh = hidden_sbh + attn_out
+            normed = self.post_attention_layernorm(hidden_sbh)
+        mlp_out = self.mlp(normed)
         return hidden_sbh + F.dropout(mlp_out, self.hidden_dropout, self.training)
+
+
+def _can_fuse(x: torch.Tensor) -> bool:
+    """The fused kernels run on CUDA, and on CPU only in the Triton interpreter (tests)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _norm_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the next linear computes in: autocast's dtype when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class ParallelTransformer(torch.nn.Module):

@@ -1,0 +1,144 @@
+"""Residual add + LayerNorm/RMSNorm in one Triton pass (``--fused-residual-norm``).
+
+Inside a transformer layer ``r = x + y`` (the fp32 residual stream plus the attention
+block's output) is followed by the post-attention norm, whose output autocast then casts for
+the MLP's first linear. Unfused that is an add, the norm and a cast in forward and, in
+backward, the cast's gradient, the norm's input and weight gradients and the residual
+gradient's accumulation: about twice the memory traffic of one fused pass each way.
+
+:func:`fused_add_norm` returns ``(r, norm(r))`` with ``norm(r)`` written directly in the
+requested dtype; the statistics are fp32 as in PyTorch's norms. Backward returns the same
+gradient for ``x`` (in its dtype) and ``y`` (in its), plus the weight/bias gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BWD_PROGRAMS = 256  # backward programs; each sums its rows' weight/bias gradients
+
+
+# fmt: off
+@triton.jit
+def _add_norm_fwd_kernel(X, Y, W, B, R, OUT, MEAN, RSTD, eps, H: tl.constexpr,
+                         BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    r = (tl.load(X + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(Y + row * H + offs, mask=mask, other=0.0).to(tl.float32))
+    tl.store(R + row * H + offs, r, mask=mask)
+    if RMS:
+        mean = tl.sum(r, axis=0) * 0.0
+        d = r
+    else:
+        mean = tl.sum(r, axis=0) / H
+        d = tl.where(mask, r - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / H + eps)
+    out = d * rstd * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * H + offs, out.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _add_norm_bwd_kernel(DOUT, DR_IN, R, W, MEAN, RSTD, DX, DY, DW_PART, DB_PART, n_rows,
+                         H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                         RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DR_IN: tl.constexpr,
+                         SAME_DY: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    db = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ROWS):
+        row = (pid * ROWS + i).to(tl.int64)
+        live = row < n_rows
+        rmask = mask & live
+        r = tl.load(R + row * H + offs, mask=rmask, other=0.0)
+        mean = tl.load(MEAN + row, mask=live, other=0.0)
+        rstd = tl.load(RSTD + row, mask=live, other=0.0)
+        xhat = tl.where(rmask, (r - mean) * rstd, 0.0)
+        dout = tl.load(DOUT + row * H + offs, mask=rmask, other=0.0).to(tl.float32)
+        g = dout * w
+        c2 = tl.sum(g * xhat, axis=0) / H
+        if RMS:
+            dr = (g - xhat * c2) * rstd
+        else:
+            dr = (g - tl.sum(g, axis=0) / H - xhat * c2) * rstd
+        if HAS_DR_IN:
+            dr += tl.load(DR_IN + row * H + offs, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(DX + row * H + offs, dr.to(DX.dtype.element_ty), mask=rmask)
+        if not SAME_DY:
+            tl.store(DY + row * H + offs, dr.to(DY.dtype.element_ty), mask=rmask)
+        dw += dout * xhat
+        db += dout
+    tl.store(DW_PART + pid * H + offs, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid * H + offs, db, mask=mask)
+# fmt: on
+
+
+class FusedAddNorm(torch.autograd.Function):
+    """``(x + y, norm(x + y))``; see the module docstring. Tensors are ``[..., H]``."""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+        h = x.shape[-1]
+        x2, y2 = x.reshape(-1, h).contiguous(), y.reshape(-1, h).contiguous()
+        n = x2.shape[0]
+        r = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
+        out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+        mean = torch.empty(n, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        if n:
+            _add_norm_fwd_kernel[(n,)](
+                x2, y2, weight, bias if bias is not None else weight, r, out, mean, rstd, eps,
+                H=h, BLOCK=triton.next_power_of_2(h), RMS=rms, HAS_BIAS=bias is not None,
+                num_warps=8,
+            )  # fmt: skip
+        ctx.save_for_backward(r, weight, bias, mean, rstd)
+        ctx.rms, ctx.x_dtype, ctx.y_dtype = rms, x.dtype, y.dtype
+        return r.view(x.shape), out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_r, grad_out):
+        r, weight, bias, mean, rstd = ctx.saved_tensors
+        n, h = r.shape
+        shape = grad_out.shape
+        dout = grad_out.reshape(n, h).contiguous()
+        dr_in = grad_r.reshape(n, h).contiguous() if grad_r is not None else None
+        dx = torch.empty((n, h), dtype=ctx.x_dtype, device=r.device)
+        same = ctx.y_dtype == ctx.x_dtype
+        dy = dx if same else torch.empty((n, h), dtype=ctx.y_dtype, device=r.device)
+        programs = max(1, min(n, BWD_PROGRAMS))
+        rows = triton.cdiv(n, programs)
+        dw_part = torch.empty((programs, h), dtype=torch.float32, device=r.device)
+        db_part = torch.empty_like(dw_part) if bias is not None else dw_part
+        if n:
+            _add_norm_bwd_kernel[(programs,)](
+                dout, dr_in if dr_in is not None else dout, r, weight, mean, rstd, dx, dy,
+                dw_part, db_part, n, H=h, BLOCK=triton.next_power_of_2(h), ROWS=rows,
+                RMS=ctx.rms, HAS_BIAS=bias is not None, HAS_DR_IN=dr_in is not None,
+                SAME_DY=same, num_warps=8,
+            )  # fmt: skip
+        dw = dw_part.sum(0).to(weight.dtype)
+        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return dx.view(shape), dy.view(shape), dw, db, None, None, None
+
+
+def fused_add_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: torch.nn.LayerNorm | torch.nn.RMSNorm,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + y, norm(x + y))`` in one pass each way; the norm's output in ``out_dtype``."""
+    rms = isinstance(norm, torch.nn.RMSNorm)
+    eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    return FusedAddNorm.apply(x, y, norm.weight, getattr(norm, "bias", None), eps, rms, out_dtype)
