@@ -76,12 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="several configurations in one process, comma-separated, e.g. "
-        "z1,z3-full,z1-ov2,z1-triton,z1-compile,z1-fp32gather,z1-cefuse,z1-sync "
+        "z1,z3-full,z1-ov2,z1-triton,z1-compile,z1-fp32gather,z1-cefuse,z1-fusednorm,z1-sync "
         "(see sweep_variants)",
     )
     p.add_argument("--loss-chunk-size", type=int, default=2048)
     p.add_argument("--dropout", type=float, default=0.0, help="attention and hidden dropout")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument(
+        "--fused-residual-norm",
+        action="store_true",
+        help="model flag: attention residual add + post-attention norm in one Triton pass",
+    )
     p.add_argument(
         "--cross-entropy-loss-fusion",
         action="store_true",
@@ -140,7 +145,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     An entry is tokens joined by ``-``: ``z0``..``z3`` (ZeRO stage), ``none``/``full``/
     ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
     (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
-    ``cefuse`` (``--cross-entropy-loss-fusion``), ``sync`` (``--sync-every-step``); unnamed
+    ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
+    ``sync`` (``--sync-every-step``); unnamed
     settings keep their flag values.
     """
     if not args.sweep:
@@ -159,6 +165,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.fp32_param_gather = True
             elif token == "cefuse":
                 variant.cross_entropy_loss_fusion = True
+            elif token == "fusednorm":
+                variant.fused_residual_norm = True
             elif token == "sync":
                 variant.sync_every_step = True
             elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
@@ -205,6 +213,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out.append("--fp32-param-gather")
     if args.cross_entropy_loss_fusion:
         out.append("--cross-entropy-loss-fusion")
+    if args.fused_residual_norm:
+        out.append("--fused-residual-norm")
     return [str(x) for x in out]
 
 
@@ -286,6 +296,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         tag += f"_c{args.sp_overlap_chunks}" + ("_compile" if args.torch_compile else "")
         tag += "_fp32gather" if margs.fp32_param_gather else ""
         tag += "_cefuse" if args.cross_entropy_loss_fusion else ""
+        tag += "_fusednorm" if args.fused_residual_norm else ""
         tag += "_sync" if args.sync_every_step else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
@@ -304,7 +315,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
-        "ce_fusion": args.cross_entropy_loss_fusion,
+        "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens,
@@ -412,13 +423,14 @@ def report(results: list[dict], title: str) -> None:
         [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
+         "yes" if r["fused_norm"] else "no",
          r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"]]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "CE fused", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "norm fused", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:
@@ -428,7 +440,8 @@ def report(results: list[dict], title: str) -> None:
             prow = [[k, v, 100.0 * v / total] for k, v in cats.items()]
             log0(f"\nprofile, seq {r['seq_length']} SP {r['sp']} ZeRO {r['zero_stage']} recompute "
                  f"{r['recompute']} chunks {r['sp_overlap_chunks']} compile {r['torch_compile']} "
-                 f"fp32 gather {r['fp32_param_gather']} CE fused {r['ce_fusion']} host sync "
+                 f"fp32 gather {r['fp32_param_gather']} CE fused {r['ce_fusion']} norm fused "
+                 f"{r['fused_norm']} host sync "
                  f"{r['host_sync']} (kernel time; collectives "
                  f"overlap compute, so the sum can exceed the iteration):\n")  # fmt: skip
             log0(markdown_table(["category", "ms", "% of kernel time"], prow))
