@@ -20,8 +20,9 @@ from megatron.errors import UsageError
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss, model_flops_per_token
 from megatron.model import attention_backends as backends
 from megatron.model.flops import parameter_counts
-from megatron.model.loss import can_fuse_cross_entropy, output_layer_cross_entropy
+from megatron.model.loss import output_layer_cross_entropy
 from megatron.model.rotary import apply_rotary, rotary_cos_sin
+from megatron.ops import triton_kernels_can_run
 
 
 def _model(seed: int = 0, **overrides) -> GPTModel:
@@ -328,7 +329,7 @@ def test_packed_documents_equal_separate_documents():
 def test_chunked_loss_equals_plain(chunk, dtype, fused):
     """Chunked (and with ``fused``, the Triton cross entropy: on CPU in the interpreter, whose
     bf16 arithmetic is fine without ``tl.dot``) against the unchunked loss."""
-    if fused and not can_fuse_cross_entropy(torch.device("cpu")):
+    if fused and not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     torch.manual_seed(0)
     hidden = torch.randn(24, 3, 16, dtype=dtype, requires_grad=True)
@@ -348,7 +349,7 @@ def test_chunked_loss_equals_plain(chunk, dtype, fused):
 def test_fused_cross_entropy_kernels_match_fp64():
     """The Triton kernels alone (interpreter on CPU): vocab sizes below, at and above one
     block, fp32 and fp16 logits; loss and in-place gradient against an fp64 reference."""
-    if not can_fuse_cross_entropy(torch.device("cpu")):
+    if not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     from megatron.ops.cross_entropy_triton import (
         BLOCK_V,
@@ -425,7 +426,7 @@ def test_fused_kernels_compile_for_hopper():
 def test_fused_add_norm_matches_fp64(rms):
     """``--fused-residual-norm``'s kernels (interpreter on CPU) against fp64: the residual, the
     norm's output in a lower dtype, and the gradients of both inputs and the weights."""
-    if not can_fuse_cross_entropy(torch.device("cpu")):
+    if not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     from megatron.ops.add_norm_triton import fused_add_norm
 
@@ -471,7 +472,7 @@ def test_fused_residual_norm_in_the_model(style):
     and under bf16 autocast (where the norm's output goes straight to bf16; the Triton
     interpreter rounds fp32 -> bf16 by truncation, GPUs and PyTorch to nearest even, hence
     the looser bf16 tolerance here)."""
-    if not can_fuse_cross_entropy(torch.device("cpu")):
+    if not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     batch = make_batch(2, seed=6)
     extra = LLAMA if style == "llama" else {}
@@ -496,7 +497,7 @@ def test_fused_residual_norm_in_the_model(style):
 def test_chunked_loss_in_the_model():
     batch = make_batch(2, seed=3)
     out = {}
-    fusable = can_fuse_cross_entropy(torch.device("cpu"))
+    fusable = triton_kernels_can_run(torch.device("cpu"))
     for chunk, fused in [(0, False), (37, False)] + ([(37, True)] if fusable else []):
         model = _model(
             seed=2, loss_chunk_size=chunk, untie_embeddings_and_output_weights=True,

@@ -15,13 +15,12 @@ rank's gradient covers its own tokens, so parameter gradients are SUMMED over SP
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.comm import all_reduce_no_grad, all_reduce_sum_identity_grad
+from megatron.ops import triton_kernels_can_run
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -107,11 +106,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def can_fuse_cross_entropy(device: torch.device) -> bool:
-    """The fused kernels run on CUDA, and on CPU only in the Triton interpreter (tests)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def output_layer_cross_entropy(
     hidden_sbh: torch.Tensor,
     weight_vh: torch.Tensor,
@@ -124,7 +118,7 @@ def output_layer_cross_entropy(
     ``chunk_size`` tokens at a time with recomputation in backward; 0 computes the whole
     local sequence's logits at once with plain autograd (same result). ``fused`` (chunked
     only) uses the Triton cross-entropy kernels where they can run (see
-    :func:`can_fuse_cross_entropy`), else the unfused chunked path.
+    :func:`megatron.ops.triton_kernels_can_run`), else the unfused chunked path.
     """
     s, b, h = hidden_sbh.shape
     labels_n = labels_bs.t().reshape(s * b)  # [s, b] order, like the hidden states
@@ -134,7 +128,7 @@ def output_layer_cross_entropy(
         losses_n = F.cross_entropy(logits, labels_n, reduction="none")
     else:
         dtype = _compute_dtype(hidden_nh, weight_vh)
-        fused = fused and can_fuse_cross_entropy(hidden_nh.device)
+        fused = fused and triton_kernels_can_run(hidden_nh.device)
         losses_n = ChunkedCrossEntropy.apply(
             hidden_nh, weight_vh, labels_n, chunk_size, dtype, fused
         )

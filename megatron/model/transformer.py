@@ -38,6 +38,7 @@ from megatron.model.attention import ParallelAttention
 from megatron.model.config import ModelConfig
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
+from megatron.ops import triton_kernels_can_run
 
 Rotary = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -76,7 +77,7 @@ class ParallelTransformerLayer(torch.nn.Module):
     ) -> torch.Tensor:
         attn_out = self.self_attention(self.input_layernorm(hidden_sbh), rotary, doc_ids)
         attn_out = F.dropout(attn_out, self.hidden_dropout, self.training)
-        if self.fused_residual_norm and _can_fuse(hidden_sbh):
+        if self.fused_residual_norm and triton_kernels_can_run(hidden_sbh.device):
             from megatron.ops.add_norm_triton import fused_add_norm
 
             hidden_sbh, normed = fused_add_norm(
@@ -87,11 +88,6 @@ class ParallelTransformerLayer(torch.nn.Module):
             normed = self.post_attention_layernorm(hidden_sbh)
         mlp_out = self.mlp(normed)
         return hidden_sbh + F.dropout(mlp_out, self.hidden_dropout, self.training)
-
-
-def _can_fuse(x: torch.Tensor) -> bool:
-    """The fused kernels run on CUDA, and on CPU only in the Triton interpreter (tests)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _norm_out_dtype(x: torch.Tensor) -> torch.dtype:
