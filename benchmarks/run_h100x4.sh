@@ -5,7 +5,7 @@
 #   bash benchmarks/run_h100x4.sh env a2a attention attention_breakdown e2e weak maxseq examples triton_tests
 #
 # Results (JSON + logs) go to $RES [results/]; with $OUT set (the device tool) they are also
-# packed into $OUT/results.tgz. Each stage has a wall-clock cap so one hang cannot eat the
+# packed into $OUT/results.tgz after every stage. Each stage has a wall-clock cap so one hang cannot eat the
 # rest; a failed stage is reported and the next one runs. DeepSpeed (for the attention
 # comparison) is installed from wheels in .whl/ when present.
 set -uo pipefail
@@ -135,5 +135,6 @@ for stage in "$@"; do
     SECONDS=0
     if ! "stage_$stage"; then echo "=== stage $stage FAILED"; fi
     echo "=== stage $stage took ${SECONDS}s"
+    # Packed after every stage, so a call cut off at its time limit keeps what finished.
+    if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/results.tgz" "$RES"; fi
 done
-if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/results.tgz" "$RES"; fi
