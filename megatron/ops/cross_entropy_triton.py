@@ -72,7 +72,10 @@ def _check(logits_nv: torch.Tensor, labels_n: torch.Tensor) -> None:
 def cross_entropy_forward(
     logits_nv: torch.Tensor, labels_n: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss, per-row log-sum-exp), both fp32 [n], of ``logits_nv`` [n, vocab]."""
+    """(per-row loss, per-row log-sum-exp), both fp32 [n], of ``logits_nv`` [n, vocab].
+
+    ``labels_n`` must be valid indices (< vocab; no ignore index: the loss mask does that
+    job here). Checking them would cost a host sync, so it is not done."""
     _check(logits_nv, labels_n)
     n, vocab = logits_nv.shape
     lse = torch.empty(n, dtype=torch.float32, device=logits_nv.device)
