@@ -46,7 +46,6 @@ from common import (
 )
 
 from megatron.memory_tracker import LiveBytes  # noqa: E402  (common put the repo on sys.path)
-from megatron.step_result import PendingStep  # noqa: E402
 
 GIB = 2**30
 
@@ -236,7 +235,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
     from megatron.optimizer.optimizer import get_megatron_optimizer
     from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
-    from megatron.training import train_step_async, zero_param_dtype
+    from megatron.training import TrainState, finalize_step, train_step_async, zero_param_dtype
 
     parallel_state.destroy_model_parallel()
     pretrain_gpt._TOKENIZER = None
@@ -261,14 +260,13 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         )
         data = mock_batches(args.vocab_size, margs.micro_batch_size, seq, seed=state.dp_rank)
         step_no = [0]
-        pending: list[PendingStep] = []  # the launched step not yet read (at most one)
+        pending = []  # the launched step not yet read (at most one)
+        ts, history = TrainState(), []
 
         def finish() -> None:
-            """Read the pending step; the scheduler steps as in the training loop."""
+            """The training loop's bookkeeping of the pending step (scheduler, counters)."""
             while pending:
-                _, _, skipped = pending.pop().read()
-                if not skipped:
-                    scheduler.step(increment=margs.global_batch_size)
+                finalize_step(pending.pop(), margs.global_batch_size, ts, scheduler, margs, history)
 
         def step() -> None:
             step_no[0] += 1

@@ -275,7 +275,7 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
 def lowp_weight_bytes(config: ModelConfig, setup: RunSetup, layers: int | None = None) -> int:
     """Autocast's low-precision copies of the linear weights of ``layers`` layers (all by
     default), which the linears save for backward. (Bias copies are not saved: ignored.)
-    None when ZeRO gathers the layers' weights in the compute dtype: they are used as is."""
+    0 when ZeRO gathers the layers' weights in the compute dtype: they are used as is."""
     if setup.compute_bytes == 4 or setup.lowp_layer_params:
         return 0
     shapes = parameter_shapes(config)

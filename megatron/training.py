@@ -434,11 +434,11 @@ def finalize_step(
     scheduler,
     args: argparse.Namespace,
     history: list[float],
-) -> StepValues:
+) -> None:
     """Host bookkeeping of a launched step, once its values are read: skip and NaN counters
     (``--max-nan-iterations``), the LR scheduler's step (only when the weights were updated)
     and the loss history. Call exactly once per step, in iteration order."""
-    losses, grad_norm, skipped = pending.read()
+    losses, _, skipped = pending.read()
     if skipped:
         ts.skipped_iters += 1
         if not args.fp16:
@@ -454,7 +454,6 @@ def finalize_step(
         ts.nan_iters_in_a_row = 0
         scheduler.step(increment=global_batch_size)
     history.append(losses.get("lm loss", float("nan")))
-    return losses, grad_norm, skipped
 
 
 def log_training_iteration(

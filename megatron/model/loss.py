@@ -23,7 +23,7 @@ from megatron.core.comm import all_reduce_no_grad, all_reduce_sum_identity_grad
 from megatron.ops import triton_kernels_can_run
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def linear_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The logits' matmul dtype: autocast's when it is on (as F.linear would), else the inputs'."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -127,7 +127,7 @@ def output_layer_cross_entropy(
         logits = F.linear(hidden_nh, weight_vh).float()  # [s*b, V] fp32
         losses_n = F.cross_entropy(logits, labels_n, reduction="none")
     else:
-        dtype = _compute_dtype(hidden_nh, weight_vh)
+        dtype = linear_compute_dtype(hidden_nh, weight_vh)
         fused = fused and triton_kernels_can_run(hidden_nh.device)
         losses_n = ChunkedCrossEntropy.apply(
             hidden_nh, weight_vh, labels_n, chunk_size, dtype, fused

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.attention import ParallelAttention
 from megatron.model.config import ModelConfig
+from megatron.model.loss import linear_compute_dtype
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
 from megatron.ops import triton_kernels_can_run
@@ -81,20 +82,16 @@ class ParallelTransformerLayer(torch.nn.Module):
             from megatron.ops.add_norm_triton import fused_add_norm
 
             hidden_sbh, normed = fused_add_norm(
-                hidden_sbh, attn_out, self.post_attention_layernorm, _norm_out_dtype(hidden_sbh)
+                hidden_sbh,
+                attn_out,
+                self.post_attention_layernorm,
+                linear_compute_dtype(hidden_sbh, self.mlp.dense_h_to_4h.weight),
             )
         else:
             hidden_sbh = hidden_sbh + attn_out
             normed = self.post_attention_layernorm(hidden_sbh)
         mlp_out = self.mlp(normed)
         return hidden_sbh + F.dropout(mlp_out, self.hidden_dropout, self.training)
-
-
-def _norm_out_dtype(x: torch.Tensor) -> torch.dtype:
-    """What the next linear computes in: autocast's dtype when it is on, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class ParallelTransformer(torch.nn.Module):
