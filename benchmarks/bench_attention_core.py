@@ -18,7 +18,8 @@ bf16, every rank holding an ``s/p`` slice of the sequence. Methods, all in the s
 Each: median of ``--iters`` (>= 10) timed runs after ``--warmup``. ``--timing back-to-back``
 (default): after one barrier the runs are launched one after another, as a training loop
 does, and CUDA events around each give its GPU time; ``--timing synced``: a barrier and a
-host sync before every run, which adds the CPU's time to launch the first kernels. Reported: ms, % of ideal (single-GPU ms / p / ms), and per-GPU TFLOP/s
+host sync before every run, which adds the CPU's time to launch the first kernels.
+Reported: ms, % of ideal (single-GPU ms / p / ms), and per-GPU TFLOP/s
 with the FlashAttention convention (causal fwd+bwd = 7 * b * s^2 * h * d FLOPs in total).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_attention_core.py \\
