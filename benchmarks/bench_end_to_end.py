@@ -316,7 +316,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
-        "iter_ms_all": times, "tokens_per_iter": tokens,
+        "iter_ms_all": times, "tokens_per_iter": tokens, "lm_losses": history,
         "tokens_per_s_per_gpu": tokens / (ms / 1000.0) / world,
         "tflops_per_gpu": flops / (ms / 1000.0) / world / 1e12,
         "mfu": flops / (ms / 1000.0) / world / H100_BF16_PEAK_FLOPS,
@@ -424,12 +424,12 @@ def report(results: list[dict], title: str) -> None:
          "yes" if r["fused_norm"] else "no",
          r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
-         r["peak_mem_gib"], r["predicted_mem_gib"]]
+         r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
                "fp32 gather", "CE fused", "norm fused", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
-               "predicted GiB"]  # fmt: skip
+               "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:
         if r["profile"]:

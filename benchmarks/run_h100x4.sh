@@ -2,7 +2,8 @@
 # The GPU benchmark suite of docs/performance.md on one 4-GPU node (NPROC=8 for an 8-GPU one),
 # stage by stage:
 #
-#   bash benchmarks/run_h100x4.sh env a2a attention attention_breakdown e2e weak maxseq examples triton_tests
+#   bash benchmarks/run_h100x4.sh env a2a attention attention_breakdown e2e weak maxseq examples \
+#       fused_ops_tests triton_tests
 #
 # Results (JSON + logs) go to $RES [results/]; with $OUT set (the device tool) they are also
 # packed into $OUT/results.tgz after every stage. Each stage has a wall-clock cap so one hang cannot eat the
@@ -100,6 +101,12 @@ stage_examples() {
         bash examples_seq_parallel/pretrain_llama_128k_seq_parallel.sh
     env "${common[@]}" NUM_LAYERS=16 EXTRA_ARGS="--save=" timeout 180 \
         bash examples_seq_parallel/ds_pretrain_gpt_30B_seq_parallel_32k.sh
+}
+
+stage_fused_ops_tests() {
+    # The fused cross-entropy and add + norm kernels compiled for the GPU, bf16, real sizes.
+    timeout 300 "$PY" -m pytest tests/test_fused_ops_cuda.py -v -p no:cacheprovider 2>&1 |
+        tee "$RES/fused_ops_tests.log"
 }
 
 stage_triton_tests() {
