@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=50256, help="NullTokenizer ids (+EOD)")
     p.add_argument("--seq-length", type=int, default=32768)
     p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches per step (global batch = micro x DP x this); the anchor script's "
+        "global batch 2 at SP 4 on 4 GPUs is 2",
+    )
     p.add_argument("--sp", type=int, default=None, help="Ulysses degree (default: all GPUs)")
     p.add_argument("--recompute", choices=["none", "full", "selective"], default="none")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
@@ -127,8 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
-    if args.iters < 1 or args.warmup < 0:
-        p.error("--iters must be >= 1 and --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.grad_accum < 1:
+        p.error("--iters and --grad-accum must be >= 1 and --warmup >= 0")
     try:
         args.variants = sweep_variants(args)
     except ValueError as err:
@@ -145,7 +152,7 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
     (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
     ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
-    ``sync`` (``--sync-every-step``); unnamed
+    ``sync`` (``--sync-every-step``), ``ga<N>`` (``--grad-accum``); unnamed
     settings keep their flag values.
     """
     if not args.sweep:
@@ -170,6 +177,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.sync_every_step = True
             elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
                 variant.zero_stage = int(token[1:])
+            elif token[:2] == "ga" and token[2:].isdigit() and int(token[2:]) >= 1:
+                variant.grad_accum = int(token[2:])
             elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
                 variant.sp_overlap_chunks = int(token[2:])
             else:
@@ -185,7 +194,7 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         "--num-layers", args.num_layers, "--hidden-size", args.hidden_size,
         "--num-attention-heads", args.num_attention_heads, "--seq-length", seq,
         "--max-position-embeddings", seq, "--micro-batch-size", args.micro_batch_size,
-        "--global-batch-size", args.micro_batch_size * dp, "--train-iters", 1000,
+        "--global-batch-size", args.micro_batch_size * dp * args.grad_accum, "--train-iters", 1000,
         "--lr", "1e-4", "--min-lr", "1e-5", "--lr-decay-style", "cosine",
         "--attention-dropout", args.dropout, "--hidden-dropout", args.dropout,
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", args.vocab_size,
@@ -273,7 +282,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
             pending.append(
                 train_step_async(
                     pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler, margs,
-                    1, step_no[0], before_optimizer_step=finish,
+                    args.grad_accum, step_no[0], before_optimizer_step=finish,
                 )
             )  # fmt: skip
             if args.sync_every_step:
@@ -296,6 +305,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         tag += "_cefuse" if args.cross_entropy_loss_fusion else ""
         tag += "_fusednorm" if args.fused_residual_norm else ""
         tag += "_sync" if args.sync_every_step else ""
+        tag += f"_ga{args.grad_accum}" if args.grad_accum > 1 else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
     finish()
@@ -310,7 +320,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     flops = model_flops_per_token(config, seq) * tokens
     out = {
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
-        "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
+        "grad_accum": args.grad_accum, "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
@@ -434,7 +444,7 @@ def profile_iteration(step, device: torch.device, trace: str | None = None) -> d
 
 def report(results: list[dict], title: str) -> None:
     rows = [
-        [r["seq_length"], r["sp"], r["dp"], r["zero_stage"], r["recompute"], r["attention"],
+        [r["seq_length"], r["sp"], r["dp"], r.get("grad_accum", 1), r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
          "yes" if r["fused_norm"] else "no",
@@ -443,7 +453,7 @@ def report(results: list[dict], title: str) -> None:
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
-    headers = ["seq", "SP", "DP", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
+    headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
                "fp32 gather", "CE fused", "norm fused", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
