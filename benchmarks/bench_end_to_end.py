@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model flag: the chunked loss's softmax work in one Triton pass per chunk",
     )
     p.add_argument(
+        "--delay-wgrad-compute",
+        action="store_true",
+        help="model flag: weight gradients of the MLP and output projection during the "
+        "backward all-to-alls",
+    )
+    p.add_argument(
         "--fp32-param-gather",
         action="store_true",
         help="model flag: ZeRO gathers fp32 layer weights (autocast casts them per use)",
@@ -152,7 +158,7 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
     (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
     ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
-    ``sync`` (``--sync-every-step``), ``ga<N>`` (``--grad-accum``); unnamed
+    ``sync`` (``--sync-every-step``), ``dwgrad`` (``--delay-wgrad-compute``), ``ga<N>`` (``--grad-accum``); unnamed
     settings keep their flag values.
     """
     if not args.sweep:
@@ -173,6 +179,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.cross_entropy_loss_fusion = True
             elif token == "fusednorm":
                 variant.fused_residual_norm = True
+            elif token == "dwgrad":
+                variant.delay_wgrad_compute = True
             elif token == "sync":
                 variant.sync_every_step = True
             elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
@@ -223,6 +231,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out.append("--cross-entropy-loss-fusion")
     if args.fused_residual_norm:
         out.append("--fused-residual-norm")
+    if args.delay_wgrad_compute:
+        out.append("--delay-wgrad-compute")
     return [str(x) for x in out]
 
 
@@ -304,6 +314,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         tag += "_fp32gather" if margs.fp32_param_gather else ""
         tag += "_cefuse" if args.cross_entropy_loss_fusion else ""
         tag += "_fusednorm" if args.fused_residual_norm else ""
+        tag += "_dwgrad" if args.delay_wgrad_compute else ""
         tag += "_sync" if args.sync_every_step else ""
         tag += f"_ga{args.grad_accum}" if args.grad_accum > 1 else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
@@ -324,6 +335,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
+        "delay_wgrad": args.delay_wgrad_compute,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens, "lm_losses": history,
@@ -447,14 +459,14 @@ def report(results: list[dict], title: str) -> None:
         [r["seq_length"], r["sp"], r["dp"], r.get("grad_accum", 1), r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
-         "yes" if r["fused_norm"] else "no",
+         "yes" if r["fused_norm"] else "no", "yes" if r.get("delay_wgrad") else "no",
          r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "CE fused", "norm fused", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "norm fused", "wgrad delayed", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:

@@ -176,6 +176,12 @@ def _check_training(args: argparse.Namespace) -> None:
             "--fused-residual-norm and --torch-compile: the compiled layer fuses its norms "
             "itself; drop one"
         )
+    if args.delay_wgrad_compute and (args.sp_overlap_chunks > 1 or args.torch_compile):
+        flag = "--torch-compile" if args.torch_compile else "--sp-overlap-chunks > 1"
+        raise UsageError(
+            f"--delay-wgrad-compute and {flag}: the deferred weight gradients run during the "
+            "plain, eager all-to-alls' backward; drop one"
+        )
     if args.cross_entropy_loss_fusion and args.loss_chunk_size == 0:
         raise UsageError(
             "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0 "

@@ -177,6 +177,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "each way (CUDA; CPU runs it only under TRITON_INTERPRET=1, else unfused)",
     )
     g.add_argument(
+        "--delay-wgrad-compute",
+        action="store_true",
+        help="with sequence parallelism: each layer's MLP and attention output projection "
+        "compute their weight gradients while the backward all-to-alls are in flight",
+    )
+    g.add_argument(
         "--cross-entropy-loss-fusion",
         action="store_true",
         help="the chunked loss's softmax, loss and logit gradient in one Triton pass per chunk "

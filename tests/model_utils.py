@@ -50,6 +50,7 @@ def reference_config(config: ModelConfig) -> ModelConfig:
         loss_chunk_size=0,
         torch_compile=False,
         checkpoint_in_cpu=False,
+        delay_wgrad_compute=False,
     )
 
 

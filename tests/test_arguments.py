@@ -177,6 +177,11 @@ ERRORS = [
         1,
         "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0",
     ),
+    (
+        TINY + " --delay-wgrad-compute --sp-overlap-chunks 2",
+        1,
+        "--delay-wgrad-compute and --sp-overlap-chunks > 1: the deferred weight gradients",
+    ),
 ]
 
 

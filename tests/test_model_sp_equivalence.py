@@ -26,6 +26,7 @@ FULL_BLOCK = {
 SELECTIVE = {"recompute_granularity": "selective"}
 SDPA = {"attention_backend": "sdpa"}
 TRITON = {"attention_backend": "triton"}
+DELAY_WGRAD = {"delay_wgrad_compute": True}
 
 # (id, overrides, batch, packed documents)
 CASES_SP2 = [
@@ -57,6 +58,8 @@ CASES_SP2 = [
     ("gpt-rope-half", {"position_embedding_type": "rope", "rotary_percent": 0.5}, 2, False),
     ("llama-triton-packed", {**LLAMA, **TRITON}, 2, True),
     ("gpt-full-uniform-ckpt-in-cpu", {**FULL_UNIFORM, "checkpoint_in_cpu": True}, 2, False),
+    ("gpt-sdpa-delay-wgrad", {**SDPA, **DELAY_WGRAD}, 2, False),
+    ("llama-mqa-delay-wgrad-full-uniform", {**MQA, **FULL_UNIFORM, **DELAY_WGRAD}, 2, True),
     ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
     (
         "llama-sdpa-compiled-full-packed",
@@ -77,6 +80,7 @@ CASES_SP4 = [
         True,
     ),
     ("llama-block-ckpt-in-cpu", {**LLAMA, **FULL_BLOCK, "checkpoint_in_cpu": True}, 2, True),
+    ("gpt-delay-wgrad-selective", {**SELECTIVE, **DELAY_WGRAD}, 2, False),
 ]
 
 

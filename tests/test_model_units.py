@@ -550,6 +550,36 @@ def test_masked_lm_loss_single_rank():
     assert masked_lm_loss(losses, torch.zeros_like(mask), None).item() == 0.0
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_deferred_wgrad_linear_matches_nn_linear(autocast):
+    """``--delay-wgrad-compute``'s linear: the input and bias gradients at once, the weight's
+    when its queue runs, accumulated into an existing ``.grad`` (micro-batches) as autograd
+    does: the same values as ``nn.Linear``, in fp32 and under bf16 autocast."""
+    from megatron.model.deferred_wgrad import WgradQueue, linear
+
+    torch.manual_seed(3)
+    mods = [torch.nn.Linear(16, 24) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    queue = WgradQueue()
+    grads = []
+    for i, mod in enumerate(mods):
+        x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(9), requires_grad=True)
+        for step in range(2):  # the second backward accumulates into .grad
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = mod(x) if i == 0 else linear(x, mod, queue)
+            out.float().pow(2).sum().backward()
+            if i == 1:
+                assert queue.pending == 1 and (step == 1) == (mod.weight.grad is not None)
+                queue.run()
+                assert queue.pending == 0
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        grads.append([x.grad, mod.weight.grad, mod.bias.grad])
+    tol = {"rtol": 1e-2, "atol": 1e-2} if autocast else {"rtol": 1e-6, "atol": 1e-6}
+    for got, want in zip(grads[1], grads[0]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
 # ---------------------------------------------------------------- recompute
 
 

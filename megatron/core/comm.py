@@ -14,7 +14,7 @@ along the head dimension, so rank ``r`` receives its heads of every tensor in on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -161,11 +161,26 @@ def head_to_seq_start(
     return _start(blocks, group, head_dim, merge, async_op)
 
 
+Overlap = Callable[[], None] | None  # work launched while an exchange is in flight
+
+
+def _finish(pending: PendingExchange, overlap: Overlap) -> list[torch.Tensor]:
+    if overlap is not None:
+        overlap()
+    return pending.wait()
+
+
 def seq_to_head(
-    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup, seq_dim: int, head_dim: int
+    tensors: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    seq_dim: int,
+    head_dim: int,
+    overlap: Overlap = None,
 ) -> list[torch.Tensor]:
-    """Sequence-sharded -> head-sharded, no autograd. Outputs are views of one buffer."""
-    return seq_to_head_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
+    """Sequence-sharded -> head-sharded, no autograd. Outputs are views of one buffer.
+    ``overlap()`` runs (launches its kernels) while the exchange is in flight."""
+    pending = seq_to_head_start(tensors, group, seq_dim, head_dim, async_op=overlap is not None)
+    return _finish(pending, overlap)
 
 
 def head_to_seq(
@@ -174,14 +189,17 @@ def head_to_seq(
     seq_dim: int,
     head_dim: int,
     out: Sequence[torch.Tensor] | None = None,
+    overlap: Overlap = None,
 ) -> list[torch.Tensor]:
     """Head-sharded -> sequence-sharded, no autograd; into ``out`` when given (each merged
-    with one copy, e.g. into column views of a fused QKV gradient)."""
+    with one copy, e.g. into column views of a fused QKV gradient). ``overlap()`` runs while
+    the exchange is in flight."""
+    pending = head_to_seq_start(
+        tensors, group, seq_dim, head_dim, async_op=overlap is not None, merge_heads=out is None
+    )
     if out is None:
-        return head_to_seq_start(tensors, group, seq_dim, head_dim, async_op=False).wait()
-    pieces = head_to_seq_start(
-        tensors, group, seq_dim, head_dim, async_op=False, merge_heads=False
-    ).wait()  # [..., s/p, ..., p, h/p, ...] views of the receive buffer
+        return _finish(pending, overlap)
+    pieces = _finish(pending, overlap)  # [..., s/p, ..., p, h/p, ...] views of the receive buffer
     p = dist.get_world_size(group)
     for dst, piece in zip(out, pieces):
         copy_wide_(dst.unflatten(head_dim, (p, dst.shape[head_dim] // p)), piece)
@@ -195,11 +213,13 @@ def _grads_or_zeros(
 
 
 class SeqToHeadAllToAll(torch.autograd.Function):
-    """Sequence-sharded -> head-sharded; backward is the reverse all-to-all."""
+    """Sequence-sharded -> head-sharded; backward is the reverse all-to-all, with
+    ``backward_overlap()`` (or None) run while it is in flight."""
 
     @staticmethod
-    def forward(ctx, group, seq_dim, head_dim, *tensors):
+    def forward(ctx, group, seq_dim, head_dim, backward_overlap, *tensors):
         ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        ctx.overlap = backward_overlap
         outs = seq_to_head(tensors, group, seq_dim, head_dim)
         ctx.out_shapes = [o.shape for o in outs]
         return tuple(outs)
@@ -207,15 +227,18 @@ class SeqToHeadAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
-        return (None, None, None, *head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim))
+        ins = head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim, overlap=ctx.overlap)
+        return (None, None, None, None, *ins)
 
 
 class HeadToSeqAllToAll(torch.autograd.Function):
-    """Head-sharded -> sequence-sharded; backward is the reverse all-to-all."""
+    """Head-sharded -> sequence-sharded; backward is the reverse all-to-all, with
+    ``backward_overlap()`` (or None) run while it is in flight."""
 
     @staticmethod
-    def forward(ctx, group, seq_dim, head_dim, *tensors):
+    def forward(ctx, group, seq_dim, head_dim, backward_overlap, *tensors):
         ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        ctx.overlap = backward_overlap
         outs = head_to_seq(tensors, group, seq_dim, head_dim)
         ctx.out_shapes = [o.shape for o in outs]
         return tuple(outs)
@@ -223,7 +246,8 @@ class HeadToSeqAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
-        return (None, None, None, *seq_to_head(grads, ctx.group, ctx.seq_dim, ctx.head_dim))
+        ins = seq_to_head(grads, ctx.group, ctx.seq_dim, ctx.head_dim, overlap=ctx.overlap)
+        return (None, None, None, None, *ins)
 
 
 class FusedQKVSeqToHead(torch.autograd.Function):
@@ -233,8 +257,9 @@ class FusedQKVSeqToHead(torch.autograd.Function):
     tensor and then the split's concatenation: 2x the bytes)."""
 
     @staticmethod
-    def forward(ctx, group, seq_dim, head_dim, qkv, q, k, v):
+    def forward(ctx, group, seq_dim, head_dim, backward_overlap, qkv, q, k, v):
         ctx.group, ctx.seq_dim, ctx.head_dim = group, seq_dim, head_dim
+        ctx.overlap = backward_overlap
         ctx.qkv_shape, ctx.shapes = qkv.shape, [t.shape for t in (q, k, v)]
         outs = seq_to_head([q, k, v], group, seq_dim, head_dim)
         ctx.out_shapes = [o.shape for o in outs]
@@ -249,8 +274,8 @@ class FusedQKVSeqToHead(torch.autograd.Function):
             width = shape[-2] * shape[-1]
             columns.append(grad_qkv.narrow(-1, start, width).view(shape))
             start += width
-        head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim, out=columns)
-        return None, None, None, grad_qkv, None, None, None
+        head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim, out=columns, overlap=ctx.overlap)
+        return None, None, None, None, grad_qkv, None, None, None
 
 
 def fused_qkv_source(

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.sequence.layer import DistributedAttention, check_heads_for_sp
+from megatron.model import deferred_wgrad
 from megatron.model.attention_backends import build_local_attention
 from megatron.model.config import ModelConfig
 from megatron.model.rotary import apply_rotary
@@ -58,7 +59,11 @@ class ParallelAttention(torch.nn.Module):
         config: ModelConfig,
         sp_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
+        mlp_wgrad: deferred_wgrad.WgradQueue | None = None,
     ) -> None:
+        """``mlp_wgrad``: the layer's MLP weight gradients, run while dQ/dK/dV are exchanged;
+        given (SP only), the output projection's weight gradient likewise waits for the
+        output all-to-all's backward."""
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -71,6 +76,7 @@ class ParallelAttention(torch.nn.Module):
             config.hidden_size, q_width + 2 * kv_width, bias=config.add_bias_linear, **factory
         )
         sp = sp_world_size(sp_group)
+        self.dense_wgrad = deferred_wgrad.WgradQueue() if mlp_wgrad is not None else None
         if sp > 1:
             check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
             # [s/p, b, h, d] in and out; the local attention sees [s, b, h/p, d].
@@ -80,8 +86,12 @@ class ParallelAttention(torch.nn.Module):
                 scatter_idx=2,
                 gather_idx=0,
                 num_chunks=config.sp_overlap_chunks,
+                output_backward_overlap=None if self.dense_wgrad is None else self.dense_wgrad.run,
+                qkv_backward_overlap=None if mlp_wgrad is None else mlp_wgrad.run,
             )
         else:
+            if mlp_wgrad is not None:
+                raise ValueError("deferred weight gradients need sequence parallelism")
             self.core_attention = CoreAttention(config)
         self.dense = torch.nn.Linear(
             q_width, config.hidden_size, bias=config.add_bias_linear, **factory
@@ -107,7 +117,7 @@ class ParallelAttention(torch.nn.Module):
             k_sbhd = apply_rotary(k_sbhd, cos, sin)
         context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
-        return self.dense(context_sbh)  # [s, b, h]
+        return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
 
     def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """The core attention. Under ``--torch-compile`` the layer excludes this call from

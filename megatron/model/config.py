@@ -83,6 +83,7 @@ class ModelConfig:
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
     fused_residual_norm: bool = False  # attention residual add + post-attention norm (Triton)
+    delay_wgrad_compute: bool = False  # SP: weight gradients during the backward all-to-alls
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full only)
     recompute_num_layers: int | None = None
@@ -201,6 +202,7 @@ class ModelConfig:
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
             fused_residual_norm=args.fused_residual_norm,
+            delay_wgrad_compute=args.delay_wgrad_compute,
             recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.comm import all_reduce_no_grad, all_reduce_sum_identity_grad
+from megatron.model.deferred_wgrad import addmm_fp32_
 from megatron.ops import triton_kernels_can_run
 
 
@@ -29,17 +30,6 @@ def linear_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dt
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` into the fp32 ``acc`` for fp32 or lower-precision ``a``, ``b``.
-
-    On CUDA one GEMM accumulates straight into ``acc`` (fp32 output from bf16/fp16 inputs)
-    instead of a low-precision product, its fp32 copy and an add (three passes over the
-    1.3B model's 412 MB output-layer gradient per chunk). Elsewhere, product + add."""
-    if a.dtype == torch.float32 or acc.device.type != "cuda":
-        return acc.addmm_(a, b) if a.dtype == acc.dtype else acc.add_(a @ b)
-    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -5,14 +5,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron.model import deferred_wgrad
 from megatron.model.config import ModelConfig
 
 
 class ParallelMLP(torch.nn.Module):
     """h -> ffn -> h. With SwiGLU the first projection is 2 x ffn wide: [gate | up]."""
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device | str | None = None,
+        wgrad_queue: deferred_wgrad.WgradQueue | None = None,
+    ) -> None:
+        """``wgrad_queue``: where the two projections' weight gradients wait (see
+        :mod:`megatron.model.deferred_wgrad`); None computes them in place."""
         super().__init__()
+        self.wgrad_queue = wgrad_queue
         self.swiglu = config.swiglu
         self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         factory = {"device": device, "dtype": config.params_dtype}
@@ -26,10 +35,10 @@ class ParallelMLP(torch.nn.Module):
         self.dense_4h_to_h.is_output_projection = True  # scaled init
 
     def forward(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
-        x = self.dense_h_to_4h(hidden_sbh)
+        x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue)
         if self.swiglu:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         else:
             x = F.gelu(x, approximate=self.gelu_approximate)
-        return self.dense_4h_to_h(x)
+        return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue)

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.attention import ParallelAttention
 from megatron.model.config import ModelConfig
+from megatron.model.deferred_wgrad import WgradQueue
 from megatron.model.loss import linear_compute_dtype
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
@@ -61,9 +62,12 @@ class ParallelTransformerLayer(torch.nn.Module):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = build_norm(config, device)
-        self.self_attention = ParallelAttention(config, sp_group, device)
+        sp = 1 if sp_group is None else dist.get_world_size(sp_group)
+        # --delay-wgrad-compute: the MLP's weight gradients wait for dQ/dK/dV's all-to-all.
+        mlp_wgrad = WgradQueue() if config.delay_wgrad_compute and sp > 1 else None
+        self.self_attention = ParallelAttention(config, sp_group, device, mlp_wgrad)
         self.post_attention_layernorm = build_norm(config, device)
-        self.mlp = ParallelMLP(config, device)
+        self.mlp = ParallelMLP(config, device, mlp_wgrad)
         self.fused_residual_norm = config.fused_residual_norm
         if config.torch_compile:
             # Instance attributes (set only here, so importing the model stays free of dynamo

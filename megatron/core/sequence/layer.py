@@ -66,6 +66,9 @@ class DistributedAttention(torch.nn.Module):
         gather_idx: sequence dimension (0 for ``[s, b, h, d]``, 1 for ``[b, s, h, d]``).
         num_chunks: pipeline the all-to-alls against the local attention over this many groups
             of heads (see :mod:`megatron.core.sequence.pipelined`); 1 is the plain path.
+        output_backward_overlap, qkv_backward_overlap: plain path only (``num_chunks`` 1):
+            work to launch while the backward all-to-all of the output (of Q, K, V) is in
+            flight, e.g. deferred weight gradients (:mod:`megatron.model.deferred_wgrad`).
     """
 
     def __init__(
@@ -75,8 +78,14 @@ class DistributedAttention(torch.nn.Module):
         scatter_idx: int = 2,
         gather_idx: int = 0,
         num_chunks: int = 1,
+        output_backward_overlap: Callable[[], None] | None = None,
+        qkv_backward_overlap: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        if num_chunks > 1 and (output_backward_overlap or qkv_backward_overlap):
+            raise ValueError("backward overlap work needs the plain path (num_chunks 1)")
+        self.output_backward_overlap = output_backward_overlap
+        self.qkv_backward_overlap = qkv_backward_overlap
         self.num_chunks = num_chunks
         self.local_attn = local_attention
         self.spg = sequence_process_group
@@ -100,11 +109,14 @@ class DistributedAttention(torch.nn.Module):
         qkv = fused_qkv_source(query, key, value, head)
         if qkv is not None:  # slices of one projection: the gradient goes to it directly
             q_full, k_full, v_full = FusedQKVSeqToHead.apply(
-                self.spg, seq, head, qkv, query.detach(), key.detach(), value.detach()
-            )
+                self.spg, seq, head, self.qkv_backward_overlap,
+                qkv, query.detach(), key.detach(), value.detach(),
+            )  # fmt: skip
         else:
-            q_full, k_full, v_full = SeqToHeadAllToAll.apply(self.spg, seq, head, query, key, value)
+            q_full, k_full, v_full = SeqToHeadAllToAll.apply(
+                self.spg, seq, head, self.qkv_backward_overlap, query, key, value
+            )
         context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
         # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
-        (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, context)
+        (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, self.output_backward_overlap, context)
         return out

@@ -1,0 +1,99 @@
+"""Weight gradients computed later in backward, while an all-to-all is in flight
+(``--delay-wgrad-compute``).
+
+In a Ulysses layer's backward the all-to-alls are on the critical path: the gradient of the
+attention output goes to the head-sharded layout before the local attention's backward, and
+dQ/dK/dV come back before the QKV projection's. The weight-gradient GEMMs of the linears met
+just before each exchange (the attention's output projection; the MLP's two projections)
+feed nothing that follows, so :func:`linear` computes only the input and bias gradients when
+autograd reaches it and queues the weight's; the all-to-all's backward starts its exchange,
+runs the queue, then waits (see :mod:`megatron.core.comm`).
+
+Same arithmetic as ``F.linear`` under autocast: the product in the compute dtype, the weight
+gradient accumulated into ``weight.grad`` in the weight's dtype as AccumulateGrad would (so
+FSDP2 and the optimizer find it where they look).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` into the fp32 ``acc`` for fp32 or lower-precision ``a``, ``b``.
+
+    On CUDA one GEMM accumulates straight into ``acc`` (fp32 output from bf16/fp16 inputs)
+    instead of a low-precision product, its fp32 copy and an add. Elsewhere, product + add."""
+    if a.dtype == torch.float32 or acc.device.type != "cuda":
+        return acc.addmm_(a, b) if a.dtype == acc.dtype else acc.add_(a @ b)
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+class WgradQueue:
+    """Weight-gradient computations waiting for an all-to-all to hide behind; FIFO."""
+
+    def __init__(self) -> None:
+        self._jobs: list[Callable[[], None]] = []
+
+    def push(self, job: Callable[[], None]) -> None:
+        self._jobs.append(job)
+
+    def run(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job()
+
+    @property
+    def pending(self) -> int:
+        return len(self._jobs)
+
+
+def _accumulate_grad(weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor) -> None:
+    """``weight.grad += grad_out^T @ x`` ([k, m]), created in the weight's dtype if absent."""
+    if weight.grad is None:
+        weight.grad = (grad_out_nk.t() @ x_nm).to(weight.dtype)
+    elif weight.grad.dtype == torch.float32:
+        addmm_fp32_(weight.grad, grad_out_nk.t(), x_nm)
+    else:
+        weight.grad += (grad_out_nk.t() @ x_nm).to(weight.grad.dtype)
+
+
+class _LinearDeferredWgrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, queue):
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.weight, ctx.queue, ctx.x_dtype = weight, queue, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x_c, w_c, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_c, w_c = ctx.saved_tensors
+        grad_out = grad_out.to(w_c.dtype)
+        grad_x = (grad_out @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_out_nk = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out_nk.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[1]:
+            weight, x_nm = ctx.weight, x_c.reshape(-1, x_c.shape[-1])
+            ctx.queue.push(lambda: _accumulate_grad(weight, grad_out_nk, x_nm))
+        ctx.weight = None
+        return grad_x, None, grad_bias, None, None
+
+
+def linear(x: torch.Tensor, module: torch.nn.Linear, queue: WgradQueue | None) -> torch.Tensor:
+    """``module(x)``; with a ``queue`` its weight gradient is pushed there instead of computed
+    in this node's backward (the queue's owner must run it before the step reads gradients)."""
+    if queue is None or not torch.is_grad_enabled():
+        return module(x)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x.dtype, module.weight.dtype)
+    return _LinearDeferredWgrad.apply(x, module.weight, module.bias, dtype, queue)
