@@ -15,6 +15,8 @@
 #   TRAIN_TOKENS LR_WARMUP_TOKENS LR_DECAY_TOKENS   token-based schedule
 #   ZERO_STAGE  CHECKPOINT_ACTIVATIONS (1/0)  ATTN (flash | triton | classic)
 #   PRECISION       bf16 | fp16 | fp32 [bf16 where the GPU has it, else fp16]
+#   FUSED [1]       1: --cross-entropy-loss-fusion --fused-residual-norm (Triton kernels on
+#                   CUDA; elsewhere the unfused paths); 0: neither (needed with --torch-compile)
 #   MOCK_DATA=1     synthetic tokens: no dataset, vocabulary or tokenizer file needed
 #   DATA_PATH VOCAB_FILE MERGE_FILE TOKENIZER_MODEL   real data
 #   OUTPUT_DIR [output]  CHECKPOINT_PATH  TENSORBOARD_DIR  SAVE_INTERVAL  LOG_INTERVAL
@@ -119,6 +121,12 @@ case "${ATTN:-flash}" in
     *) die "ATTN=$ATTN: use flash, triton or classic" ;;
 esac
 
+case "${FUSED:-1}" in
+    1) FUSED_ARGS=(--cross-entropy-loss-fusion --fused-residual-norm) ;;
+    0) FUSED_ARGS=() ;;
+    *) die "FUSED=$FUSED: use 1 (fused loss and residual norm) or 0" ;;
+esac
+
 # ---- data ----
 if [[ "${MOCK_DATA:-0}" == 1 ]]; then
     DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size "$MOCK_VOCAB")
@@ -191,7 +199,7 @@ ARGS=(
     --override-opt_param-scheduler
     --init-method-std "$INIT_STD" --adam-beta1 0.9 --adam-beta2 0.95
     --weight-decay 0.1 --clip-grad "$CLIP_GRAD"
-    "${PREC_ARGS[@]}" "${ATTN_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
+    "${PREC_ARGS[@]}" "${ATTN_ARGS[@]}" "${FUSED_ARGS[@]}" "${RECOMPUTE_ARGS[@]}"
     --zero-stage "$ZERO_STAGE" --deepspeed_config "$DS_CONFIG"
     "${DATA_ARGS[@]}" --num-workers 0 --seed 1234 --device "$DEVICE"
     --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
