@@ -316,7 +316,9 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
     weight_copy = output_weight_copy_bytes(config, setup)
     if config.loss_chunk_size > 0:
         c = min(config.loss_chunk_size, n)
-        grad_w_tmp = (a + 4) * vocab * h if a < 4 else 0  # per-chunk (grad^T @ hidden).float()
+        # Per chunk on CPU: (grad^T @ hidden).float(); CUDA accumulates the low-precision
+        # product straight into the fp32 gradient (one GEMM, fp32 output).
+        grad_w_tmp = (a + 4) * vocab * h if a < 4 and setup.device != "cuda" else 0
         # Fused (CUDA; on CPU the kernels run only in the Triton interpreter, so the model
         # follows the unfused path there): logits only, gradient in place; the saved lse.
         if config.cross_entropy_fusion and setup.device == "cuda":
