@@ -21,15 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-
-def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` into the fp32 ``acc`` for fp32 or lower-precision ``a``, ``b``.
-
-    On CUDA one GEMM accumulates straight into ``acc`` (fp32 output from bf16/fp16 inputs)
-    instead of a low-precision product, its fp32 copy and an add. Elsewhere, product + add."""
-    if a.dtype == torch.float32 or acc.device.type != "cuda":
-        return acc.addmm_(a, b) if a.dtype == acc.dtype else acc.add_(a @ b)
-    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+from megatron.model.matmul import addmm_fp32_, linear_compute_dtype
 
 
 class WgradQueue:
@@ -91,9 +83,5 @@ def linear(x: torch.Tensor, module: torch.nn.Linear, queue: WgradQueue | None) -
     in this node's backward (the queue's owner must run it before the step reads gradients)."""
     if queue is None or not torch.is_grad_enabled():
         return module(x)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(x.dtype, module.weight.dtype)
+    dtype = linear_compute_dtype(x, module.weight)
     return _LinearDeferredWgrad.apply(x, module.weight, module.bias, dtype, queue)

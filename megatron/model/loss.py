@@ -20,16 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.comm import all_reduce_no_grad, all_reduce_sum_identity_grad
-from megatron.model.deferred_wgrad import addmm_fp32_
+from megatron.model.matmul import addmm_fp32_, linear_compute_dtype
 from megatron.ops import triton_kernels_can_run
-
-
-def linear_compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The logits' matmul dtype: autocast's when it is on (as F.linear would), else the inputs'."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -34,10 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megatron.model.attention import ParallelAttention
+from megatron.model.attention import ParallelAttention, sp_world_size
 from megatron.model.config import ModelConfig
 from megatron.model.deferred_wgrad import WgradQueue
-from megatron.model.loss import linear_compute_dtype
+from megatron.model.matmul import linear_compute_dtype
 from megatron.model.mlp import ParallelMLP
 from megatron.model.norms import build_norm
 from megatron.ops import triton_kernels_can_run
@@ -62,7 +62,7 @@ class ParallelTransformerLayer(torch.nn.Module):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = build_norm(config, device)
-        sp = 1 if sp_group is None else dist.get_world_size(sp_group)
+        sp = sp_world_size(sp_group)
         # --delay-wgrad-compute: the MLP's weight gradients wait for dQ/dK/dV's all-to-all.
         mlp_wgrad = WgradQueue() if config.delay_wgrad_compute and sp > 1 else None
         self.self_attention = ParallelAttention(config, sp_group, device, mlp_wgrad)

@@ -82,7 +82,7 @@ class DistributedAttention(torch.nn.Module):
         qkv_backward_overlap: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        if num_chunks > 1 and (output_backward_overlap or qkv_backward_overlap):
+        if num_chunks > 1 and (output_backward_overlap, qkv_backward_overlap) != (None, None):
             raise ValueError("backward overlap work needs the plain path (num_chunks 1)")
         self.output_backward_overlap = output_backward_overlap
         self.qkv_backward_overlap = qkv_backward_overlap
