@@ -15,8 +15,9 @@
 #   TRAIN_TOKENS LR_WARMUP_TOKENS LR_DECAY_TOKENS   token-based schedule
 #   ZERO_STAGE  CHECKPOINT_ACTIVATIONS (1/0)  ATTN (flash | triton | classic)
 #   PRECISION       bf16 | fp16 | fp32 [bf16 where the GPU has it, else fp16]
-#   FUSED [1]       1: --cross-entropy-loss-fusion --fused-residual-norm (Triton kernels on
-#                   CUDA; elsewhere the unfused paths); 0: neither (needed with --torch-compile)
+#   FUSED [1; 0 with CPU_SMOKE]  1: --cross-entropy-loss-fusion --fused-residual-norm (Triton
+#                   kernels on CUDA; elsewhere the unfused paths); 0: neither (needed with
+#                   --torch-compile)
 #   MOCK_DATA=1     synthetic tokens: no dataset, vocabulary or tokenizer file needed
 #   DATA_PATH VOCAB_FILE MERGE_FILE TOKENIZER_MODEL   real data
 #   OUTPUT_DIR [output]  CHECKPOINT_PATH  TENSORBOARD_DIR  SAVE_INTERVAL  LOG_INTERVAL
@@ -121,6 +122,9 @@ case "${ATTN:-flash}" in
     *) die "ATTN=$ATTN: use flash, triton or classic" ;;
 esac
 
+# CUDA kernels: a CPU smoke run would take the unfused paths anyway (or, under the test
+# suite's TRITON_INTERPRET=1, the slow interpreter).
+[[ "$CPU_SMOKE" == 1 ]] && FUSED=${FUSED:-0}
 case "${FUSED:-1}" in
     1) FUSED_ARGS=(--cross-entropy-loss-fusion --fused-residual-norm) ;;
     0) FUSED_ARGS=() ;;

@@ -169,6 +169,9 @@ def test_script_knobs(tmp_path):
     assert (args.num_layers, args.zero_stage, args.recompute_granularity) == (8, 2, None)
     assert args.use_flash_attn_triton and not args.use_flash_attn
     assert (args.train_iters, args.global_batch_size, args.log_interval) == (10, 8, 1)
+    assert args.cross_entropy_loss_fusion and args.fused_residual_norm  # FUSED=1 by default
+    _, args = _full_size_args(SCRIPTS[0], tmp_path, GPUS_PER_NODE="4", FUSED="0")
+    assert not (args.cross_entropy_loss_fusion or args.fused_residual_norm)
     bad = _bash(
         os.path.join(EXAMPLES, SCRIPTS[0]),
         _env(CPU_SMOKE="1", CPU_NPROC="2", SP_SIZE="3", OUTPUT_DIR=str(tmp_path)),
