@@ -324,7 +324,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     setup = RunSetup(
         num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
         zero_stage=margs.zero_stage, precision=args.precision, device=device.type,
-        fp32_param_gather=margs.fp32_param_gather,
+        fp32_param_gather=margs.fp32_param_gather, num_micro_batches=args.grad_accum,
     )  # fmt: skip
     est = estimate_memory(config, setup)
     tokens = margs.global_batch_size * seq

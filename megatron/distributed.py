@@ -43,7 +43,10 @@ def shard_model_for_zero(
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if stage == 1:
-        logger.info("> --zero-stage 1 runs as stage 2: FSDP2 has no optimizer-only sharding")
+        logger.info(
+            "> --zero-stage 1: gradients reduce-scattered once per step (after the last "
+            "micro-batch), optimizer states sharded"
+        )
     reshard = stage == 3
     block_kwargs = {}
     if param_dtype in (torch.bfloat16, torch.float16):
@@ -65,6 +68,18 @@ def shard_model_for_zero(
             if gloo:  # gloo has no PREMUL_SUM/AVG: plain sums plus a separate division
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def set_micro_batch_sync(model: torch.nn.Module, zero_stage: int, last: bool) -> None:
+    """Call before each micro-batch's backward. ZeRO 1 shards only the optimizer state: until
+    the step's last micro-batch the gradients accumulate unsharded (FSDP2 keeps their sum in
+    fp32) and the layers stay gathered, so a step reduce-scatters and all-gathers once, not
+    per micro-batch. Stages 2 and 3 shard the gradients and reduce every micro-batch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if zero_stage == 1 and isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -45,7 +45,9 @@ class RunSetup:
     ``device="cpu"`` switches the details that differ on CPU (dropout masks have the input's
     dtype instead of bool; RMSNorm is composed of ops that keep ``x * rstd``; gloo's
     reduce-scatter works on a full-size copy of its input).
-    ``fp32_param_gather`` is ``--fp32-param-gather`` (changes only ZeRO with bf16/fp16)."""
+    ``fp32_param_gather`` is ``--fp32-param-gather`` (changes only ZeRO with bf16/fp16).
+    ``num_micro_batches`` per step matters only for ZeRO 1, whose gradients wait unsharded
+    in fp32 until the step's last micro-batch."""
 
     num_gpus: int = 1
     sp: int = 1
@@ -54,6 +56,7 @@ class RunSetup:
     precision: str = "bf16"
     device: str = "cuda"
     fp32_param_gather: bool = False
+    num_micro_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -66,6 +69,8 @@ class RunSetup:
             )
         if self.micro_batch_size < 1:
             raise UsageError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
+        if self.num_micro_batches < 1:
+            raise UsageError(f"{self.num_micro_batches} micro-batches per step: must be >= 1")
 
     @property
     def compute_bytes(self) -> int:
@@ -470,16 +475,23 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
             return 4 * z["root"] + pb * min(2, L) * z["per_layer"]
         return 4 * z["root"] + pb * layers_left * z["per_layer"]
 
+    # ZeRO 1 over several micro-batches (set_micro_batch_sync): in the step's last one, the
+    # earlier micro-batches' gradients wait unsharded in fp32 until each layer's reduce-scatter.
+    accumulating = zero == 1 and setup.num_micro_batches > 1
+
+    def waiting(layers_left: int) -> int:
+        return 4 * (z["root"] + layers_left * z["per_layer"]) if accumulating else 0
+
     base = {"params": z["params"], "optimizer": z["optimizer"]}
     zeros = dict.fromkeys(MemoryEstimate.COMPONENTS, 0)
     phases: list[tuple[str, dict[str, int]]] = []
     phases.append(("end of forward (loss)", {
         **zeros, **base, "params_unsharded": unsharded(L), "activations": saved_total,
-        "params_lowp": per_layer_lowp * L + out_copy, "logits": loss_fwd,
+        "params_lowp": per_layer_lowp * L + out_copy, "logits": loss_fwd, "grads": waiting(L),
     }))  # fmt: skip
     phases.append(("loss backward", {
         **zeros, **base, "params_unsharded": unsharded(L), "activations": saved_total,
-        "params_lowp": lowp_saved_bytes(config, setup), "logits": loss_bwd,
+        "params_lowp": lowp_saved_bytes(config, setup), "logits": loss_bwd, "grads": waiting(L),
     }))  # fmt: skip
     # Layer backward, last layer first: saved tensors and low-precision copies shrink,
     # gradients grow (unsharded for the current FSDP unit, then reduce-scattered). Within a
@@ -495,6 +507,8 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
         # the root's backward ends), finished layers' (sharded under ZeRO), the current one's.
         finished = done * (z["per_layer"] if zero == 0 else z["layer_local"])
         grads = 4 * (z["out_params"] + finished)
+        if accumulating:  # the root's gradients are among those waiting
+            grads = 4 * finished + waiting(L - done)
         common = {**zeros, **base, "params_unsharded": unsharded(L - done), "params_lowp": lowp}
         layer = L - done
         phases.append((f"backward of layer {layer} (MLP)", {

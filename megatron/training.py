@@ -21,6 +21,7 @@ from megatron.distributed import (
     clip_grad_norm,
     grad_norm_and_clip,
     reduce_gradients,
+    set_micro_batch_sync,
     shard_model_for_zero,
 )
 from megatron.errors import UsageError
@@ -169,7 +170,9 @@ def train_step_async(
     state = get_parallel_state()
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
-    for _ in range(num_micro):
+    for micro in range(num_micro):
+        if num_micro > 1:
+            set_micro_batch_sync(model, args.zero_stage, last=micro == num_micro - 1)
         with autocast_context(args):
             output, loss_func = forward_step_func(data_iterator, model)
             loss, reported = loss_func(output)

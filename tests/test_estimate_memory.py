@@ -58,8 +58,11 @@ def predicted_saved(config, setup) -> int:
     return act["layers"] + act["final"] + act["shared"] + mm.lowp_saved_bytes(config, setup)
 
 
-def measure_iteration(config, bf16: bool, batch_size: int, shard=None, sp_group=None, rank=0):
-    """Two training iterations; returns (peak bytes of the second, model, optimizer)."""
+def measure_iteration(
+    config, bf16: bool, batch_size: int, shard=None, sp_group=None, rank=0, micro=1, sync=None
+):
+    """Two training iterations of ``micro`` micro-batches each (``sync(model, last)`` before
+    each backward); returns (peak bytes of the second, model, optimizer)."""
     torch.manual_seed(0)
     world = 1 if sp_group is None else torch.distributed.get_world_size(sp_group)
     batch = slice_batch(make_batch(batch_size, 0, seq=config.seq_length), rank, world)
@@ -78,9 +81,12 @@ def measure_iteration(config, bf16: bool, batch_size: int, shard=None, sp_group=
                 opt.zero_grad(set_to_none=True)
                 if it == 1:
                     mode.reset_peak()
-                with _autocast(bf16):
-                    loss = _loss(model, batch)
-                loss.backward()
+                for m in range(micro):
+                    if sync is not None:
+                        sync(model, m == micro - 1)
+                    with _autocast(bf16):
+                        loss = _loss(model, batch)
+                    loss.backward()
                 opt.step()
     finally:
         gc.enable()
@@ -185,13 +191,15 @@ def test_peak_matches_measurement(name):
     assert 0.95 * peak <= est.total <= 1.15 * peak, (est.total, peak, est.peak_phase)
 
 
-def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool, fp32_gather: bool = False):
+def _two_rank_case(
+    overrides: dict, zero: int, sp: int, bf16: bool, fp32_gather: bool = False, micro: int = 1
+):
     """On each of 2 gloo ranks: measured vs predicted saved bytes, params, optimizer, peak.
 
     The saved bytes are measured on the unsharded model (ZeRO 0); the peak on the sharded one,
     whose layers all-gather bf16 weights under bf16 unless ``fp32_gather``."""
     from megatron.core import parallel_state
-    from megatron.distributed import shard_model_for_zero
+    from megatron.distributed import set_micro_batch_sync, shard_model_for_zero
     from megatron.model import ParallelTransformerLayer
 
     config = tiny_config(**overrides)
@@ -204,7 +212,12 @@ def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool, fp32_gather:
     def shard(model):
         return shard_model_for_zero(model, zero, state, (ParallelTransformerLayer,), param_dtype)
 
-    peak, model, opt = measure_iteration(config, bf16, 2, shard, group, state.sp_rank)
+    def sync(model, last):
+        set_micro_batch_sync(model, zero, last)
+
+    peak, model, opt = measure_iteration(
+        config, bf16, 2, shard, group, state.sp_rank, micro, sync if micro > 1 else None
+    )
 
     def local(t):
         return t.to_local() if isinstance(t, DTensor) else t
@@ -213,7 +226,10 @@ def _two_rank_case(overrides: dict, zero: int, sp: int, bf16: bool, fp32_gather:
     states = sum(
         local(v).numel() * v.element_size() for st in opt.state.values() for v in st.values()
     )
-    setup = _setup(bf16, 2, num_gpus=2, sp=sp, zero_stage=zero, fp32_param_gather=fp32_gather)
+    setup = _setup(
+        bf16, 2, num_gpus=2, sp=sp, zero_stage=zero, fp32_param_gather=fp32_gather,
+        num_micro_batches=micro,
+    )  # fmt: skip
     est = mm.estimate_memory(config, setup)
     return {
         "saved": (saved, predicted_saved(config, dataclasses.replace(setup, zero_stage=0))),
@@ -228,6 +244,9 @@ TWO_RANK = [
     # bf16 under ZeRO: layers gathered in bf16 (the default), then in fp32 as before.
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True),
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True, True),
+    # ZeRO 1 over 2 micro-batches: gradients wait unsharded (fp32) for the last one.
+    ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True, False, 2),
+    ({"num_layers": 4, "attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 1, False, False, 2),
     ({**LLAMA, "num_layers": 4, "attention_backend": "sdpa", "loss_chunk_size": 32}, 3, 1, True),
     ({**LLAMA, "num_key_value_heads": 1, "attention_backend": "sdpa"}, 0, 2, True),
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, False),
@@ -245,10 +264,10 @@ def test_sp_and_zero_on_two_ranks():
     from dist_helper import get_world
 
     world = get_world(2)
-    for overrides, zero, sp, bf16, *fp32_gather in TWO_RANK:
-        results = world.run(_two_rank_case, overrides, zero, sp, bf16, *fp32_gather)
+    for overrides, zero, sp, bf16, *rest in TWO_RANK:
+        results = world.run(_two_rank_case, overrides, zero, sp, bf16, *rest)
         for rank, res in enumerate(results):
-            where = f"{overrides} ZeRO {zero} SP {sp} bf16={bf16} {fp32_gather} rank {rank}"
+            where = f"{overrides} ZeRO {zero} SP {sp} bf16={bf16} {rest} rank {rank}"
             measured, predicted = res["saved"]
             assert predicted == pytest.approx(measured, rel=0.10), (where, res)
             # FSDP2 pads dim 0 to a multiple of the world: the prediction is rank 0's size.

@@ -99,14 +99,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    sp = args.ds_sequence_parallel_size if sp is None else sp
+    per_step = args.micro_batch_size * (args.num_gpus // sp)  # samples per micro-batch step
     return RunSetup(
         num_gpus=args.num_gpus,
-        sp=args.ds_sequence_parallel_size if sp is None else sp,
+        sp=sp,
         micro_batch_size=args.micro_batch_size,
         zero_stage=args.zero_stage,
         precision=precision,
         device="cpu" if args.device == "cpu" else "cuda",
         fp32_param_gather=args.fp32_param_gather,
+        num_micro_batches=max(1, (args.global_batch_size or per_step) // per_step),
     )
 
 
