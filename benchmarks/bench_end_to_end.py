@@ -151,6 +151,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Sweep tokens that switch a boolean setting on, and the model flags passed through as is.
+SWITCH_TOKENS = {
+    "compile": "torch_compile", "fp32gather": "fp32_param_gather",
+    "cefuse": "cross_entropy_loss_fusion", "fusednorm": "fused_residual_norm",
+    "dwgrad": "delay_wgrad_compute", "sync": "sync_every_step",
+}  # fmt: skip
+MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
+                  "fused_residual_norm", "delay_wgrad_compute")  # fmt: skip
+
+
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     """One copy of ``args`` per ``--sweep`` entry (just ``args`` without ``--sweep``).
 
@@ -171,18 +181,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.recompute = token
             elif token in ("sdpa", "triton", "classic"):
                 variant.attention = token
-            elif token == "compile":
-                variant.torch_compile = True
-            elif token == "fp32gather":
-                variant.fp32_param_gather = True
-            elif token == "cefuse":
-                variant.cross_entropy_loss_fusion = True
-            elif token == "fusednorm":
-                variant.fused_residual_norm = True
-            elif token == "dwgrad":
-                variant.delay_wgrad_compute = True
-            elif token == "sync":
-                variant.sync_every_step = True
+            elif token in SWITCH_TOKENS:
+                setattr(variant, SWITCH_TOKENS[token], True)
             elif token[:1] == "z" and token[1:] in ("0", "1", "2", "3"):
                 variant.zero_stage = int(token[1:])
             elif token[:2] == "ga" and token[2:].isdigit() and int(token[2:]) >= 1:
@@ -221,18 +221,9 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         out.append("--use-flash-attn-triton")
     if args.recompute != "none":
         out += ["--recompute-granularity", args.recompute]
-    if args.torch_compile:
-        out.append("--torch-compile")
-    if args.checkpoint_in_cpu:
-        out.append("--checkpoint-in-cpu")
+    out += ["--" + name.replace("_", "-") for name in MODEL_SWITCHES if getattr(args, name)]
     if args.fp32_param_gather and args.zero_stage > 0 and args.precision != "fp32":
         out.append("--fp32-param-gather")
-    if args.cross_entropy_loss_fusion:
-        out.append("--cross-entropy-loss-fusion")
-    if args.fused_residual_norm:
-        out.append("--fused-residual-norm")
-    if args.delay_wgrad_compute:
-        out.append("--delay-wgrad-compute")
     return [str(x) for x in out]
 
 
