@@ -21,7 +21,8 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   ``p`` when fewer), and the context is copied once more on its way back to ``[s/p, b, h]``.
 * ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered weights
   from forward to backward; stage 3 holds the root module (embeddings, final norm) plus
-  about two layers unsharded. AdamW keeps two fp32 states (and a step scalar) per tensor.
+  about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
+  unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32 states (and a step scalar) per tensor.
 * The chunked loss keeps the fp32 final hidden states; its transient is one chunk's logits.
 """
 
@@ -367,10 +368,13 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     # FC1-output gradient (SwiGLU: the gate and up gradients). The FC2-input gradient
     # replaces FC2's saved input, which is freed by then.
     mlp = stream + n * a * up + weight_grad_tmp
+    # --delay-wgrad-compute (SP): the MLP's output gradients and its two linears' inputs
+    # wait for dQ/dK/dV's exchange, which computes the weight gradients from them.
+    delayed = n * a * (up + h + h + ffn) if config.delay_wgrad_compute and p > 1 else 0
     return {
         "attention_workspace": workspace,
         "all_to_all": 2 * n * a * x if p > 1 else 0,
-        "attention_other": stream + n * a * hd + weight_grad_tmp,  # + context gradient
+        "attention_other": stream + n * a * hd + weight_grad_tmp + delayed,  # + context grad
         "mlp": mlp,
     }
 

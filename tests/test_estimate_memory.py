@@ -244,6 +244,7 @@ TWO_RANK = [
     # bf16 under ZeRO: layers gathered in bf16 (the default), then in fp32 as before.
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True),
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True, True),
+    ({"attention_backend": "sdpa", "delay_wgrad_compute": True}, 0, 2, True),
     # ZeRO 1 over 2 micro-batches: gradients wait unsharded (fp32) for the last one.
     ({"attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 2, True, False, 2),
     ({"num_layers": 4, "attention_backend": "sdpa", "loss_chunk_size": 32}, 1, 1, False, False, 2),
