@@ -301,12 +301,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     trace = None
     if args.trace and args.profile:  # one file per configuration of a sweep
         tag = f"s{seq}_sp{sp}_z{margs.zero_stage}_{args.recompute}_{args.attention}"
-        tag += f"_c{args.sp_overlap_chunks}" + ("_compile" if args.torch_compile else "")
-        tag += "_fp32gather" if margs.fp32_param_gather else ""
-        tag += "_cefuse" if args.cross_entropy_loss_fusion else ""
-        tag += "_fusednorm" if args.fused_residual_norm else ""
-        tag += "_dwgrad" if args.delay_wgrad_compute else ""
-        tag += "_sync" if args.sync_every_step else ""
+        tag += f"_c{args.sp_overlap_chunks}"
+        tag += "".join(f"_{tok}" for tok, name in SWITCH_TOKENS.items() if getattr(args, name))
         tag += f"_ga{args.grad_accum}" if args.grad_accum > 1 else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
     breakdown = profile_iteration(step, device, trace) if args.profile else None
@@ -447,10 +443,10 @@ def profile_iteration(step, device: torch.device, trace: str | None = None) -> d
 
 def report(results: list[dict], title: str) -> None:
     rows = [
-        [r["seq_length"], r["sp"], r["dp"], r.get("grad_accum", 1), r["zero_stage"], r["recompute"], r["attention"],
+        [r["seq_length"], r["sp"], r["dp"], r["grad_accum"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
-         "yes" if r["fused_norm"] else "no", "yes" if r.get("delay_wgrad") else "no",
+         "yes" if r["fused_norm"] else "no", "yes" if r["delay_wgrad"] else "no",
          r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
