@@ -3,7 +3,7 @@
 # stage by stage:
 #
 #   bash benchmarks/run_h100x4.sh env a2a attention attention_breakdown e2e weak maxseq examples \
-#       fused_ops_tests triton_tests
+#       bias_gelu fused_ops_tests triton_tests
 #
 # Results (JSON + logs) go to $RES [results/]; with $OUT set (the device tool) they are also
 # packed into $OUT/results.tgz after every stage. Each stage has a wall-clock cap so one hang cannot eat the
@@ -103,8 +103,13 @@ stage_examples() {
         bash examples_seq_parallel/ds_pretrain_gpt_30B_seq_parallel_32k.sh
 }
 
+stage_bias_gelu() {
+    # The bias-GeLU kernels' tilings against PyTorch's unfused ops, one GPU.
+    timeout 120 "$PY" benchmarks/bench_bias_gelu.py --json "$RES/bias_gelu.json"
+}
+
 stage_fused_ops_tests() {
-    # The fused cross-entropy and add + norm kernels compiled for the GPU, bf16, real sizes.
+    # The fused cross-entropy, add + norm and bias-GeLU kernels on the GPU, bf16, real sizes.
     timeout 300 "$PY" -m pytest tests/test_fused_ops_cuda.py -v -p no:cacheprovider 2>&1 |
         tee "$RES/fused_ops_tests.log"
 }

@@ -22,7 +22,6 @@ COMPAT_ONLY = {
     "distribute_checkpointed_activations": "checkpointed activations are not partitioned (no tensor parallelism)",
     "accumulate_allreduce_grads_in_fp32": "gradients are always reduced and accumulated in fp32",
     "no_masked_softmax_fusion": "no fused masked-softmax kernel is used",
-    "no_bias_gelu_fusion": "no fused bias-GeLU kernel is used",
     "no_bias_dropout_fusion": "no fused bias-dropout kernel is used",
     "no_gradient_accumulation_fusion": "no fused gradient-accumulation kernel is used",
     "use_distributed_optimizer": "optimizer state sharding is --zero-stage 1/2/3 through FSDP2",
@@ -84,7 +83,13 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--no-masked-softmax-fusion", action="store_true")
-    g.add_argument("--no-bias-gelu-fusion", action="store_true")
+    g.add_argument(
+        "--no-bias-gelu-fusion",
+        action="store_true",
+        help="GeLU MLP with biases: add the first linear's bias in the linear, not inside the "
+        "fused GeLU kernel (which runs on CUDA by default, its backward summing the bias "
+        "gradient in the same pass)",
+    )
     g.add_argument("--no-bias-dropout-fusion", action="store_true")
 
 
@@ -173,8 +178,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fused-residual-norm",
         action="store_true",
-        help="each layer's attention residual add and post-attention norm in one Triton pass "
-        "each way (CUDA; CPU runs it only under TRITON_INTERPRET=1, else unfused)",
+        help="each residual add and the norm after it (post-attention, next layer's input, "
+        "final) in one Triton pass each way (CUDA; CPU runs it only under TRITON_INTERPRET=1, "
+        "else unfused)",
     )
     g.add_argument(
         "--delay-wgrad-compute",

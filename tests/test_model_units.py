@@ -382,6 +382,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
 from megatron.ops import add_norm_triton as an
+from megatron.ops import bias_gelu_triton as bg
 from megatron.ops import cross_entropy_triton as ce
 
 for kernel, last in ((ce._ce_fwd_kernel, "LOSS"), (ce._ce_bwd_kernel, "GRAD")):
@@ -403,6 +404,17 @@ for rms in (False, True):
            "RSTD": "*fp32", "DX": "*fp32", "DY": "*bf16", "DW_PART": "*fp32",
            "DB_PART": "*fp32", "n_rows": "i32", **dict.fromkeys(consts, "constexpr")}
     src = ASTSource(fn=an._add_norm_bwd_kernel, signature=sig, constexprs=consts)
+    assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
+for tanh in (False, True):
+    consts = {"F_": 8192, "TANH": tanh, "BLOCK_R": 16, "BLOCK_F": 256}
+    sig = {"X": "*bf16", "B": "*bf16", "Y": "*bf16", "n_rows": "i32",
+           **dict.fromkeys(consts, "constexpr")}
+    src = ASTSource(fn=bg._bias_gelu_fwd_kernel, signature=sig, constexprs=consts)
+    assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
+    consts["TILES"] = 8
+    sig = {"DY": "*bf16", "X": "*bf16", "B": "*fp32", "DX": "*bf16", "DB_PART": "*fp32",
+           "n_rows": "i32", **dict.fromkeys(consts, "constexpr")}
+    src = ASTSource(fn=bg._bias_gelu_bwd_kernel, signature=sig, constexprs=consts)
     assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
 print("ok")
 """
@@ -466,6 +478,60 @@ def test_fused_add_norm_matches_fp64(rms):
         assert y.grad.dtype == y_dtype and params[0].grad.dtype == w_dtype
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bias_gelu_matches_fp64(approximate):
+    """The bias-GeLU kernels (interpreter on CPU) against fp64: the output and the input and
+    bias gradients, with rows and features that fill no tile (masked lanes) and more rows
+    than one backward program takes."""
+    if not triton_kernels_can_run(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    from megatron.ops.bias_gelu_triton import bias_gelu
+
+    gen = torch.Generator().manual_seed(8)
+    for x_dtype, b_dtype, rows, tol in [
+        (torch.float32, torch.float32, 37, 1e-6),
+        (torch.float16, torch.float32, 1100, 2e-3),
+    ]:
+        x = (2 * torch.randn(rows, 300, generator=gen)).to(x_dtype).requires_grad_()
+        bias = torch.randn(300, generator=gen).to(b_dtype).requires_grad_()
+        grad = torch.randn(rows, 300, generator=gen).to(x_dtype)
+        y = bias_gelu(x, bias, approximate, use_triton=True)
+        y.backward(grad)
+        ref_in = [t.detach().double().requires_grad_() for t in (x, bias)]
+        ref = F.gelu(ref_in[0] + ref_in[1], approximate=approximate)
+        ref.backward(grad.double())
+        assert (y.dtype, x.grad.dtype, bias.grad.dtype) == (x_dtype, x_dtype, b_dtype)
+        for name, g, w in [("y", y, ref), ("dx", x.grad, ref_in[0].grad),
+                           ("db", bias.grad, ref_in[1].grad)]:  # fmt: skip
+            err = ((g.double() - w).norm() / w.norm()).item()
+            assert err < tol, (name, x_dtype, err)
+
+
+def test_bias_gelu_fusion_in_the_model():
+    """The MLP with ``bias_gelu_fusion`` (first linear without bias, then the bias-GeLU op:
+    PyTorch's ops off CUDA) computes what the unfused one does, also with the deferred
+    weight gradients' linear (``delay_wgrad_compute`` needs SP; here its linear directly)."""
+    from megatron.model import deferred_wgrad
+    from megatron.model.mlp import ParallelMLP
+
+    torch.manual_seed(9)
+    x = torch.randn(6, 2, 64)
+    grads = {}
+    for fused, queue in [(False, None), (True, None), (True, deferred_wgrad.WgradQueue())]:
+        torch.manual_seed(3)
+        mlp = ParallelMLP(tiny_config(bias_gelu_fusion=fused), wgrad_queue=queue)
+        assert mlp.bias_gelu_fusion == fused
+        xi = x.clone().requires_grad_()
+        out = mlp(xi)
+        out.square().sum().backward()
+        if queue is not None:
+            queue.run()
+        grads[fused, queue is not None] = [out, xi.grad] + [p.grad for p in mlp.parameters()]
+    for got in grads.values():
+        for g, w in zip(got, grads[False, False]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("style", ["gpt", "llama"])
 def test_fused_residual_norm_in_the_model(style):
     """The layer with ``fused_residual_norm`` computes what the unfused one does, in fp32
@@ -492,6 +558,25 @@ def test_fused_residual_norm_in_the_model(style):
         rel = 1e-6 if not autocast else 1e-2
         assert out[True][0] == pytest.approx(out[False][0], rel=rel)
         _assert_grads_close(out[True][1], out[False][1], rtol=1e-5 if not autocast else 2e-2)
+
+
+def test_fused_residual_norm_across_recompute_segments():
+    """Block recompute of the first layer: the checkpointed segment returns the summed
+    residual, the later layers hand their MLP output unsummed to the next norm (the last one
+    to the final norm's fused add). Fused equals unfused in fp32."""
+    if not triton_kernels_can_run(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    batch = make_batch(2, seed=7)
+    recompute = {"recompute_granularity": "full", "recompute_method": "block",
+                 "recompute_num_layers": 1, "num_layers": 3}  # fmt: skip
+    out = {}
+    for fused in (False, True):
+        model = _model(seed=5, fused_residual_norm=fused, **recompute)
+        loss = _forward_loss(model, batch)
+        loss.backward()
+        out[fused] = (loss.item(), _grads(model))
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    _assert_grads_close(out[True][1], out[False][1], rtol=1e-5)
 
 
 def test_chunked_loss_in_the_model():

@@ -82,7 +82,8 @@ class ModelConfig:
     attention_backend: str = "classic"  # classic | sdpa | triton
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
-    fused_residual_norm: bool = False  # attention residual add + post-attention norm (Triton)
+    bias_gelu_fusion: bool = False  # GeLU MLP: fc1's bias add + GeLU in one pass (CUDA)
+    fused_residual_norm: bool = False  # each residual add + the norm after it (Triton)
     delay_wgrad_compute: bool = False  # SP: weight gradients during the backward all-to-alls
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full only)
@@ -201,6 +202,8 @@ class ModelConfig:
             attention_backend=backend,
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
+            # --torch-compile fuses the layer's pointwise work itself.
+            bias_gelu_fusion=not (args.no_bias_gelu_fusion or args.torch_compile),
             fused_residual_norm=args.fused_residual_norm,
             delay_wgrad_compute=args.delay_wgrad_compute,
             recompute_granularity=args.recompute_granularity,

@@ -78,10 +78,14 @@ class _LinearDeferredWgrad(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None
 
 
-def linear(x: torch.Tensor, module: torch.nn.Linear, queue: WgradQueue | None) -> torch.Tensor:
-    """``module(x)``; with a ``queue`` its weight gradient is pushed there instead of computed
-    in this node's backward (the queue's owner must run it before the step reads gradients)."""
+def linear(
+    x: torch.Tensor, module: torch.nn.Linear, queue: WgradQueue | None, add_bias: bool = True
+) -> torch.Tensor:
+    """``module(x)`` (without its bias when not ``add_bias``: a fused op adds it); with a
+    ``queue`` the weight gradient is pushed there instead of computed in this node's backward
+    (the queue's owner must run it before the step reads gradients)."""
+    bias = module.bias if add_bias else None
     if queue is None or not torch.is_grad_enabled():
-        return module(x)
+        return F.linear(x, module.weight, bias)
     dtype = linear_compute_dtype(x, module.weight)
-    return _LinearDeferredWgrad.apply(x, module.weight, module.bias, dtype, queue)
+    return _LinearDeferredWgrad.apply(x, module.weight, bias, dtype, queue)

@@ -1,4 +1,8 @@
-"""The feed-forward block: GeLU, or SwiGLU with one fused gate/up projection."""
+"""The feed-forward block: GeLU, or SwiGLU with one fused gate/up projection.
+
+With ``bias_gelu_fusion`` (Megatron's default; ``--no-bias-gelu-fusion`` turns it off) the
+first projection's bias is added inside the GeLU kernel, whose backward also sums the bias
+gradient (:mod:`megatron.ops.bias_gelu_triton`; CUDA, else PyTorch's ops, same function)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ class ParallelMLP(torch.nn.Module):
         self.wgrad_queue = wgrad_queue
         self.swiglu = config.swiglu
         self.gelu_approximate = "tanh" if config.openai_gelu else "none"
+        self.bias_gelu_fusion = (
+            config.bias_gelu_fusion and config.add_bias_linear and not config.swiglu
+        )
         factory = {"device": device, "dtype": config.params_dtype}
         up_width = 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size
         self.dense_h_to_4h = torch.nn.Linear(
@@ -35,6 +42,12 @@ class ParallelMLP(torch.nn.Module):
         self.dense_4h_to_h.is_output_projection = True  # scaled init
 
     def forward(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
+        if self.bias_gelu_fusion:
+            from megatron.ops.bias_gelu_triton import bias_gelu
+
+            x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue, False)
+            x = bias_gelu(x, self.dense_h_to_4h.bias, self.gelu_approximate)
+            return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue)
         x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue)
         if self.swiglu:
             gate, up = x.chunk(2, dim=-1)

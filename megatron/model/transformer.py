@@ -15,9 +15,13 @@ fp32 ``[s/p, b, h]`` inputs are most of what a fully recomputed model holds.
 Under SP the recomputed forward repeats the attention all-to-alls in backward; every rank
 runs the same graph in the same order, so the collectives match.
 
-``--fused-residual-norm`` computes the attention block's residual add and the post-attention
-norm in one Triton pass each way (:mod:`megatron.ops.add_norm_triton`), with the norm's
-output written in autocast's dtype; on CPU it runs only in the Triton interpreter (tests).
+Each residual add is followed by a norm: the attention block's by the post-attention norm,
+the MLP block's by the next layer's input norm (or the final norm). A layer therefore returns
+its residual stream and its MLP output unsummed, and the next consumer adds them
+(:func:`add_norm`). ``--fused-residual-norm`` computes each such add and norm in one Triton
+pass each way (:mod:`megatron.ops.add_norm_triton`), with the norm's output written in the
+dtype its linear computes in; on CPU it runs only in the Triton interpreter (tests). Each
+recomputed segment returns the sum, so a checkpoint keeps one tensor between segments.
 
 ``--torch-compile`` compiles each layer's forward (norms, projections, activation, residual
 adds: fused pointwise work around the matmuls); the core attention stays eager (see
@@ -50,8 +54,27 @@ def compile_backend() -> str:
     return os.environ.get("MEGATRON_COMPILE_BACKEND", "inductor")
 
 
+def add_norm(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    norm: torch.nn.Module,
+    out_dtype: torch.dtype,
+    fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, norm(r))`` with ``r = x + y`` (``x`` when ``y`` is None). ``fused`` runs both in
+    one Triton pass and writes ``norm(r)`` in ``out_dtype``; unfused, autocast casts it."""
+    if y is None:
+        return x, norm(x)
+    if fused and triton_kernels_can_run(x.device):
+        from megatron.ops.add_norm_triton import fused_add_norm
+
+        return fused_add_norm(x, y, norm, out_dtype)
+    r = x + y
+    return r, norm(r)
+
+
 class ParallelTransformerLayer(torch.nn.Module):
-    """x + drop(attn(norm(x))), then + drop(mlp(norm(.)))."""
+    """x + drop(attn(norm(x))), then + drop(mlp(norm(.))); the last add is left to the caller."""
 
     def __init__(
         self,
@@ -78,24 +101,27 @@ class ParallelTransformerLayer(torch.nn.Module):
             self.forward = torch.compile(self.forward, backend=compile_backend(), dynamic=False)
 
     def forward(
-        self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        attn_out = self.self_attention(self.input_layernorm(hidden_sbh), rotary, doc_ids)
+        self,
+        hidden_sbh: torch.Tensor,
+        rotary: Rotary = None,
+        doc_ids: torch.Tensor | None = None,
+        prev_mlp_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prev_mlp_out``: the previous layer's MLP output, not yet added to ``hidden_sbh``.
+        Returns ``(residual, mlp_out)``, whose sum is this layer's output."""
+        fused = self.fused_residual_norm
+        qkv_dtype = linear_compute_dtype(hidden_sbh, self.self_attention.query_key_value.weight)
+        hidden_sbh, normed = add_norm(
+            hidden_sbh, prev_mlp_out, self.input_layernorm, qkv_dtype, fused
+        )
+        attn_out = self.self_attention(normed, rotary, doc_ids)
         attn_out = F.dropout(attn_out, self.hidden_dropout, self.training)
-        if self.fused_residual_norm and triton_kernels_can_run(hidden_sbh.device):
-            from megatron.ops.add_norm_triton import fused_add_norm
-
-            hidden_sbh, normed = fused_add_norm(
-                hidden_sbh,
-                attn_out,
-                self.post_attention_layernorm,
-                linear_compute_dtype(hidden_sbh, self.mlp.dense_h_to_4h.weight),
-            )
-        else:
-            hidden_sbh = hidden_sbh + attn_out
-            normed = self.post_attention_layernorm(hidden_sbh)
+        mlp_dtype = linear_compute_dtype(hidden_sbh, self.mlp.dense_h_to_4h.weight)
+        hidden_sbh, normed = add_norm(
+            hidden_sbh, attn_out, self.post_attention_layernorm, mlp_dtype, fused
+        )
         mlp_out = self.mlp(normed)
-        return hidden_sbh + F.dropout(mlp_out, self.hidden_dropout, self.training)
+        return hidden_sbh, F.dropout(mlp_out, self.hidden_dropout, self.training)
 
 
 class ParallelTransformer(torch.nn.Module):
@@ -116,39 +142,57 @@ class ParallelTransformer(torch.nn.Module):
         self.recompute_method = config.recompute_method
         self.recompute_num_layers = config.recompute_num_layers
         self.checkpoint_in_cpu = config.checkpoint_in_cpu
+        self.fused_residual_norm = config.fused_residual_norm
 
     def _run_layers(
-        self, start: int, end: int, hidden_sbh: torch.Tensor, rotary: Rotary, doc_ids
-    ) -> torch.Tensor:
+        self,
+        start: int,
+        end: int,
+        hidden_sbh: torch.Tensor,
+        rotary: Rotary,
+        doc_ids,
+        mlp_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layers ``start..end``; returns ``(residual, mlp_out)`` unsummed (see the module)."""
         for layer in self.layers[start:end]:
-            hidden_sbh = layer(hidden_sbh, rotary, doc_ids)
-        return hidden_sbh
+            hidden_sbh, mlp_out = layer(hidden_sbh, rotary, doc_ids, mlp_out)
+        return hidden_sbh, mlp_out
+
+    def _run_segment(self, start: int, end: int, hidden_sbh, rotary, doc_ids) -> torch.Tensor:
+        """A recomputed segment: one tensor in, one out."""
+        hidden_sbh, mlp_out = self._run_layers(start, end, hidden_sbh, rotary, doc_ids)
+        return hidden_sbh + mlp_out
 
     def forward(
         self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         n_layers = len(self.layers)
+        mlp_out = None
         if not (self.recompute_full and torch.is_grad_enabled()):
-            hidden_sbh = self._run_layers(0, n_layers, hidden_sbh, rotary, doc_ids)
+            hidden_sbh, mlp_out = self._run_layers(0, n_layers, hidden_sbh, rotary, doc_ids)
         elif self.recompute_method == "uniform":
             step = self.recompute_num_layers
             for start in range(0, n_layers, step):
                 end = min(start + step, n_layers)
                 with self._inputs_kept_on_host():
                     hidden_sbh = checkpoint(
-                        self._run_layers, start, end, hidden_sbh, rotary, doc_ids,
+                        self._run_segment, start, end, hidden_sbh, rotary, doc_ids,
                         use_reentrant=False,
                     )  # fmt: skip
         else:  # block: the first recompute_num_layers layers, each on its own
-            for i, layer in enumerate(self.layers):
-                if i < self.recompute_num_layers:
-                    with self._inputs_kept_on_host():
-                        hidden_sbh = checkpoint(
-                            layer, hidden_sbh, rotary, doc_ids, use_reentrant=False
-                        )
-                else:
-                    hidden_sbh = layer(hidden_sbh, rotary, doc_ids)
-        return self.final_layernorm(hidden_sbh)
+            k = min(self.recompute_num_layers, n_layers)
+            for i in range(k):
+                with self._inputs_kept_on_host():
+                    hidden_sbh = checkpoint(
+                        self._run_segment, i, i + 1, hidden_sbh, rotary, doc_ids,
+                        use_reentrant=False,
+                    )  # fmt: skip
+            hidden_sbh, mlp_out = self._run_layers(k, n_layers, hidden_sbh, rotary, doc_ids)
+        # The final norm's output keeps the residual stream's dtype, as the unfused norm's.
+        _, out = add_norm(
+            hidden_sbh, mlp_out, self.final_layernorm, hidden_sbh.dtype, self.fused_residual_norm
+        )
+        return out
 
     def _inputs_kept_on_host(self):
         """Around one ``checkpoint`` call: the inputs it saves for backward go to pinned host
