@@ -206,6 +206,19 @@ def head_to_seq(
     return list(out)
 
 
+def ring_shift_start(
+    send: torch.Tensor, recv: torch.Tensor, shift: int, group: dist.ProcessGroup
+) -> list:
+    """Start step ``shift`` of a pairwise exchange: ``send`` goes to group rank
+    ``(me + shift) % p`` while ``recv`` (contiguous) is filled from ``(me - shift) % p``.
+    Every rank runs the same step together; returns the works to wait on."""
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    dst = dist.get_global_rank(group, (me + shift) % p)
+    src = dist.get_global_rank(group, (me - shift) % p)
+    ops = [dist.P2POp(dist.isend, send, dst, group), dist.P2POp(dist.irecv, recv, src, group)]
+    return dist.batch_isend_irecv(ops)
+
+
 def _grads_or_zeros(
     grads: Sequence[torch.Tensor | None], like: Sequence[torch.Size], ref: torch.Tensor
 ):
