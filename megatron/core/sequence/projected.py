@@ -1,17 +1,14 @@
 """The fused Q/K/V projection and Ulysses' first exchange, overlapped (``--sp-qkv-overlap``).
 
 Plainly, the projection ``x @ W^T + b`` runs as one GEMM, its Q, K and V columns are packed
-per destination rank (a copy) and one all-to-all sends them: nothing else runs while it is
-in flight. Here the projection is computed one destination at a time, from the rows of ``W``
-that hold that rank's heads (``[q_r | k_r | v_r]``), straight into a contiguous buffer:
-
-    step c = 1 .. p-1: GEMM for rank (me + c) % p, then send it there while receiving
-                       rank (me - c) % p's piece into its slot of the output;
-    last:              GEMM for my own heads, written into my slot.
-
-So the GEMM of step c + 1 runs while step c's transfer is in flight, and no packing copy is
-made. The output buffer is ``[p, s/p, b, w]`` (``w`` = this rank's Q|K|V width) = ``[s, b,
-w]`` in sequence order, and Q, K, V are column views of it, as the plain path returns them.
+per destination rank (three strided copies) and one all-to-all sends them, with nothing else
+running while it is in flight. Here the projection is computed one destination rank at a
+time, from the rows of ``W`` that hold that rank's heads (``[q_r | k_r | v_r]``), each into
+its own contiguous send block; one all-to-all then sends the other ranks' blocks straight
+into their slots of the output while the GEMM of this rank's own heads runs, writing into
+its slot. No packing copy is made, and the local GEMM hides part of the exchange. The output
+buffer is ``[p, s/p, b, w]`` (``w`` = a rank's Q|K|V width) = ``[s, b, w]`` in sequence
+order, and Q, K, V are column views of it, as the plain path returns them.
 
 Backward is the plain path's: dQ/dK/dV go back in one all-to-all (with the backward-overlap
 work, e.g. deferred weight gradients, launched meanwhile) straight into the columns of the
@@ -26,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron.core.comm import _grads_or_zeros, head_to_seq, ring_shift_start
+from megatron.core.comm import _grads_or_zeros, exchange_blocks_start, head_to_seq
 
 
 def _rank_major(t: torch.Tensor, widths: Sequence[int], p: int, dtype: torch.dtype):
@@ -59,13 +56,10 @@ class QKVProjectionSeqToHead(torch.autograd.Function):
                 return torch.mm(x_nh, w_rm[rank].t(), out=into)
             return torch.addmm(b_rm[rank], x_nh, w_rm[rank].t(), out=into)
 
-        works, sends = [], []
-        for shift in range(1, p):
-            sends.append(project((me + shift) % p))  # [s/p * b, w] for rank me + shift
-            works += ring_shift_start(sends[-1], out[(me - shift) % p], shift, group)
-        project(me, out[me])
-        for work in works:
-            work.wait()
+        sends = [None if r == me else project(r) for r in range(p)]  # [s/p * b, w] each
+        work = exchange_blocks_start(sends, [None if r == me else out[r] for r in range(p)], group)
+        project(me, out[me])  # while the other blocks travel
+        work.wait()
         del sends
         ctx.save_for_backward(x_nh, w_c)
         ctx.group, ctx.overlap, ctx.x_shape, ctx.x_dtype = group, backward_overlap, x.shape, x.dtype
