@@ -94,11 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="model flag: each residual add + the norm after it in one Triton pass",
     )
     p.add_argument(
-        "--sp-qkv-overlap",
-        action="store_true",
-        help="model flag: Q/K/V projection per destination rank, overlapping its transfers",
-    )
-    p.add_argument(
         "--no-bias-gelu-fusion",
         action="store_true",
         help="model flag: the MLP's bias in its first linear, GeLU unfused (fused by default)",
@@ -166,11 +161,9 @@ SWITCH_TOKENS = {
     "compile": "torch_compile", "fp32gather": "fp32_param_gather",
     "cefuse": "cross_entropy_loss_fusion", "fusednorm": "fused_residual_norm",
     "dwgrad": "delay_wgrad_compute", "sync": "sync_every_step", "nobgf": "no_bias_gelu_fusion",
-    "qkvov": "sp_qkv_overlap",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
-                  "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
-                  "sp_qkv_overlap")  # fmt: skip
+                  "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -181,7 +174,7 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
     ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
     ``sync`` (``--sync-every-step``), ``dwgrad`` (``--delay-wgrad-compute``), ``nobgf``
-    (``--no-bias-gelu-fusion``), ``qkvov`` (``--sp-qkv-overlap``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
+    (``--no-bias-gelu-fusion``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
     flag values.
     """
     if not args.sweep:
@@ -336,7 +329,6 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
         "delay_wgrad": args.delay_wgrad_compute, "bias_gelu_fused": not args.no_bias_gelu_fusion,
-        "qkv_overlap": args.sp_qkv_overlap,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens, "lm_losses": history,
@@ -461,14 +453,13 @@ def report(results: list[dict], title: str) -> None:
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
          "yes" if r["fused_norm"] else "no", "yes" if r.get("bias_gelu_fused") else "no",
-         "yes" if r["delay_wgrad"] else "no", "yes" if r.get("qkv_overlap") else "no",
-         r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
+         "yes" if r["delay_wgrad"] else "no", r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "CE fused", "norm fused", "bias-GeLU fused", "wgrad delayed", "QKV overlap", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "norm fused", "bias-GeLU fused", "wgrad delayed", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:

@@ -182,8 +182,6 @@ def _check_training(args: argparse.Namespace) -> None:
             f"--delay-wgrad-compute and {flag}: the deferred weight gradients run during the "
             "plain, eager all-to-alls' backward; drop one"
         )
-    if args.sp_qkv_overlap:
-        _check_sp_qkv_overlap(args)
     if args.cross_entropy_loss_fusion and args.loss_chunk_size == 0:
         raise UsageError(
             "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0 "
@@ -277,26 +275,3 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_training(args)
     args.compat_warnings = compat_warnings(args)
     return args
-
-
-def _check_sp_qkv_overlap(args: argparse.Namespace) -> None:
-    """--sp-qkv-overlap exchanges the projection's output as computed: nothing may sit
-    between the projection and the exchange, and every rank needs whole key/value heads."""
-    sp = args.ds_sequence_parallel_size
-    kv_heads = args.num_key_value_heads or args.num_attention_heads
-    if args.position_embedding_type == "rope":
-        why = (
-            "--position-embedding-type rope rotates Q and K between the projection and the exchange"
-        )
-    elif args.torch_compile:
-        why = "--torch-compile compiles the projection into the layer's graph"
-    elif args.sp_overlap_chunks > 1:
-        why = "--sp-overlap-chunks > 1 pipelines the exchange against the attention instead"
-    elif kv_heads % sp != 0:
-        why = (
-            f"{kv_heads} key/value heads do not split over --ds-sequence-parallel-size {sp} "
-            "(they are replicated per rank first)"
-        )
-    else:
-        return
-    raise UsageError(f"--sp-qkv-overlap: {why}; drop the flag")

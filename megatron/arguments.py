@@ -292,13 +292,6 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="pipeline the Ulysses all-to-alls against attention over N groups of heads",
     )
     g.add_argument(
-        "--sp-qkv-overlap",
-        action="store_true",
-        help="compute the Q/K/V projection one destination rank at a time, each piece's "
-        "transfer overlapping the next piece's GEMM, instead of one GEMM then one all-to-all "
-        "(learned or no position embeddings; key/value heads divisible by the SP size)",
-    )
-    g.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="Megatron-LM's tensor-parallel variant: refused here",

@@ -182,16 +182,6 @@ ERRORS = [
         1,
         "--delay-wgrad-compute and --sp-overlap-chunks > 1: the deferred weight gradients",
     ),
-    (
-        TINY + " --sp-qkv-overlap --position-embedding-type rope",
-        1,
-        "--sp-qkv-overlap: --position-embedding-type rope rotates Q and K between",
-    ),
-    (
-        TINY + " --sp-qkv-overlap --num-key-value-heads 2 --ds-sequence-parallel-size 4",
-        4,
-        "--sp-qkv-overlap: 2 key/value heads do not split over --ds-sequence-parallel-size 4",
-    ),
 ]
 
 

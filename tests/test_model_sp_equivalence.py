@@ -27,8 +27,6 @@ SELECTIVE = {"recompute_granularity": "selective"}
 SDPA = {"attention_backend": "sdpa"}
 TRITON = {"attention_backend": "triton"}
 DELAY_WGRAD = {"delay_wgrad_compute": True}
-QKV_OVERLAP = {"sp_qkv_overlap": True}
-GQA2_LEARNED = {"num_key_value_heads": 2, "add_bias_linear": False}  # GQA without RoPE
 
 # (id, overrides, batch, packed documents)
 CASES_SP2 = [
@@ -61,13 +59,6 @@ CASES_SP2 = [
     ("llama-triton-packed", {**LLAMA, **TRITON}, 2, True),
     ("gpt-full-uniform-ckpt-in-cpu", {**FULL_UNIFORM, "checkpoint_in_cpu": True}, 2, False),
     ("gpt-sdpa-delay-wgrad", {**SDPA, **DELAY_WGRAD}, 2, False),
-    ("gpt-sdpa-qkv-overlap", {**SDPA, **QKV_OVERLAP}, 2, False),
-    (
-        "gqa2-qkv-overlap-delay-wgrad-packed",
-        {**GQA2_LEARNED, **QKV_OVERLAP, **DELAY_WGRAD},
-        2,
-        True,
-    ),
     ("llama-mqa-delay-wgrad-full-uniform", {**MQA, **FULL_UNIFORM, **DELAY_WGRAD}, 2, True),
     ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
     (
@@ -90,8 +81,6 @@ CASES_SP4 = [
     ),
     ("llama-block-ckpt-in-cpu", {**LLAMA, **FULL_BLOCK, "checkpoint_in_cpu": True}, 2, True),
     ("gpt-delay-wgrad-selective", {**SELECTIVE, **DELAY_WGRAD}, 2, False),
-    ("gpt-qkv-overlap-full-uniform", {**QKV_OVERLAP, **FULL_UNIFORM}, 2, False),
-    ("gqa4-qkv-overlap-sdpa-packed", {**QKV_OVERLAP, **SDPA, "num_key_value_heads": 4}, 3, True),
 ]
 
 

@@ -206,21 +206,6 @@ def head_to_seq(
     return list(out)
 
 
-def exchange_blocks_start(
-    sends: Sequence[torch.Tensor | None], recvs: Sequence[torch.Tensor | None], group
-):
-    """Start an all-to-all of per-rank contiguous blocks: ``sends[r]`` goes to group rank
-    ``r``, ``recvs[r]`` (any contiguous tensor, e.g. a slot of a larger buffer) is filled from
-    it. This rank's own entries are None: its block never travels. Returns the work."""
-    me = dist.get_rank(group)
-    like = next(t for t in sends if t is not None)
-    # NCCL skips empty blocks; gloo wants every block the same size, so self gets scratch.
-    own = like.new_empty(0) if dist.get_backend(group) == "nccl" else torch.empty_like(like)
-    sends = [own if r == me else t for r, t in enumerate(sends)]
-    recvs = [torch.empty_like(own) if r == me else t for r, t in enumerate(recvs)]
-    return dist.all_to_all(list(recvs), sends, group=group, async_op=True)
-
-
 def _grads_or_zeros(
     grads: Sequence[torch.Tensor | None], like: Sequence[torch.Size], ref: torch.Tensor
 ):

@@ -18,7 +18,6 @@ from megatron.core.sequence.layer import DistributedAttention, check_heads_for_s
 from megatron.model import deferred_wgrad
 from megatron.model.attention_backends import build_local_attention
 from megatron.model.config import ModelConfig
-from megatron.model.matmul import linear_compute_dtype
 from megatron.model.rotary import apply_rotary
 
 
@@ -77,9 +76,6 @@ class ParallelAttention(torch.nn.Module):
             config.hidden_size, q_width + 2 * kv_width, bias=config.add_bias_linear, **factory
         )
         sp = sp_world_size(sp_group)
-        self.qkv_overlap = config.sp_qkv_overlap and sp > 1
-        if self.qkv_overlap and config.position_embedding_type == "rope":
-            raise ValueError("sp_qkv_overlap: RoPE rotates Q and K between projection and exchange")
         self.dense_wgrad = deferred_wgrad.WgradQueue() if mlp_wgrad is not None else None
         if sp > 1:
             check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
@@ -109,10 +105,6 @@ class ParallelAttention(torch.nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         s, b, _ = hidden_sbh.shape
-        if self.qkv_overlap:  # --sp-qkv-overlap: projection and exchange in one pipeline
-            context = self._attend_projected(hidden_sbh, doc_ids)
-            context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
-            return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)
         qkv = self.query_key_value(hidden_sbh)  # [s, b, (hq + 2 hkv) d]
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
@@ -126,14 +118,6 @@ class ParallelAttention(torch.nn.Module):
         context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
         return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
-
-    def _attend_projected(self, hidden_sbh, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
-        dtype = linear_compute_dtype(hidden_sbh, self.query_key_value.weight)
-        kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
-        return self.core_attention.forward_from_projection(
-            hidden_sbh, self.query_key_value, heads, self.head_dim, dtype, **kwargs
-        )
 
     def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """The core attention. Under ``--torch-compile`` the layer excludes this call from

@@ -19,7 +19,6 @@ from megatron.core.comm import (
     fused_qkv_source,
 )
 from megatron.core.sequence.pipelined import PipelinedUlyssesAttention, effective_chunks
-from megatron.core.sequence.projected import qkv_projection_seq_to_head
 from megatron.errors import UsageError
 
 
@@ -120,34 +119,4 @@ class DistributedAttention(torch.nn.Module):
         context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
         # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
         (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, self.output_backward_overlap, context)
-        return out
-
-    def forward_from_projection(
-        self,
-        x_sbh: torch.Tensor,
-        projection: torch.nn.Linear,
-        heads: tuple[int, int, int],
-        head_dim: int,
-        dtype: torch.dtype,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Attention of Q, K, V = the column blocks of ``projection(x_sbh)`` ([s/p, b, H];
-        ``heads`` query, key and value heads of ``head_dim``), with the projection computed
-        per destination rank and overlapped with the first exchange (see
-        :mod:`megatron.core.sequence.projected`). Returns ``[s/p, b, h, d]``. Needs the
-        ``[s, b, h, d]`` layout, the plain path (``num_chunks`` 1) and key/value heads that
-        split over the group."""
-        sp = dist.get_world_size(self.spg)
-        if (self.gather_idx, self.scatter_idx, self.num_chunks) != (0, 2, 1) or heads[1] % sp:
-            raise ValueError(
-                "forward_from_projection needs [s, b, h, d], one chunk, h_kv % sp == 0"
-            )
-        check_heads_for_sp(heads[0], heads[1], sp)
-        q_full, k_full, v_full = qkv_projection_seq_to_head(
-            x_sbh, projection, heads, head_dim, self.spg, dtype, self.qkv_backward_overlap
-        )  # [s, b, h_t/p, d] each
-        context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
-        # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
-        (out,) = HeadToSeqAllToAll.apply(self.spg, 0, 2, self.output_backward_overlap, context)
         return out
