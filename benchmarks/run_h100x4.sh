@@ -75,7 +75,7 @@ stage_attention_breakdown() {
 
 stage_e2e() {
     timeout 400 "${RUN[@]}" "$NPROC" benchmarks/bench_end_to_end.py --profile \
-        --sweep "${E2E_SWEEP:-z1,z1-cefuse-fusednorm,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-ga2,z1-full-cefuse-fusednorm,z3,z3-cefuse-fusednorm,z3-full-cefuse-fusednorm}" \
+        --sweep "${E2E_SWEEP:-z1-nobgf,z1-cefuse-fusednorm,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga4,z1-full-cefuse-fusednorm,z3-nobgf,z3-cefuse-fusednorm,z3-full-cefuse-fusednorm}" \
         --trace "$RES/traces/e2e.json.gz" --json "$RES/e2e_1p3b_32k.json"
 }
 
