@@ -1,8 +1,9 @@
 """Residual add + LayerNorm/RMSNorm in one Triton pass (``--fused-residual-norm``).
 
-Inside a transformer layer ``r = x + y`` (the fp32 residual stream plus the attention
-block's output) is followed by the post-attention norm, whose output autocast then casts for
-the MLP's first linear. Unfused that is an add, the norm and a cast in forward and, in
+In the transformer ``r = x + y`` (the fp32 residual stream plus a block's output) is
+followed by a norm: the attention block's by the post-attention norm, the MLP block's by the
+next layer's input norm (or the final norm), whose output autocast then casts for the next
+linear. Unfused that is an add, the norm and a cast in forward and, in
 backward, the cast's gradient, the norm's input and weight gradients and the residual
 gradient's accumulation: about twice the memory traffic of one fused pass each way.
 
