@@ -1,4 +1,5 @@
-"""The tiny GPT every model test uses, and batches for it (plain or packed documents)."""
+"""The tiny GPT every model test uses, batches for it (plain or packed documents), and
+helpers to run it and compare gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 
 import torch
 
-from megatron.model import ModelConfig
+from megatron.model import GPTModel, ModelConfig, masked_lm_loss
 
 VOCAB = 100  # real tokens are 1..VOCAB-1; the embedding table is padded to 128
 PADDED_VOCAB = 128
@@ -109,3 +110,29 @@ def slice_batch(batch: dict, rank: int, world: int) -> dict:
         local = value.shape[1] // world
         out[key] = value[:, rank * local : (rank + 1) * local]
     return out
+
+
+def build_model(seed: int = 0, **overrides) -> GPTModel:
+    """The tiny model (with ``overrides``), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return GPTModel(tiny_config(**overrides))
+
+
+def forward_loss(model: GPTModel, batch: dict) -> torch.Tensor:
+    """The batch's mean loss, one process."""
+    per_token = model(
+        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]
+    )
+    return masked_lm_loss(per_token, batch["loss_mask"], None)
+
+
+def grads_of(model: GPTModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_grads_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    """Same parameter names, each gradient within ``rtol`` (relative norm of the difference)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        err = ((a[name] - b[name]).norm() / b[name].norm().clamp_min(1e-30)).item()
+        assert err <= rtol, f"{name}: relative grad difference {err:.2e}"

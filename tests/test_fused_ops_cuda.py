@@ -1,6 +1,6 @@
 """The fused Triton kernels compiled for the GPU, at the 1.3B model's sizes (vocabulary 50304,
 hidden 2048) and in bf16, against fp64 references. The CPU suite runs the same kernels in the
-interpreter (tests/test_model_units.py); these need CUDA and are skipped without it."""
+interpreter (tests/test_fused_ops.py); these need CUDA and are skipped without it."""
 
 from __future__ import annotations
 
