@@ -189,7 +189,7 @@ def test_bias_gelu_matches_fp64(approximate):
     than one backward program takes."""
     if not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
-    from megatron.ops.bias_gelu_triton import bias_gelu
+    from megatron.ops import bias_gelu
 
     gen = torch.Generator().manual_seed(8)
     for x_dtype, b_dtype, rows, tol in [

@@ -80,7 +80,7 @@ def test_fused_add_norm_bf16_hidden_2048(rms):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_bias_gelu_bf16_ffn_8192(approximate):
     """The bias-GeLU kernels at the 1.3B MLP's width: bf16 product, fp32 bias, 8192 rows."""
-    from megatron.ops.bias_gelu_triton import bias_gelu
+    from megatron.ops import bias_gelu
 
     torch.manual_seed(2)
     dev = torch.device("cuda")

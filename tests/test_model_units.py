@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import subprocess
 import sys
 import types
@@ -279,6 +280,20 @@ def test_flash_attn_wiring_with_a_stand_in_module(monkeypatch):
 def test_importing_the_model_does_not_import_triton():
     code = "import sys, megatron.model; sys.exit('triton' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_bias_gelu_off_cuda_needs_no_triton_module():
+    """The default bias-GeLU fusion on CPU computes with PyTorch's ops: our Triton module is
+    not imported (triton is optional; PyTorch itself may import it when installed)."""
+    code = (
+        "import sys, torch, megatron.model as m\n"
+        "c = m.ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2,"
+        " padded_vocab_size=32, seq_length=8, bias_gelu_fusion=True)\n"
+        "m.GPTModel(c).transformer.layers[0].mlp(torch.randn(8, 1, 16))\n"
+        "sys.exit('megatron.ops.bias_gelu_triton' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    assert subprocess.run([sys.executable, "-c", code], check=False, env=env).returncode == 0
 
 
 # ---------------------------------------------------------------- packed documents

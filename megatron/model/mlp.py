@@ -2,7 +2,7 @@
 
 With ``bias_gelu_fusion`` (Megatron's default; ``--no-bias-gelu-fusion`` turns it off) the
 first projection's bias is added inside the GeLU kernel, whose backward also sums the bias
-gradient (:mod:`megatron.ops.bias_gelu_triton`; CUDA, else PyTorch's ops, same function)."""
+gradient (:func:`megatron.ops.bias_gelu`: Triton on CUDA, else PyTorch's ops, same function)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from megatron.model import deferred_wgrad
 from megatron.model.config import ModelConfig
+from megatron.ops import bias_gelu
 
 
 class ParallelMLP(torch.nn.Module):
@@ -43,8 +44,6 @@ class ParallelMLP(torch.nn.Module):
 
     def forward(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
         if self.bias_gelu_fusion:
-            from megatron.ops.bias_gelu_triton import bias_gelu
-
             x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue, False)
             x = bias_gelu(x, self.dense_h_to_4h.bias, self.gelu_approximate)
             return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue)

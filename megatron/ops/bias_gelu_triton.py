@@ -12,7 +12,6 @@ in fp32 from the low-precision product.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -108,15 +107,3 @@ class BiasGeLU(torch.autograd.Function):
                 dy, x2, bias, dx, db_part, n, F_=f, TANH=ctx.tanh, TILES=tiles, **BWD_TILE
             )
         return dx.view(shape), db_part.sum(0).to(bias.dtype), None
-
-
-def bias_gelu(
-    x: torch.Tensor, bias: torch.Tensor, approximate: str = "none", use_triton: bool | None = None
-) -> torch.Tensor:
-    """``gelu(x + bias)`` in ``x``'s dtype, ``approximate`` as ``F.gelu``'s. The Triton kernels
-    run on CUDA (``use_triton=None``); elsewhere PyTorch's ops compute the same function."""
-    if use_triton is None:
-        use_triton = x.is_cuda
-    if not use_triton:
-        return F.gelu(x + bias.to(x.dtype), approximate=approximate)
-    return BiasGeLU.apply(x, bias, approximate == "tanh")
