@@ -10,18 +10,11 @@ import os
 import subprocess
 import sys
 
+import model_utils as mu
 import pytest
 import torch
 import torch.nn.functional as F
-from model_utils import (
-    LLAMA,
-    assert_grads_close,
-    build_model,
-    forward_loss,
-    grads_of,
-    make_batch,
-    tiny_config,
-)
+from model_utils import LLAMA, make_batch, tiny_config
 
 from megatron.model.loss import output_layer_cross_entropy
 from megatron.ops import triton_kernels_can_run
@@ -249,19 +242,19 @@ def test_fused_residual_norm_in_the_model(style):
     for autocast in (False, True):
         out = {}
         for fused in (False, True):
-            model = build_model(seed=3, fused_residual_norm=fused, **extra)
+            model = mu.build_model(seed=3, fused_residual_norm=fused, **extra)
             ctx = (
                 torch.autocast("cpu", dtype=torch.bfloat16)
                 if autocast
                 else contextlib.nullcontext()
             )
             with ctx:
-                loss = forward_loss(model, batch)
+                loss = mu.forward_loss(model, batch)
             loss.backward()
-            out[fused] = (loss.item(), grads_of(model))
+            out[fused] = (loss.item(), mu.grads_of(model))
         rel = 1e-6 if not autocast else 1e-2
         assert out[True][0] == pytest.approx(out[False][0], rel=rel)
-        assert_grads_close(out[True][1], out[False][1], rtol=1e-5 if not autocast else 2e-2)
+        mu.assert_grads_close(out[True][1], out[False][1], rtol=1e-5 if not autocast else 2e-2)
 
 
 def test_fused_residual_norm_across_recompute_segments():
@@ -275,12 +268,12 @@ def test_fused_residual_norm_across_recompute_segments():
                  "recompute_num_layers": 1, "num_layers": 3}  # fmt: skip
     out = {}
     for fused in (False, True):
-        model = build_model(seed=5, fused_residual_norm=fused, **recompute)
-        loss = forward_loss(model, batch)
+        model = mu.build_model(seed=5, fused_residual_norm=fused, **recompute)
+        loss = mu.forward_loss(model, batch)
         loss.backward()
-        out[fused] = (loss.item(), grads_of(model))
+        out[fused] = (loss.item(), mu.grads_of(model))
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
-    assert_grads_close(out[True][1], out[False][1], rtol=1e-5)
+    mu.assert_grads_close(out[True][1], out[False][1], rtol=1e-5)
 
 
 def test_chunked_loss_in_the_model():
@@ -288,13 +281,13 @@ def test_chunked_loss_in_the_model():
     out = {}
     fusable = triton_kernels_can_run(torch.device("cpu"))
     for chunk, fused in [(0, False), (37, False)] + ([(37, True)] if fusable else []):
-        model = build_model(
+        model = mu.build_model(
             seed=2, loss_chunk_size=chunk, untie_embeddings_and_output_weights=True,
             cross_entropy_fusion=fused,
         )  # fmt: skip
-        loss = forward_loss(model, batch)
+        loss = mu.forward_loss(model, batch)
         loss.backward()
-        out[chunk, fused] = (loss.item(), grads_of(model))
+        out[chunk, fused] = (loss.item(), mu.grads_of(model))
     for key in out:
         assert out[key][0] == pytest.approx(out[0, False][0], rel=1e-6)
-        assert_grads_close(out[key][1], out[0, False][1])
+        mu.assert_grads_close(out[key][1], out[0, False][1])
