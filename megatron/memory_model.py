@@ -22,7 +22,8 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
 * ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered weights
   from forward to backward; stage 3 holds the root module (embeddings, final norm) plus
   about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
-  unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32 states (and a step scalar) per tensor.
+  unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32
+  states (and a step scalar) per tensor.
 * The chunked loss keeps the fp32 final hidden states; its transient is one chunk's logits.
 """
 

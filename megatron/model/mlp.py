@@ -43,12 +43,11 @@ class ParallelMLP(torch.nn.Module):
         self.dense_4h_to_h.is_output_projection = True  # scaled init
 
     def forward(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
-        if self.bias_gelu_fusion:
-            x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue, False)
+        fuse_bias = self.bias_gelu_fusion  # then the GeLU op adds the first linear's bias
+        x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue, not fuse_bias)
+        if fuse_bias:
             x = bias_gelu(x, self.dense_h_to_4h.bias, self.gelu_approximate)
-            return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue)
-        x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue)
-        if self.swiglu:
+        elif self.swiglu:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         else:
