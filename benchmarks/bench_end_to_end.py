@@ -452,7 +452,7 @@ def report(results: list[dict], title: str) -> None:
         [r["seq_length"], r["sp"], r["dp"], r["grad_accum"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
-         "yes" if r["fused_norm"] else "no", "yes" if r.get("bias_gelu_fused") else "no",
+         "yes" if r["fused_norm"] else "no", "yes" if r["bias_gelu_fused"] else "no",
          "yes" if r["delay_wgrad"] else "no", r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
