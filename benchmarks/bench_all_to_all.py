@@ -38,7 +38,11 @@ NCCL_KNOBS = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes-mib", default="32,96", help="per-rank buffer sizes, comma list")
-    p.add_argument("--impls", default="nccl,ce,ce3", help="nccl, ce (1 stream), ce3 (3 streams)")
+    p.add_argument(
+        "--impls",
+        default="nccl,ce,ce3,symm",
+        help="nccl, ce (1 stream), ce3 (3 streams), symm[:BLOCK:WARPS] (SM pulls, Triton), symmraw (without the pack copy)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-overlap", action="store_true", help="skip the under-compute runs")
@@ -55,7 +59,23 @@ def make_exchange(impl: str, send_src: torch.Tensor, group):
     recv = torch.empty_like(send_src)
     if impl == "nccl":
         return lambda: dist.all_to_all_single(recv, send_src, group=group), recv
-    a2a = copy_engine_all_to_all_for(group, streams=3 if impl == "ce3" else 1)
+    if impl.startswith("symm"):
+        from sm_all_to_all import SymmMemAllToAll
+
+        block, warps = (int(x) for x in (impl.split(":") + ["4096", "4"])[1:3])
+        a2a = SymmMemAllToAll(group, block=block, warps=warps)
+        calls = [0]
+
+        def run_symm():  # "symmraw": the pack copy only while both workspaces are new
+            send = a2a.send_buffer(tuple(send_src.shape), send_src.dtype)
+            if not impl.startswith("symmraw") or calls[0] < 2:
+                send.copy_(send_src)
+            calls[0] += 1
+            a2a.exchange(send, recv)
+
+        return run_symm, recv
+    else:
+        a2a = copy_engine_all_to_all_for(group, streams=3 if impl == "ce3" else 1)
     if a2a is None:
         return None, recv
 
