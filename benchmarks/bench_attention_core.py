@@ -9,7 +9,10 @@ bf16, every rank holding an ``s/p`` slice of the sequence. Methods, all in the s
   local attention on ``[s, b, h/p, d]`` views of the receive buffer) around PyTorch SDPA
   (PyTorch picks the kernel: cuDNN on H100) or our Triton FlashAttention;
   ``ulysses-sdpa-overlap2/4`` pipeline the all-to-alls against attention over 2 or 4 groups
-  of each rank's heads (``--sp-overlap-chunks``);
+  of each rank's heads (``--sp-overlap-chunks``); ``ulysses-sdpa-sendorder``: the same
+  from Q/K/V in the all-to-all's send order, as the model's projection writes them with
+  learned positions (``DistributedAttention.attend_rank_major``: no packing copy; its
+  gradient is the backward exchange's receive buffer);
 * ``deepspeed``: ``deepspeed.sequence.layer.DistributedAttention`` around the same SDPA
   (three all-to-alls), when ``import deepspeed`` works;
 * ``ring``: PyTorch's ring attention, ``torch.distributed.tensor.experimental.context_parallel``
@@ -50,6 +53,7 @@ from common import (
 METHODS = (
     "single",
     "ulysses-sdpa",
+    "ulysses-sdpa-sendorder",
     "ulysses-sdpa-overlap2",
     "ulysses-sdpa-overlap4",
     "ulysses-triton",
@@ -156,6 +160,8 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         return _ring_step(s, args, device, dtype, group)
     if method.startswith("local-"):
         return _local_step(method, s, args, device, dtype, p)
+    if method == "ulysses-sdpa-sendorder":
+        return _send_order_step(local, args, device, dtype, group)
     if method == "single":
         qkv = _fused_qkv(s, args, device, dtype, seed=0)
         fn, s_here = sdpa_sbhd, s
@@ -179,6 +185,26 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         qkv.grad = None
         q, k, v = _split(qkv, args.heads, args.head_dim)
         fn(q, k, v).backward(dout)
+
+    return step
+
+
+def _send_order_step(local: int, args, device, dtype, group) -> Callable[[], None]:
+    """``ulysses-sdpa-sendorder``: Q/K/V ``[p, s/p, b, 3 h/p d]`` (rank r's heads in block r)."""
+    from megatron.core.sequence.layer import DistributedAttention
+
+    p = dist.get_world_size(group)
+    width = args.heads // p * args.head_dim
+    g = torch.Generator(device=device).manual_seed(1 + dist.get_rank(group))
+    qkv_pnc = torch.randn(
+        p, local, args.batch, 3 * width, device=device, dtype=dtype, generator=g
+    ).requires_grad_()
+    attn = DistributedAttention(sdpa_sbhd, group, scatter_idx=2, gather_idx=0)
+    dout = torch.randn(local, args.batch, args.heads, args.head_dim, device=device, dtype=dtype)
+
+    def step() -> None:
+        qkv_pnc.grad = None
+        attn.attend_rank_major(qkv_pnc, (width,) * 3, args.head_dim).backward(dout)
 
     return step
 

@@ -292,6 +292,13 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="pipeline the Ulysses all-to-alls against attention over N groups of heads",
     )
     g.add_argument(
+        "--no-sp-rank-major-qkv",
+        action="store_true",
+        help="Ulysses: project Q/K/V in Megatron's layout and pack them for the all-to-all, "
+        "instead of projecting each rank's heads straight into the send buffer (the default "
+        "with learned or no position embeddings)",
+    )
+    g.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="Megatron-LM's tensor-parallel variant: refused here",

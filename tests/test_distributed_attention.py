@@ -6,6 +6,7 @@ import torch.distributed as dist
 from dist_helper import get_world
 
 from megatron.core.sequence.layer import DistributedAttention
+from megatron.model.rank_major_qkv import rank_major_rows
 
 
 def causal_attention(q, k, v, seq_dim=0, merge_heads=False):
@@ -52,12 +53,17 @@ CASES = [
     # ... of a view of a 2-D result, as F.linear returns for [s, b, h] inputs
     (2, 0, 3, 4, 2, False, 1, "fused-2d"),
     (4, 1, 2, 8, 4, False, 1, "fused-2d"),
+    # ... already in send order (rank_major_qkv): no packing; its buffer gets the gradient
+    (2, 0, 3, 4, 2, False, 1, "rank-major"),
+    (4, 0, 1, 8, 8, True, 1, "rank-major"),
+    (4, 0, 3, 8, 2, False, 1, "rank-major"),  # K/V heads replicated: rows repeat
+    (4, 0, 2, 4, 1, False, 1, "rank-major"),
 ]
 
 
 def _parse(case):
     """(sp, seq_dim, batch, heads, kv_heads, merge, chunks, fused) of a CASES entry;
-    fused is "", "fused" or "fused-2d"."""
+    fused is "", "fused", "fused-2d" or "rank-major"."""
     sp, seq_dim, b, h, h_kv, merge, *rest = case
     chunks = next((c for c in rest if isinstance(c, int)), 1)
     return sp, seq_dim, b, h, h_kv, merge, chunks, next((c for c in rest if isinstance(c, str)), "")
@@ -93,7 +99,14 @@ def _check_cases(cases):
             return t.narrow(seq_dim, start, length)
 
         my_in = [take(t).clone().requires_grad_() for t in (q, k, v)]
-        if fused:  # one leaf; the inputs are its column slices
+        if fused == "rank-major":
+            rows = rank_major_rows(h, h_kv, d, sp)
+            c = rows.numel() // sp
+            # [s/p, b, n] -> [p, s/p, b, c]: block r = rank r's q, k, v heads
+            my_pnc = take(qkv)[..., rows].unflatten(-1, (sp, c)).movedim(2, 0).contiguous()
+            my_pnc.requires_grad_()
+            widths = (h // sp * d, *(2 * (max(h_kv // sp, 1) * d,)))
+        elif fused:  # one leaf; the inputs are its column slices
             my_qkv = take(qkv).clone().requires_grad_()
             src = my_qkv
             if fused == "fused-2d":  # a [tokens, n] result viewed as [s, b, n] or [b, s, n]
@@ -125,12 +138,21 @@ def _check_cases(cases):
                 gather_idx=seq_dim,
                 num_chunks=chunks,
             )
-            out = attn(*attn_in)
+            if fused == "rank-major":
+                out = attn.attend_rank_major(my_pnc, widths, d)
+            else:
+                out = attn(*attn_in)
             (out * take(grad_out)).sum().backward()
         finally:
             dist.all_to_all_single = real
             layer.FusedQKVSeqToHead.apply = real_fused
-        if fused:
+        if fused == "rank-major":
+            grad = torch.zeros(take(qkv).shape).index_add_(
+                2, rows, my_pnc.grad.movedim(0, 2).flatten(2)
+            )
+            for m, g in zip(my_in, grad.split([h * d, h_kv * d, h_kv * d], -1)):
+                m.grad = g.unflatten(-1, (-1, d))
+        elif fused:
             for m, g in zip(my_in, my_qkv.grad.split([h * d, h_kv * d, h_kv * d], -1)):
                 m.grad = g.unflatten(-1, (-1, d))
         errs = [(out - take(ref_out)).abs().max().item()]
@@ -173,7 +195,7 @@ def test_matches_full_attention(results, case):
         expected = (16 // sp, b) if seq_dim == 0 else (b, 16 // sp)
         assert rank_result["shape"][:2] == expected
         # The fused path is taken exactly for slices of one tensor with whole K/V heads per rank.
-        assert rank_result["fused_path"] == (bool(fused) and h_kv % sp == 0)
+        assert rank_result["fused_path"] == (fused.startswith("fused") and h_kv % sp == 0)
 
 
 def test_sp1_is_pass_through():

@@ -96,3 +96,32 @@ def test_bias_gelu_bf16_ffn_8192(approximate):
     for name, g, w in [("y", y, ref), ("dx", x.grad, ref_in[0].grad),
                        ("db", bias.grad, ref_in[1].grad)]:  # fmt: skip
         assert _rel_err(g, w.detach()) < 1e-2, (name, _rel_err(g, w.detach()))
+
+
+@pytest.mark.parametrize("kv_heads", [16, 2])
+def test_rank_major_qkv_under_autocast_bf16(kv_heads):
+    """The QKV projection in send order (SP 4, 1.3B widths) under bf16 autocast, fp32 weights
+    as training keeps them: output and gradients against fp64, as close as F.linear's."""
+    from megatron.model.rank_major_qkv import rank_major_linear, rank_major_rows
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    heads, d, sp, s, b = 16, 128, 4, 2048, 1
+    linear = torch.nn.Linear(2048, (heads + 2 * kv_heads) * d, device=dev)
+    x = torch.randn(s, b, 2048, device=dev, requires_grad=True)
+    rows = rank_major_rows(heads, kv_heads, d, sp, dev)
+    upstream = torch.randn(sp, s, b, rows.numel() // sp, device=dev)
+    ref_params = [t.detach().double().requires_grad_() for t in (x, linear.weight, linear.bias)]
+    ref = F.linear(*ref_params)[..., rows].unflatten(-1, (sp, -1)).movedim(2, 0)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), ref_params)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = rank_major_linear(x, linear, rows, sp, kv_heads % sp != 0)
+        plain = linear(x)[..., rows].unflatten(-1, (sp, -1)).movedim(2, 0)
+    assert out.dtype == torch.bfloat16
+    params = [x, linear.weight, linear.bias]
+    grads = torch.autograd.grad((out * upstream).sum(), params)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), params)
+    assert _rel_err(out, ref.detach()) < 1.5 * _rel_err(plain, ref.detach()) + 1e-4
+    for g, p, w, pg in zip(grads, params, ref_grads, plain_grads):
+        assert g.dtype == p.dtype
+        assert _rel_err(g, w) < 1.5 * _rel_err(pg, w) + 1e-4

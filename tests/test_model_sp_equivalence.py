@@ -61,6 +61,14 @@ CASES_SP2 = [
     ("gpt-sdpa-delay-wgrad", {**SDPA, **DELAY_WGRAD}, 2, False),
     ("llama-mqa-delay-wgrad-full-uniform", {**MQA, **FULL_UNIFORM, **DELAY_WGRAD}, 2, True),
     ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
+    # Learned positions + SP: Q/K/V projected in send order (rank_major_qkv), also with GQA.
+    ("gpt-mqa-sdpa-packed", {"num_key_value_heads": 1, **SDPA}, 2, True),
+    (
+        "gpt-gqa2-nobias-delay-wgrad",
+        {"num_key_value_heads": 2, "add_bias_linear": False, **DELAY_WGRAD},
+        2,
+        False,
+    ),
     (
         "llama-sdpa-compiled-full-packed",
         {**LLAMA, **SDPA, **FULL_UNIFORM, "torch_compile": True},
@@ -81,6 +89,8 @@ CASES_SP4 = [
     ),
     ("llama-block-ckpt-in-cpu", {**LLAMA, **FULL_BLOCK, "checkpoint_in_cpu": True}, 2, True),
     ("gpt-delay-wgrad-selective", {**SELECTIVE, **DELAY_WGRAD}, 2, False),
+    ("gpt-gqa2-sdpa-full-uniform", {"num_key_value_heads": 2, **SDPA, **FULL_UNIFORM}, 2, False),
+    ("gpt-gqa8-packed", {"num_key_value_heads": 8}, 1, True),
 ]
 
 

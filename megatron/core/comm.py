@@ -31,6 +31,11 @@ class PendingExchange:
             self._work.wait()
         return self._unpack(self._recv)
 
+    @property
+    def received(self) -> torch.Tensor:
+        """The receive buffer itself (valid after ``wait()``)."""
+        return self._recv
+
 
 _WIDE_DTYPES = (torch.complex128, torch.int64, torch.int32)  # 16, 8, 4 bytes
 
@@ -276,6 +281,41 @@ class FusedQKVSeqToHead(torch.autograd.Function):
             start += width
         head_to_seq(grads, ctx.group, ctx.seq_dim, ctx.head_dim, out=columns, overlap=ctx.overlap)
         return None, None, None, None, grad_qkv, None, None, None
+
+
+class RankMajorQKVSeqToHead(torch.autograd.Function):
+    """Sequence-sharded -> head-sharded for a Q/K/V send buffer already in send order.
+
+    ``qkv_pnc`` ``[p, s/p, b, c]``: block r holds rank r's q, k and v heads (``widths`` columns
+    each, as :mod:`megatron.model.rank_major_qkv` computes it), so it is sent as it is; the
+    outputs ``[s, b, h_t/p, d]`` are views of the receive buffer. In backward the dQ/dK/dV
+    blocks are packed in the same order, and the receive buffer is ``qkv_pnc``'s gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, group, widths, head_dim, backward_overlap, qkv_pnc):
+        ctx.group, ctx.overlap = group, backward_overlap
+        p, s_local, b, c = qkv_pnc.shape
+        recv = torch.empty_like(qkv_pnc)
+        dist.all_to_all_single(recv, qkv_pnc.contiguous(), group=group)
+        full = recv.view(p * s_local, b, c)  # [p (source = sequence block), s/p] -> s
+        outs, start = [], 0
+        for width in widths:
+            outs.append(full.narrow(-1, start, width).unflatten(-1, (width // head_dim, head_dim)))
+            start += width
+        ctx.out_shapes = [o.shape for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+        # [s, b, h_t/p, d] -> blocks [p, s/p, b, ...] packed along the heads: [p, s/p, b, c]
+        pending = head_to_seq_start(
+            grads, ctx.group, 0, 2, async_op=ctx.overlap is not None, merge_heads=False
+        )
+        _finish(pending, ctx.overlap)
+        recv = pending.received  # [p (source = head block), s/p, b, h_total/p, d]
+        return None, None, None, None, recv.flatten(-2)
 
 
 def fused_qkv_source(

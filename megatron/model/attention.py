@@ -18,6 +18,7 @@ from megatron.core.sequence.layer import DistributedAttention, check_heads_for_s
 from megatron.model import deferred_wgrad
 from megatron.model.attention_backends import build_local_attention
 from megatron.model.config import ModelConfig
+from megatron.model.rank_major_qkv import rank_major_linear, rank_major_rows
 from megatron.model.rotary import apply_rotary
 
 
@@ -76,6 +77,17 @@ class ParallelAttention(torch.nn.Module):
             config.hidden_size, q_width + 2 * kv_width, bias=config.add_bias_linear, **factory
         )
         sp = sp_world_size(sp_group)
+        self.sp = sp
+        # SP without head-group pipelining: the projection writes the all-to-all's send layout
+        # (rank_major_qkv); with RoPE the rotation comes first, on the plain layout.
+        self.rank_major = (
+            sp > 1
+            and config.sp_rank_major_qkv
+            and config.position_embedding_type != "rope"
+            and config.sp_overlap_chunks == 1
+            and not config.torch_compile
+        )
+        self._rows: dict[torch.device, torch.Tensor] = {}
         self.dense_wgrad = deferred_wgrad.WgradQueue() if mlp_wgrad is not None else None
         if sp > 1:
             check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
@@ -105,6 +117,10 @@ class ParallelAttention(torch.nn.Module):
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         s, b, _ = hidden_sbh.shape
+        if self.rank_major:
+            context = self._attend_rank_major(hidden_sbh, doc_ids)  # [s/p, b, h, d]
+            context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
+            return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
         qkv = self.query_key_value(hidden_sbh)  # [s, b, (hq + 2 hkv) d]
         q, k, v = qkv.split(self.split_sizes, dim=-1)
         q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
@@ -118,6 +134,22 @@ class ParallelAttention(torch.nn.Module):
         context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
         return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
+
+    def _attend_rank_major(self, hidden_sbh: torch.Tensor, doc_ids) -> torch.Tensor:
+        """Q/K/V projected straight into the all-to-all's send order, then attention."""
+        device = hidden_sbh.device
+        if device not in self._rows:
+            self._rows[device] = rank_major_rows(
+                self.num_heads, self.num_kv_heads, self.head_dim, self.sp, device
+            )
+        repeats = self.num_kv_heads % self.sp != 0  # fewer K/V heads than ranks
+        qkv_pnc = rank_major_linear(
+            hidden_sbh, self.query_key_value, self._rows[device], self.sp, repeats
+        )
+        kv_heads = self.num_kv_heads // self.sp if not repeats else 1
+        widths = (self.num_heads // self.sp * self.head_dim, *(2 * (kv_heads * self.head_dim,)))
+        kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
+        return self.core_attention.attend_rank_major(qkv_pnc, widths, self.head_dim, **kwargs)
 
     def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """The core attention. Under ``--torch-compile`` the layer excludes this call from

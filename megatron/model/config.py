@@ -90,6 +90,7 @@ class ModelConfig:
     recompute_num_layers: int | None = None
     checkpoint_in_cpu: bool = False  # full recompute only: checkpointed inputs wait in host memory
     sp_overlap_chunks: int = 1  # Ulysses all-to-alls pipelined over this many head groups
+    sp_rank_major_qkv: bool = True  # SP: Q/K/V projected straight into the send layout
     torch_compile: bool = False  # torch.compile each layer (attention core excluded)
     params_dtype: torch.dtype = torch.float32  # from_args keeps fp32 (mixed precision: autocast)
 
@@ -211,6 +212,7 @@ class ModelConfig:
             recompute_num_layers=args.recompute_num_layers,
             checkpoint_in_cpu=args.checkpoint_in_cpu,
             sp_overlap_chunks=args.sp_overlap_chunks,
+            sp_rank_major_qkv=not args.no_sp_rank_major_qkv,
             torch_compile=args.torch_compile,
             # Parameters stay fp32: --bf16/--fp16 run the model under torch.autocast (the
             # training loop) and the optimizer steps the fp32 weights.

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core.comm import (
     FusedQKVSeqToHead,
     HeadToSeqAllToAll,
+    RankMajorQKVSeqToHead,
     SeqToHeadAllToAll,
     fused_qkv_source,
 )
@@ -119,4 +120,23 @@ class DistributedAttention(torch.nn.Module):
         context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
         # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
         (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, self.output_backward_overlap, context)
+        return out
+
+    def attend_rank_major(
+        self, qkv_pnc: torch.Tensor, widths: tuple[int, int, int], head_dim: int, **kwargs
+    ) -> torch.Tensor:
+        """The same attention from a Q/K/V buffer in send order, ``[s, b, h, d]`` layouts only.
+
+        ``qkv_pnc`` ``[p, s/p, b, c]``: block r holds rank r's q, k and v heads, ``widths``
+        columns each (:mod:`megatron.model.rank_major_qkv`), so no copy packs the exchange.
+        """
+        if (self.gather_idx, self.scatter_idx, self.num_chunks) != (0, 2, 1):
+            raise ValueError("attend_rank_major: [s, b, h, d] layouts and num_chunks 1 only")
+        # [p, s/p, b, c] -> q, k, v [s, b, h_t/p, d], views of one receive buffer
+        q_full, k_full, v_full = RankMajorQKVSeqToHead.apply(
+            self.spg, widths, head_dim, self.qkv_backward_overlap, qkv_pnc
+        )
+        context = self.local_attn(q_full, k_full, v_full, **kwargs)
+        # [s, b, h/p, d] -> [s/p, b, h, d]
+        (out,) = HeadToSeqAllToAll.apply(self.spg, 0, 2, self.output_backward_overlap, context)
         return out
