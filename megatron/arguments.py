@@ -78,6 +78,12 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--swiglu", action="store_true")
     g.add_argument(
+        "--fp32-residual-connection",
+        action="store_true",
+        help="keep the residual stream in fp32 under --bf16/--fp16 (default: the compute "
+        "dtype, as Megatron-LM; the norms compute in fp32 either way)",
+    )
+    g.add_argument(
         "--openai-gelu", action="store_true", help="tanh-approximated GeLU, as GPT-2 uses"
     )
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")

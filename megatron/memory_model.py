@@ -14,7 +14,9 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   of them, and a layer's backward holds its low-precision gradients until FSDP2 copies them
   into its fp32 reduce-scatter buffer. The root module (embeddings, final norm, output
   layer) stays fp32, so the output layer's autocast copy remains.
-* The residual stream is fp32; each norm keeps its fp32 input and statistics; every linear
+* The residual stream is in the compute dtype under bf16/fp16 (fp32 with
+  ``--fp32-residual-connection``); each norm keeps its input upcast to fp32 and its
+  statistics (the fused add + norm, on CUDA: the residual in its dtype); every linear
   keeps its (compute-dtype) input; local attention keeps q, k, v, the output and the fp32
   log-sum-exp (``sdpa``/``triton``) or the ``[b, h/p, s, s]`` fp32 probabilities (``classic``).
 * Under SP the saved q/k/v are the all-to-all's receive buffer (K/V heads replicated up to
@@ -24,7 +26,8 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
   unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32
   states (and a step scalar) per tensor.
-* The chunked loss keeps the fp32 final hidden states; its transient is one chunk's logits.
+* The chunked loss keeps the final hidden states (fp32; the residual's dtype after the fused
+  final norm); its transient is one chunk's logits.
 """
 
 from __future__ import annotations
@@ -189,9 +192,29 @@ def _dims(config: ModelConfig, setup: RunSetup) -> dict:
     }
 
 
+def residual_bytes(config: ModelConfig, setup: RunSetup) -> int:
+    """Bytes per element of the residual stream (and of recomputed groups' inputs)."""
+    if config.fp32_residual_connection or setup.compute_bytes == 4:
+        return 4
+    return setup.compute_bytes
+
+
+def _fused_norm_runs(config: ModelConfig, setup: RunSetup) -> bool:
+    """The fused add + norm runs on CUDA (on CPU only in the Triton interpreter: unfused)."""
+    return config.fused_residual_norm and setup.device == "cuda"
+
+
+def final_hidden_bytes(config: ModelConfig, setup: RunSetup) -> int:
+    """Bytes per element of the final norm's output: the residual's dtype when fused, else fp32."""
+    return residual_bytes(config, setup) if _fused_norm_runs(config, setup) else 4
+
+
 def _norm_bytes_per_token(config: ModelConfig, setup: RunSetup) -> int:
-    """One norm: fp32 input and statistics (composite RMSNorm on CPU also keeps x * rstd)."""
+    """One norm: its input in fp32 and its statistics (composite RMSNorm on CPU also keeps
+    x * rstd); fused with the residual add, the residual in its own dtype instead."""
     h = config.hidden_size
+    if _fused_norm_runs(config, setup):
+        return residual_bytes(config, setup) * h + 8
     if config.normalization == "LayerNorm":
         return 4 * h + 8
     return 4 * h + 4 + (4 * h if setup.device == "cpu" else 0)
@@ -258,17 +281,18 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
     L = config.num_layers
     if config.recompute_granularity == "full":
         k = config.recompute_num_layers
-        kept = 0 if inputs_on_host(config, setup) else 4 * n * h  # each group's fp32 input
+        # each group's input (the residual stream)
+        kept = 0 if inputs_on_host(config, setup) else residual_bytes(config, setup) * n * h
         if config.recompute_method == "block":
             layers = k * kept + (L - k) * per_layer
         else:
             layers = math.ceil(L / k) * kept
     else:
         layers = L * per_layer
-    # Final norm: its fp32 input; the loss keeps its output (fp32 when chunked).
+    # Final norm: its input; the chunked loss keeps its output.
     final = n * _norm_bytes_per_token(config, setup)
     if config.loss_chunk_size > 0:
-        final += 4 * n * h
+        final += final_hidden_bytes(config, setup) * n * h
     else:
         final += n * a * h + 4 * n * config.padded_vocab_size  # + fp32 log-softmax
     shared = MISC_BYTES_PER_TOKEN * n
@@ -326,14 +350,15 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
         # Per chunk on CPU: (grad^T @ hidden).float(); CUDA accumulates the low-precision
         # product straight into the fp32 gradient (one GEMM, fp32 output).
         grad_w_tmp = (a + 4) * vocab * h if a < 4 and setup.device != "cuda" else 0
+        hid = final_hidden_bytes(config, setup)  # the hidden gradient's dtype
         # Fused (CUDA; on CPU the kernels run only in the Triton interpreter, so the model
         # follows the unfused path there): logits only, gradient in place; the saved lse.
         if config.cross_entropy_fusion and setup.device == "cuda":
             fwd = weight_copy + c * vocab * a + c * h * a + 4 * n
-            bwd = weight_copy + 4 * vocab * h + 4 * n * h + c * vocab * a + grad_w_tmp + 4 * n
+            bwd = weight_copy + 4 * vocab * h + hid * n * h + c * vocab * a + grad_w_tmp + 4 * n
             return fwd, bwd
         fwd = weight_copy + c * vocab * (a + (4 if a < 4 else 0) + 4) + c * h * a
-        bwd = weight_copy + 4 * vocab * h + 4 * n * h + c * vocab * (a + 4) + grad_w_tmp
+        bwd = weight_copy + 4 * vocab * h + hid * n * h + c * vocab * (a + 4) + grad_w_tmp
         return fwd, bwd
     fwd = 4 * n * vocab  # the weight copy is held with the other autocast copies
     # fp32 logit gradients (the saved log-softmax is freed after its backward), then the
@@ -427,14 +452,14 @@ def _backward_saved(
     config: ModelConfig,
     act: dict[str, int],
     per_layer_lowp: int,
-    tokens_x_h: int,
+    group_input: int,
     done: int,
     on_host: bool,
 ) -> tuple[int, int]:
     """(saved layer activations, low-precision weight copies) while the backward of layer
-    ``L - done`` runs, ``done`` layers after the last one finished."""
+    ``L - done`` runs, ``done`` layers after the last one finished; ``group_input``: the
+    bytes of a checkpointed group's input."""
     left = config.num_layers - done
-    group_input = 4 * tokens_x_h  # a checkpointed group keeps its fp32 input
     if config.recompute_granularity != "full":
         return left * act["per_layer"], left * per_layer_lowp
     k = config.recompute_num_layers
@@ -506,7 +531,12 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
     )
     for done in range(L):
         saved, lowp = _backward_saved(
-            config, act, per_layer_lowp, n * h, done, inputs_on_host(config, setup)
+            config,
+            act,
+            per_layer_lowp,
+            residual_bytes(config, setup) * n * h,
+            done,
+            inputs_on_host(config, setup),
         )
         # Gradients so far: the output layer's and final norm's (unsharded under ZeRO until
         # the root's backward ends), finished layers' (sharded under ZeRO), the current one's.

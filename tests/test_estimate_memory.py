@@ -105,6 +105,19 @@ CONFIGS = {
         {"attention_backend": "sdpa", "recompute_granularity": "full", "loss_chunk_size": 32},
         True,
     ),
+    "full-recompute-bf16-fp32-residual": (
+        {
+            "attention_backend": "sdpa",
+            "recompute_granularity": "full",
+            "loss_chunk_size": 32,
+            "fp32_residual_connection": True,
+        },
+        True,
+    ),
+    "llama-sdpa-bf16-fp32-residual": (
+        {**LLAMA, "attention_backend": "sdpa", "fp32_residual_connection": True},
+        True,
+    ),
     "full-block": (
         {
             "num_layers": 4,
@@ -137,8 +150,12 @@ def test_recompute_full_keeps_only_group_inputs():
         _setup(True, 1),
     )
     n, h = base.seq_length, base.hidden_size
-    assert full["layers"] == 2 * 4 * n * h  # two groups, each keeps its fp32 input
+    assert full["layers"] == 2 * 2 * n * h  # two groups, each keeps its bf16 input
     assert none["layers"] == 4 * none["per_layer"] > full["layers"]
+    fp32_residual = dataclasses.replace(
+        base, recompute_granularity="full", recompute_num_layers=2, fp32_residual_connection=True
+    )
+    assert mm.saved_activation_bytes(fp32_residual, _setup(True, 1))["layers"] == 2 * 4 * n * h
 
 
 def test_checkpoint_in_cpu_moves_group_inputs_off_the_gpu():

@@ -352,6 +352,28 @@ def test_bf16_autocast_with_fp32_parameters():
             assert_grads_close(grads, bf16_grads, rtol=5e-3)  # bf16 rounding per chunk
 
 
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_residual_stream_dtype_under_autocast(fp32_residual):
+    """Under bf16 autocast the residual stream is bf16 (Megatron-LM's default), fp32 with
+    --fp32-residual-connection; the norms return fp32 either way, and both stay near fp32."""
+    batch = make_batch(2, seed=1)
+    seen = {}
+    model = build_model(seed=0, fp32_residual_connection=fp32_residual)
+    layer = model.transformer.layers[1]
+    layer.register_forward_pre_hook(lambda m, args: seen.update(stream=args[0].dtype))
+    norm = layer.input_layernorm
+    norm.register_forward_hook(lambda m, args, out: seen.update(norm=out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = forward_loss(model, batch)
+    loss.backward()
+    assert seen == {
+        "stream": torch.float32 if fp32_residual else torch.bfloat16,
+        "norm": torch.float32,
+    }
+    reference = forward_loss(build_model(seed=0), batch)
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-3)
+
+
 def test_masked_lm_loss_single_rank():
     losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 0, 1], [1, 1, 0]])

@@ -36,12 +36,17 @@ class Embedding(torch.nn.Module):
                 config.max_position_embeddings, config.hidden_size, **factory
             )
         self.dropout = config.hidden_dropout
+        self.fp32_residual_connection = config.fp32_residual_connection
 
     def forward(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
         x_bsh = self.word_embeddings(tokens_bs)
         if self.position_embeddings is not None:
             x_bsh = x_bsh + self.position_embeddings(position_ids_bs)
-        x_sbh = x_bsh.transpose(0, 1).contiguous()
+        # The residual stream starts here: in autocast's dtype unless --fp32-residual-connection.
+        dtype = x_bsh.dtype
+        if torch.is_autocast_enabled(x_bsh.device.type) and not self.fp32_residual_connection:
+            dtype = torch.get_autocast_dtype(x_bsh.device.type)
+        x_sbh = x_bsh.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
         return F.dropout(x_sbh, self.dropout, self.training)
 
 

@@ -1,9 +1,10 @@
 """The normalisation layer chosen by ``--normalization`` (PyTorch's own, no apex).
 
-Under ZeRO with ``--bf16/--fp16`` FSDP2 gathers a layer's norm weights in the compute dtype
-while the residual stream (the norm's input) stays fp32. The norms upcast such weights to
-the input's dtype, so they compute in fp32 on every device: CUDA autocast would do this
-for LayerNorm, but CPU kernels refuse mixed dtypes and RMSNorm is not an autocast op.
+The norms compute in fp32 and return fp32 on every device, whatever the dtypes of the
+residual stream (bf16/fp16 unless ``--fp32-residual-connection``) and of the weights (FSDP2
+gathers them in the compute dtype under ZeRO): CUDA autocast would do this for LayerNorm,
+but CPU autocast runs it in bf16, CPU kernels refuse mixed dtypes and RMSNorm is not an
+autocast op. The next linear casts the output for its matmul, as autocast does.
 """
 
 from __future__ import annotations
@@ -14,27 +15,27 @@ import torch.nn.functional as F
 from megatron.model.config import ModelConfig
 
 
-def _like(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``param`` in ``x``'s dtype when ``x`` is fp32 and ``param`` is low precision."""
-    if param is None or param.dtype == x.dtype or x.dtype != torch.float32:
-        return param
-    return param.to(x.dtype)
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` upcast to fp32 where it is low precision (fp64 stays)."""
+    if t is None or t.dtype not in (torch.bfloat16, torch.float16):
+        return t
+    return t.float()
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` with low-precision weights upcast to an fp32 input's dtype."""
+    """``torch.nn.LayerNorm`` in fp32 (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(
-            x, self.normalized_shape, _like(self.weight, x), _like(self.bias, x), self.eps
+            _fp32(x), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps
         )
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` with a low-precision weight upcast to an fp32 input's dtype."""
+    """``torch.nn.RMSNorm`` in fp32 (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, _like(self.weight, x), self.eps)
+        return F.rms_norm(_fp32(x), self.normalized_shape, _fp32(self.weight), self.eps)
 
 
 def build_norm(config: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:

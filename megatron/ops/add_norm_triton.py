@@ -1,6 +1,6 @@
 """Residual add + LayerNorm/RMSNorm in one Triton pass (``--fused-residual-norm``).
 
-In the transformer ``r = x + y`` (the fp32 residual stream plus a block's output) is
+In the transformer ``r = x + y`` (the residual stream plus a block's output) is
 followed by a norm: the attention block's by the post-attention norm, the MLP block's by the
 next layer's input norm (or the final norm), whose output autocast then casts for the next
 linear. Unfused that is an add, the norm and a cast in forward and, in
@@ -30,6 +30,7 @@ def _add_norm_fwd_kernel(X, Y, W, B, R, OUT, MEAN, RSTD, eps, H: tl.constexpr,
     mask = offs < H
     r = (tl.load(X + row * H + offs, mask=mask, other=0.0).to(tl.float32)
          + tl.load(Y + row * H + offs, mask=mask, other=0.0).to(tl.float32))
+    r = r.to(R.dtype.element_ty).to(tl.float32)  # the stored residual (bf16 stream: rounded)
     tl.store(R + row * H + offs, r, mask=mask)
     if RMS:
         mean = tl.sum(r, axis=0) * 0.0
