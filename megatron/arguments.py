@@ -320,6 +320,12 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None)
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3])
+    g.add_argument(
+        "--no-overlap-param-gather",
+        action="store_true",
+        help="ZeRO: all-gather each transformer layer's weights when its forward starts, "
+        "instead of during the previous layer's (FSDP2 forward prefetch, the default)",
+    )
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--deepspeed", action="store_true")
     g.add_argument(

@@ -28,6 +28,7 @@ def shard_model_for_zero(
     state: ParallelState,
     block_types: tuple,
     param_dtype: torch.dtype | None = None,
+    forward_prefetch: bool = True,
 ) -> torch.nn.Module:
     """ZeRO 1/2/3 with FSDP2 over the SP x DP mesh; stage 0 leaves the model alone.
 
@@ -36,7 +37,7 @@ def shard_model_for_zero(
     the blocks (``block_types``) all-gather their weights in that dtype: FSDP casts each
     fp32 shard before the all-gather (half the bytes, no per-use autocast cast) and copies
     the blocks' low-precision gradients into an fp32 reduce-scatter. The root (embeddings,
-    final norm, output layer) keeps fp32, so the residual stream and its gradients do too.
+    final norm, output layer) keeps fp32.
     """
     if stage == 0:
         return model
@@ -56,10 +57,16 @@ def shard_model_for_zero(
         logger.info("> ZeRO: transformer layers all-gather their weights in %s", param_dtype)
     elif param_dtype not in (None, torch.float32):
         raise ValueError(f"param_dtype {param_dtype}: expected bfloat16, float16 or float32")
-    for module in model.modules():
-        if isinstance(module, block_types):
-            fully_shard(module, mesh=state.sdp_mesh, reshard_after_forward=reshard, **block_kwargs)
+    blocks = [m for m in model.modules() if isinstance(m, block_types)]
+    for module in blocks:
+        fully_shard(module, mesh=state.sdp_mesh, reshard_after_forward=reshard, **block_kwargs)
     fully_shard(model, mesh=state.sdp_mesh, reshard_after_forward=reshard)
+    # Forward prefetch (``forward_prefetch``, --no-overlap-param-gather turns it off): each
+    # block starts the next one's all-gather. Without it a block's all-gather is issued when
+    # the CPU reaches that block, and Ulysses forward passes are CPU-bound, so the GPU waits.
+    if forward_prefetch:
+        for module, following in zip([model, *blocks], blocks):
+            module.set_modules_to_forward_prefetch([following])
     gloo = dist.get_backend(state.sdp_group) == "gloo"
     for module in model.modules():
         if isinstance(module, FSDPModule):

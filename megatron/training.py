@@ -304,7 +304,12 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     from megatron.model import ParallelTransformerLayer
 
     model = shard_model_for_zero(
-        model, args.zero_stage, state, (ParallelTransformerLayer,), zero_param_dtype(args)
+        model,
+        args.zero_stage,
+        state,
+        (ParallelTransformerLayer,),
+        zero_param_dtype(args),
+        forward_prefetch=not args.no_overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(model, args)
     scheduler = get_optimizer_param_scheduler(optimizer, args)
