@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="model flag: the MLP's bias in its first linear, GeLU unfused (fused by default)",
     )
     p.add_argument(
+        "--no-overlap-param-gather",
+        action="store_true",
+        help="ZeRO: no FSDP2 forward prefetch of the next layer's weights",
+    )
+    p.add_argument(
+        "--fp32-residual-connection",
+        action="store_true",
+        help="model flag: the residual stream in fp32 (default: bf16, as Megatron-LM)",
+    )
+    p.add_argument(
+        "--no-sp-rank-major-qkv",
+        action="store_true",
+        help="model flag: Q/K/V projected in Megatron's layout and packed for the all-to-all",
+    )
+    p.add_argument(
         "--cross-entropy-loss-fusion",
         action="store_true",
         help="model flag: the chunked loss's softmax work in one Triton pass per chunk",
@@ -161,9 +176,12 @@ SWITCH_TOKENS = {
     "compile": "torch_compile", "fp32gather": "fp32_param_gather",
     "cefuse": "cross_entropy_loss_fusion", "fusednorm": "fused_residual_norm",
     "dwgrad": "delay_wgrad_compute", "sync": "sync_every_step", "nobgf": "no_bias_gelu_fusion",
+    "packqkv": "no_sp_rank_major_qkv", "fp32res": "fp32_residual_connection",
+    "noprefetch": "no_overlap_param_gather",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
-                  "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion")  # fmt: skip
+                  "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
+                  "no_sp_rank_major_qkv", "fp32_residual_connection")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -174,7 +192,9 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
     ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
     ``sync`` (``--sync-every-step``), ``dwgrad`` (``--delay-wgrad-compute``), ``nobgf``
-    (``--no-bias-gelu-fusion``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
+    (``--no-bias-gelu-fusion``), ``packqkv`` (``--no-sp-rank-major-qkv``), ``fp32res``
+    (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``ga<N>``
+    (``--grad-accum``); unnamed settings keep their
     flag values.
     """
     if not args.sweep:
@@ -265,7 +285,12 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
             model = pretrain_gpt.model_provider()
         config: ModelConfig = model.config
         model = shard_model_for_zero(
-            model, margs.zero_stage, state, (ParallelTransformerLayer,), zero_param_dtype(margs)
+            model,
+            margs.zero_stage,
+            state,
+            (ParallelTransformerLayer,),
+            zero_param_dtype(margs),
+            forward_prefetch=not args.no_overlap_param_gather,
         )
         optimizer = get_megatron_optimizer(model, margs)
         scheduler = get_optimizer_param_scheduler(optimizer, margs)
@@ -329,6 +354,9 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
         "delay_wgrad": args.delay_wgrad_compute, "bias_gelu_fused": not args.no_bias_gelu_fusion,
+        "rank_major_qkv": not args.no_sp_rank_major_qkv,
+        "fp32_residual": args.fp32_residual_connection,
+        "param_gather_prefetch": not args.no_overlap_param_gather,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens, "lm_losses": history,
@@ -453,13 +481,15 @@ def report(results: list[dict], title: str) -> None:
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
          "yes" if r["fused_norm"] else "no", "yes" if r["bias_gelu_fused"] else "no",
-         "yes" if r["delay_wgrad"] else "no", r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
+         "yes" if r.get("rank_major_qkv") else "no",
+         "fp32" if r.get("fp32_residual") else "bf16",
+         "yes" if r.get("param_gather_prefetch", True) else "no", "yes" if r["delay_wgrad"] else "no", r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "CE fused", "norm fused", "bias-GeLU fused", "wgrad delayed", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "norm fused", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:

@@ -65,17 +65,26 @@ stage_a2a() {
 
 stage_attention_breakdown() {
     timeout 120 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py --seqlens 32768 \
-        --methods single,ulysses-sdpa,deepspeed,ring,local-contig,local-ulysses,a2a-only \
+        --methods single,ulysses-sdpa,ulysses-sdpa-sendorder,deepspeed,ring,local-contig,local-ulysses,a2a-only \
         --json "$RES/attention_breakdown_sp$NPROC.json"
     # The same with a barrier and host sync before every call (the earlier timing).
     timeout 120 "${RUN[@]}" "$NPROC" benchmarks/bench_attention_core.py --seqlens 32768 \
-        --methods single,ulysses-sdpa,deepspeed,ring,a2a-only --timing synced \
+        --methods single,ulysses-sdpa,ulysses-sdpa-sendorder,deepspeed,ring,a2a-only --timing synced \
         --json "$RES/attention_breakdown_synced_sp$NPROC.json"
 }
 
+# The sixth session's defaults first (no fusions, fp32 residual, packed Q/K/V, no prefetch),
+# then each of this session's defaults switched off in turn against all of them on.
+E2E_DEFAULT=z1-nobgf-fp32res-packqkv-noprefetch,z1-nobgf,z1-cefuse-fusednorm-dwgrad
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-noprefetch,z1-cefuse-fusednorm-dwgrad-fp32res
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-packqkv,z1-cefuse-fusednorm-dwgrad-ga2
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2-noprefetch,z1-cefuse-fusednorm-dwgrad-ga4
+E2E_DEFAULT+=,z1-full-cefuse-fusednorm,z3-nobgf,z3-cefuse-fusednorm
+E2E_DEFAULT+=,z3-cefuse-fusednorm-noprefetch,z3-full-cefuse-fusednorm
+
 stage_e2e() {
     timeout 400 "${RUN[@]}" "$NPROC" benchmarks/bench_end_to_end.py --profile \
-        --sweep "${E2E_SWEEP:-z1-nobgf,z1-cefuse-fusednorm,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga4,z1-full-cefuse-fusednorm,z3-nobgf,z3-cefuse-fusednorm,z3-full-cefuse-fusednorm}" \
+        --sweep "${E2E_SWEEP:-$E2E_DEFAULT}" \
         --trace "$RES/traces/e2e.json.gz" --json "$RES/e2e_1p3b_32k.json"
 }
 
