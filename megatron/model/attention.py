@@ -87,7 +87,11 @@ class ParallelAttention(torch.nn.Module):
             and config.sp_overlap_chunks == 1
             and not config.torch_compile
         )
-        self._rows: dict[torch.device, torch.Tensor] = {}
+        self._rows: dict[torch.device, torch.Tensor] = {}  # rank_major_rows, per device
+        self._kv_repeats = self.num_kv_heads % sp != 0  # fewer K/V heads than ranks
+        kv_local = 1 if self._kv_repeats else self.num_kv_heads // sp
+        # Columns of rank r's q, k and v blocks in the send buffer.
+        self._rank_widths = (q_width // sp, *(2 * (kv_local * self.head_dim,)))
         self.dense_wgrad = deferred_wgrad.WgradQueue() if mlp_wgrad is not None else None
         if sp > 1:
             check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
@@ -119,19 +123,18 @@ class ParallelAttention(torch.nn.Module):
         s, b, _ = hidden_sbh.shape
         if self.rank_major:
             context = self._attend_rank_major(hidden_sbh, doc_ids)  # [s/p, b, h, d]
-            context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
-            return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
-        qkv = self.query_key_value(hidden_sbh)  # [s, b, (hq + 2 hkv) d]
-        q, k, v = qkv.split(self.split_sizes, dim=-1)
-        q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
-        k_sbhd = k.view(s, b, self.num_kv_heads, self.head_dim)
-        v_sbhd = v.view(s, b, self.num_kv_heads, self.head_dim)
-        if rotary is not None:
-            # Global positions of this rank's tokens: rotate before the all-to-all.
-            cos, sin = rotary
-            q_sbhd = apply_rotary(q_sbhd, cos, sin)
-            k_sbhd = apply_rotary(k_sbhd, cos, sin)
-        context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
+        else:
+            qkv = self.query_key_value(hidden_sbh)  # [s, b, (hq + 2 hkv) d]
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+            q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
+            k_sbhd = k.view(s, b, self.num_kv_heads, self.head_dim)
+            v_sbhd = v.view(s, b, self.num_kv_heads, self.head_dim)
+            if rotary is not None:
+                # Global positions of this rank's tokens: rotate before the all-to-all.
+                cos, sin = rotary
+                q_sbhd = apply_rotary(q_sbhd, cos, sin)
+                k_sbhd = apply_rotary(k_sbhd, cos, sin)
+            context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
         return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
 
@@ -142,14 +145,13 @@ class ParallelAttention(torch.nn.Module):
             self._rows[device] = rank_major_rows(
                 self.num_heads, self.num_kv_heads, self.head_dim, self.sp, device
             )
-        repeats = self.num_kv_heads % self.sp != 0  # fewer K/V heads than ranks
         qkv_pnc = rank_major_linear(
-            hidden_sbh, self.query_key_value, self._rows[device], self.sp, repeats
+            hidden_sbh, self.query_key_value, self._rows[device], self.sp, self._kv_repeats
         )
-        kv_heads = self.num_kv_heads // self.sp if not repeats else 1
-        widths = (self.num_heads // self.sp * self.head_dim, *(2 * (kv_heads * self.head_dim,)))
         kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
-        return self.core_attention.attend_rank_major(qkv_pnc, widths, self.head_dim, **kwargs)
+        return self.core_attention.attend_rank_major(
+            qkv_pnc, self._rank_widths, self.head_dim, **kwargs
+        )
 
     def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
         """The core attention. Under ``--torch-compile`` the layer excludes this call from

@@ -1,10 +1,11 @@
 """The normalisation layer chosen by ``--normalization`` (PyTorch's own, no apex).
 
-The norms compute in fp32 and return fp32 on every device, whatever the dtypes of the
-residual stream (bf16/fp16 unless ``--fp32-residual-connection``) and of the weights (FSDP2
-gathers them in the compute dtype under ZeRO): CUDA autocast would do this for LayerNorm,
-but CPU autocast runs it in bf16, CPU kernels refuse mixed dtypes and RMSNorm is not an
-autocast op. The next linear casts the output for its matmul, as autocast does.
+The norms compute in fp32 on every device, whatever the dtypes of the residual stream
+(bf16/fp16 under autocast unless ``--fp32-residual-connection``) and of the weights (FSDP2
+gathers them in the compute dtype under ZeRO), and under autocast return fp32: CUDA autocast
+would do this for LayerNorm, but CPU autocast runs it in bf16, CPU kernels refuse mixed
+dtypes and RMSNorm is not an autocast op. The next linear casts the output for its matmul.
+Without autocast the output keeps the input's dtype.
 """
 
 from __future__ import annotations
@@ -22,20 +23,26 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float()
 
 
+def _out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The norm's fp32 result ``y`` under autocast, else in the input's dtype."""
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` in fp32 (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(
+        y = F.layer_norm(
             _fp32(x), self.normalized_shape, _fp32(self.weight), _fp32(self.bias), self.eps
         )
+        return _out(y, x)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` in fp32 (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(_fp32(x), self.normalized_shape, _fp32(self.weight), self.eps)
+        return _out(F.rms_norm(_fp32(x), self.normalized_shape, _fp32(self.weight), self.eps), x)
 
 
 def build_norm(config: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
