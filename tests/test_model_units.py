@@ -499,6 +499,11 @@ def test_config_from_args():
         bias_gelu_fusion=True,  # Megatron's default
     )  # fmt: skip
     assert not ModelConfig.from_args(_parse(["--no-bias-gelu-fusion"])).bias_gelu_fusion
+    assert (default.fp32_residual_connection, default.sp_rank_major_qkv) == (False, True)
+    switched = ModelConfig.from_args(
+        _parse(["--fp32-residual-connection", "--no-sp-rank-major-qkv"])
+    )
+    assert (switched.fp32_residual_connection, switched.sp_rank_major_qkv) == (True, False)
     assert ModelConfig.from_args(_parse(["--use-flash-attn-triton"])).attention_backend == "triton"
 
 
