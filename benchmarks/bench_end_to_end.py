@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model flag: the MLP's bias in its first linear, GeLU unfused (fused by default)",
     )
     p.add_argument(
+        "--no-bias-dropout-fusion",
+        action="store_true",
+        help="model flag: the output projections' biases in their linears, not in the fused "
+        "residual add + norm (there by default with --fused-residual-norm)",
+    )
+    p.add_argument(
         "--no-overlap-param-gather",
         action="store_true",
         help="ZeRO: no FSDP2 forward prefetch of the next layer's weights",
@@ -177,11 +183,12 @@ SWITCH_TOKENS = {
     "cefuse": "cross_entropy_loss_fusion", "fusednorm": "fused_residual_norm",
     "dwgrad": "delay_wgrad_compute", "sync": "sync_every_step", "nobgf": "no_bias_gelu_fusion",
     "packqkv": "no_sp_rank_major_qkv", "fp32res": "fp32_residual_connection",
-    "noprefetch": "no_overlap_param_gather",
+    "noprefetch": "no_overlap_param_gather", "nobdf": "no_bias_dropout_fusion",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
-                  "no_sp_rank_major_qkv", "fp32_residual_connection")  # fmt: skip
+                  "no_sp_rank_major_qkv", "fp32_residual_connection",
+                  "no_bias_dropout_fusion")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -193,8 +200,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
     ``sync`` (``--sync-every-step``), ``dwgrad`` (``--delay-wgrad-compute``), ``nobgf``
     (``--no-bias-gelu-fusion``), ``packqkv`` (``--no-sp-rank-major-qkv``), ``fp32res``
-    (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``ga<N>``
-    (``--grad-accum``); unnamed settings keep their
+    (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
+    (``--no-bias-dropout-fusion``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
     flag values.
     """
     if not args.sweep:
@@ -355,6 +362,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
         "delay_wgrad": args.delay_wgrad_compute, "bias_gelu_fused": not args.no_bias_gelu_fusion,
         "rank_major_qkv": not args.no_sp_rank_major_qkv,
+        "bias_in_fused_norm": args.fused_residual_norm and not args.no_bias_dropout_fusion,
         "fp32_residual": args.fp32_residual_connection,
         "param_gather_prefetch": not args.no_overlap_param_gather,
         "position_embedding_type": args.position_embedding_type,
@@ -480,8 +488,8 @@ def report(results: list[dict], title: str) -> None:
         [r["seq_length"], r["sp"], r["dp"], r["grad_accum"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
-         "yes" if r["fused_norm"] else "no", "yes" if r["bias_gelu_fused"] else "no",
-         "yes" if r.get("rank_major_qkv") else "no",
+         "yes" if r["fused_norm"] else "no", "yes" if r.get("bias_in_fused_norm") else "no",
+         "yes" if r["bias_gelu_fused"] else "no", "yes" if r.get("rank_major_qkv") else "no",
          "fp32" if r.get("fp32_residual") else "bf16",
          "yes" if r.get("param_gather_prefetch", True) else "no", "yes" if r["delay_wgrad"] else "no", r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
@@ -489,7 +497,7 @@ def report(results: list[dict], title: str) -> None:
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "CE fused", "norm fused", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:

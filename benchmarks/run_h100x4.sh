@@ -73,19 +73,23 @@ stage_attention_breakdown() {
         --json "$RES/attention_breakdown_synced_sp$NPROC.json"
 }
 
-# The sixth session's defaults first (no fusions, fp32 residual, packed Q/K/V, no prefetch),
-# then each of this session's defaults switched off in turn against all of them on.
-E2E_DEFAULT=z1-nobgf-fp32res-packqkv-noprefetch,z1-nobgf,z1-cefuse-fusednorm-dwgrad
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-noprefetch,z1-cefuse-fusednorm-dwgrad-fp32res
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-packqkv,z1-cefuse-fusednorm-dwgrad-ga2
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2-noprefetch,z1-cefuse-fusednorm-dwgrad-ga4
-E2E_DEFAULT+=,z1-full-cefuse-fusednorm,z3-nobgf,z3-cefuse-fusednorm
-E2E_DEFAULT+=,z3-cefuse-fusednorm-noprefetch,z3-full-cefuse-fusednorm
+# The seventh session's defaults (the output biases in their linears: nobdf) against this
+# session's, at global batch 1, 2 and 4; then no fusions, full recompute and ZeRO 3.
+E2E_DEFAULT=z1-nobgf,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-dwgrad-nobdf
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga2-nobdf
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga4,z1-full-cefuse-fusednorm,z3-nobgf
+E2E_DEFAULT+=,z3-cefuse-fusednorm,z3-full-cefuse-fusednorm
 
 stage_e2e() {
+    # SM clock and power once a second beside the runs (power capping slows the kernels).
+    nvidia-smi dmon -s pc -d 1 > "$RES/dmon_e2e.txt" 2>&1 &
+    local dmon=$!
     timeout 400 "${RUN[@]}" "$NPROC" benchmarks/bench_end_to_end.py --profile \
         --sweep "${E2E_SWEEP:-$E2E_DEFAULT}" \
         --trace "$RES/traces/e2e.json.gz" --json "$RES/e2e_1p3b_32k.json"
+    local rc=$?
+    kill "$dmon" 2>/dev/null
+    return $rc
 }
 
 stage_weak() {

@@ -22,7 +22,6 @@ COMPAT_ONLY = {
     "distribute_checkpointed_activations": "checkpointed activations are not partitioned (no tensor parallelism)",
     "accumulate_allreduce_grads_in_fp32": "gradients are always reduced and accumulated in fp32",
     "no_masked_softmax_fusion": "no fused masked-softmax kernel is used",
-    "no_bias_dropout_fusion": "no fused bias-dropout kernel is used",
     "no_gradient_accumulation_fusion": "no fused gradient-accumulation kernel is used",
     "use_distributed_optimizer": "optimizer state sharding is --zero-stage 1/2/3 through FSDP2",
     "fp16_lm_cross_entropy": "the cross entropy is always computed in fp32",
@@ -96,7 +95,13 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
         "fused GeLU kernel (which runs on CUDA by default, its backward summing the bias "
         "gradient in the same pass)",
     )
-    g.add_argument("--no-bias-dropout-fusion", action="store_true")
+    g.add_argument(
+        "--no-bias-dropout-fusion",
+        action="store_true",
+        help="with --fused-residual-norm and no hidden dropout: add the attention output "
+        "projection's and the MLP's second bias in their linears, not inside the fused "
+        "residual add + norm (whose backward sums their gradients by default)",
+    )
 
 
 def _add_regularization_args(parser: argparse.ArgumentParser) -> None:

@@ -88,18 +88,19 @@ for kernel, last in ((ce._ce_fwd_kernel, "LOSS"), (ce._ce_bwd_kernel, "GRAD")):
                last: "*fp32", "V": "constexpr", "BLOCK": "constexpr"}
         src = ASTSource(fn=kernel, signature=sig, constexprs={"V": 50304, "BLOCK": 4096})
         assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
-rows = {"X": "*fp32", "Y": "*bf16", "W": "*bf16", "B": "*bf16", "R": "*fp32", "OUT": "*bf16",
-        "MEAN": "*fp32", "RSTD": "*fp32", "eps": "fp32"}
+rows = {"X": "*fp32", "Y": "*bf16", "YB": "*bf16", "W": "*bf16", "B": "*bf16", "R": "*fp32",
+        "OUT": "*bf16", "MEAN": "*fp32", "RSTD": "*fp32", "eps": "fp32"}
 for rms in (False, True):
-    consts = {"H": 2048, "BLOCK": 2048, "RMS": rms, "HAS_BIAS": not rms}
+    consts = {"H": 2048, "BLOCK": 2048, "RMS": rms, "HAS_BIAS": not rms, "HAS_YB": not rms}
     sig = {**rows, **dict.fromkeys(consts, "constexpr")}
     src = ASTSource(fn=an._add_norm_fwd_kernel, signature=sig, constexprs=consts)
     assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
     consts = {"H": 2048, "BLOCK": 2048, "ROWS": 32, "RMS": rms, "HAS_BIAS": not rms,
-              "HAS_DR_IN": True, "SAME_DY": False}
+              "HAS_DR_IN": True, "SAME_DY": False, "HAS_YB": not rms}
     sig = {"DOUT": "*bf16", "DR_IN": "*fp32", "R": "*fp32", "W": "*bf16", "MEAN": "*fp32",
            "RSTD": "*fp32", "DX": "*fp32", "DY": "*bf16", "DW_PART": "*fp32",
-           "DB_PART": "*fp32", "n_rows": "i32", **dict.fromkeys(consts, "constexpr")}
+           "DB_PART": "*fp32", "DYB_PART": "*fp32", "n_rows": "i32",
+           **dict.fromkeys(consts, "constexpr")}
     src = ASTSource(fn=an._add_norm_bwd_kernel, signature=sig, constexprs=consts)
     assert "cubin" in compile(src, target=GPUTarget("cuda", 90, 32)).asm
 for tanh in (False, True):
@@ -141,10 +142,11 @@ def test_fused_add_norm_matches_fp64(rms):
 
     torch.manual_seed(4)
     h = 96  # not a power of two: masked lanes
-    for y_dtype, w_dtype, out_dtype, tol in [
-        (torch.float32, torch.float32, torch.float32, 1e-6),
-        (torch.bfloat16, torch.bfloat16, torch.bfloat16, 1e-2),
-        (torch.float16, torch.float32, torch.float16, 1e-3),
+    for y_dtype, w_dtype, out_dtype, tol, with_y_bias in [
+        (torch.float32, torch.float32, torch.float32, 1e-6, False),
+        (torch.float32, torch.float32, torch.float32, 1e-6, True),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16, 1e-2, True),
+        (torch.float16, torch.float32, torch.float16, 1e-3, False),
     ]:
         norm = torch.nn.RMSNorm(h, eps=1e-5) if rms else torch.nn.LayerNorm(h, eps=1e-5)
         with torch.no_grad():
@@ -153,13 +155,18 @@ def test_fused_add_norm_matches_fp64(rms):
         norm = norm.to(w_dtype)
         x = torch.randn(5, 3, h, requires_grad=True)
         y = torch.randn(5, 3, h).to(y_dtype).requires_grad_()
+        # the linear's bias added in the same pass (bias-dropout-add fusion)
+        y_bias = torch.randn(h).to(w_dtype).requires_grad_() if with_y_bias else None
         grad_r, grad_out = torch.randn(5, 3, h), torch.randn(5, 3, h).to(out_dtype)
-        r, out = fused_add_norm(x, y, norm, out_dtype)
+        r, out = fused_add_norm(x, y, norm, out_dtype, y_bias)
         assert (r.dtype, out.dtype) == (torch.float32, out_dtype)
         torch.autograd.backward([r, out], [grad_r, grad_out])
         params = list(norm.parameters())
         ref_in = [t.detach().double().requires_grad_() for t in [x, y, *params]]
         ref_r = ref_in[0] + ref_in[1]
+        if with_y_bias:
+            ref_y_bias = y_bias.detach().double().requires_grad_()
+            ref_r = ref_r + ref_y_bias
         bias = None if rms else ref_in[3]
         ref_out = (
             F.rms_norm(ref_r, (h,), ref_in[2], 1e-5)
@@ -169,7 +176,11 @@ def test_fused_add_norm_matches_fp64(rms):
         torch.autograd.backward([ref_r, ref_out], [grad_r.double(), grad_out.double()])
         got = [r, out, x.grad, y.grad, *(p.grad for p in params)]
         want = [ref_r, ref_out, *(t.grad for t in ref_in)]
-        for name, g, w in zip(["r", "out", "dx", "dy", "dw", "db"], got, want):
+        names = ["r", "out", "dx", "dy", "dw", "db"][: len(got)]
+        if with_y_bias:
+            got, want, names = got + [y_bias.grad], want + [ref_y_bias.grad], names + ["dyb"]
+            assert y_bias.grad.dtype == w_dtype
+        for name, g, w in zip(names, got, want):
             err = ((g.double() - w).norm() / w.norm()).item()
             assert err < tol, (name, y_dtype, err)
         assert y.grad.dtype == y_dtype and params[0].grad.dtype == w_dtype
@@ -229,20 +240,23 @@ def test_bias_gelu_fusion_in_the_model():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("style", ["gpt", "llama"])
+@pytest.mark.parametrize("style", ["gpt", "gpt-nobdf", "llama"])
 def test_fused_residual_norm_in_the_model(style):
     """The layer with ``fused_residual_norm`` computes what the unfused one does, in fp32
     and under bf16 autocast (where the norm's output goes straight to bf16; the Triton
     interpreter rounds fp32 -> bf16 by truncation, GPUs and PyTorch to nearest even, hence
-    the looser bf16 tolerance here)."""
+    the looser bf16 tolerance here). GPT's output projections' biases move into the fused
+    pass (``bias_dropout_fusion``, the default) or stay in their linears (``nobdf``)."""
     if not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     batch = make_batch(2, seed=6)
-    extra = LLAMA if style == "llama" else {}
+    extra = {"gpt": {}, "gpt-nobdf": {"bias_dropout_fusion": False}, "llama": LLAMA}[style]
     for autocast in (False, True):
         out = {}
         for fused in (False, True):
             model = mu.build_model(seed=3, fused_residual_norm=fused, **extra)
+            layer = model.transformer.layers[0]
+            assert layer.fuses_bias(torch.device("cpu")) == (fused and style == "gpt")
             ctx = (
                 torch.autocast("cpu", dtype=torch.bfloat16)
                 if autocast
@@ -259,8 +273,8 @@ def test_fused_residual_norm_in_the_model(style):
 
 def test_fused_residual_norm_across_recompute_segments():
     """Block recompute of the first layer: the checkpointed segment returns the summed
-    residual, the later layers hand their MLP output unsummed to the next norm (the last one
-    to the final norm's fused add). Fused equals unfused in fp32."""
+    residual, the later layers hand their MLP output (and its bias) unsummed to the next norm
+    (the last one to the final norm's fused add). Fused equals unfused in fp32."""
     if not triton_kernels_can_run(torch.device("cpu")):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     batch = make_batch(2, seed=7)

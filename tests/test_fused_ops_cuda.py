@@ -43,8 +43,9 @@ def test_fused_cross_entropy_bf16_vocab_50304():
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_fused_add_norm_bf16_hidden_2048(rms):
-    """``--fused-residual-norm``'s kernels: fp32 residual + bf16 branch, bf16 norm weights and
-    output, 8192 rows (more than the backward's program count)."""
+    """``--fused-residual-norm``'s kernels: fp32 residual + bf16 branch (+ its linear's bf16
+    bias, with LayerNorm), bf16 norm weights and output, 8192 rows (more than the backward's
+    program count)."""
     from megatron.ops.add_norm_triton import fused_add_norm
 
     torch.manual_seed(1)
@@ -59,12 +60,16 @@ def test_fused_add_norm_bf16_hidden_2048(rms):
     y = torch.randn(4096, 2, h, device=dev).bfloat16().requires_grad_()
     grad_r = torch.randn_like(x)
     grad_out = torch.randn(4096, 2, h, device=dev).bfloat16()
-    r, out = fused_add_norm(x, y, norm, torch.bfloat16)
+    y_bias = None if rms else torch.randn(h, device=dev).bfloat16().requires_grad_()
+    r, out = fused_add_norm(x, y, norm, torch.bfloat16, y_bias)
     assert (r.dtype, out.dtype) == (torch.float32, torch.bfloat16)
     torch.autograd.backward([r, out], [grad_r, grad_out])
     params = list(norm.parameters())
     ref_in = [t.detach().double().requires_grad_() for t in [x, y, *params]]
     ref_r = ref_in[0] + ref_in[1]
+    if y_bias is not None:
+        ref_y_bias = y_bias.detach().double().requires_grad_()
+        ref_r = ref_r + ref_y_bias
     ref_out = (
         F.rms_norm(ref_r, (h,), ref_in[2], 1e-5)
         if rms
@@ -73,7 +78,10 @@ def test_fused_add_norm_bf16_hidden_2048(rms):
     torch.autograd.backward([ref_r, ref_out], [grad_r.double(), grad_out.double()])
     got = [r, out, x.grad, y.grad, *(p.grad for p in params)]
     want = [ref_r, ref_out, *(t.grad for t in ref_in)]
-    for name, g, w in zip(["r", "out", "dx", "dy", "dw", "db"], got, want):
+    names = ["r", "out", "dx", "dy", "dw", "db"][: len(got)]
+    if y_bias is not None:
+        got, want, names = got + [y_bias.grad], want + [ref_y_bias.grad], names + ["dyb"]
+    for name, g, w in zip(names, got, want):
         assert _rel_err(g, w.detach()) < 1e-2, (name, _rel_err(g, w.detach()))
 
 
@@ -115,7 +123,8 @@ def test_rank_major_qkv_under_autocast_bf16(kv_heads):
     ref = F.linear(*ref_params)[..., rows].unflatten(-1, (sp, -1)).movedim(2, 0)
     ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), ref_params)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = rank_major_linear(x, linear, rows, sp, kv_heads % sp != 0)
+        widths = None if kv_heads % sp else (heads // sp * d, *(2 * (kv_heads // sp * d,)))
+        out = rank_major_linear(x, linear, rows, sp, widths)
         plain = linear(x)[..., rows].unflatten(-1, (sp, -1)).movedim(2, 0)
     assert out.dtype == torch.bfloat16
     params = [x, linear.weight, linear.bias]

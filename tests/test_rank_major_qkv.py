@@ -14,7 +14,7 @@ def test_rows_follow_the_head_blocks_of_each_rank():
 
 
 @pytest.mark.parametrize(
-    "heads,kv_heads,sp,bias", [(8, 8, 4, True), (8, 2, 4, False), (4, 1, 2, True)]
+    "heads,kv_heads,sp,bias", [(8, 8, 4, True), (8, 4, 2, True), (8, 2, 4, False), (4, 1, 2, True)]
 )
 def test_matches_linear_forward_and_backward(heads, kv_heads, sp, bias):
     torch.manual_seed(0)
@@ -22,8 +22,8 @@ def test_matches_linear_forward_and_backward(heads, kv_heads, sp, bias):
     linear = torch.nn.Linear(hidden, (heads + 2 * kv_heads) * d, bias=bias, dtype=torch.float64)
     x = torch.randn(s, b, hidden, dtype=torch.float64, requires_grad=True)
     rows = rank_major_rows(heads, kv_heads, d, sp)
-    repeats = kv_heads % sp != 0
-    out = rank_major_linear(x, linear, rows, sp, repeats)  # [p, s, b, c]
+    widths = None if kv_heads % sp else (heads // sp * d, *(2 * (kv_heads // sp * d,)))
+    out = rank_major_linear(x, linear, rows, sp, widths)  # [p, s, b, c]
     ref = linear(x)[..., rows].unflatten(-1, (sp, -1)).movedim(2, 0)
     torch.testing.assert_close(out, ref)
 

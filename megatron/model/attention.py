@@ -119,7 +119,10 @@ class ParallelAttention(torch.nn.Module):
         hidden_sbh: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         doc_ids: torch.Tensor | None = None,
+        add_output_bias: bool = True,
     ) -> torch.Tensor:
+        """``add_output_bias`` False: the output projection skips its bias (the caller's fused
+        add + norm adds it)."""
         s, b, _ = hidden_sbh.shape
         if self.rank_major:
             context = self._attend_rank_major(hidden_sbh, doc_ids)  # [s/p, b, h, d]
@@ -136,7 +139,8 @@ class ParallelAttention(torch.nn.Module):
                 k_sbhd = apply_rotary(k_sbhd, cos, sin)
             context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
-        return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad)  # [s, b, h]
+        # [s, b, h]
+        return deferred_wgrad.linear(context_sbh, self.dense, self.dense_wgrad, add_output_bias)
 
     def _attend_rank_major(self, hidden_sbh: torch.Tensor, doc_ids) -> torch.Tensor:
         """Q/K/V projected straight into the all-to-all's send order, then attention."""
@@ -145,8 +149,9 @@ class ParallelAttention(torch.nn.Module):
             self._rows[device] = rank_major_rows(
                 self.num_heads, self.num_kv_heads, self.head_dim, self.sp, device
             )
+        widths = None if self._kv_repeats else self._rank_widths
         qkv_pnc = rank_major_linear(
-            hidden_sbh, self.query_key_value, self._rows[device], self.sp, self._kv_repeats
+            hidden_sbh, self.query_key_value, self._rows[device], self.sp, widths
         )
         kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
         return self.core_attention.attend_rank_major(

@@ -84,6 +84,7 @@ class ModelConfig:
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
     bias_gelu_fusion: bool = False  # GeLU MLP: fc1's bias add + GeLU in one pass (CUDA)
     fused_residual_norm: bool = False  # each residual add + the norm after it (Triton)
+    bias_dropout_fusion: bool = True  # with it, no dropout: output biases added in that pass
     fp32_residual_connection: bool = False  # else the stream is autocast's dtype (bf16/fp16)
     delay_wgrad_compute: bool = False  # SP: weight gradients during the backward all-to-alls
     recompute_granularity: str | None = None  # None | "full" | "selective"
@@ -207,6 +208,7 @@ class ModelConfig:
             # --torch-compile fuses the layer's pointwise work itself.
             bias_gelu_fusion=not (args.no_bias_gelu_fusion or args.torch_compile),
             fused_residual_norm=args.fused_residual_norm,
+            bias_dropout_fusion=not args.no_bias_dropout_fusion,
             fp32_residual_connection=args.fp32_residual_connection,
             delay_wgrad_compute=args.delay_wgrad_compute,
             recompute_granularity=args.recompute_granularity,

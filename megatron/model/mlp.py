@@ -42,7 +42,9 @@ class ParallelMLP(torch.nn.Module):
         )
         self.dense_4h_to_h.is_output_projection = True  # scaled init
 
-    def forward(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_sbh: torch.Tensor, add_output_bias: bool = True) -> torch.Tensor:
+        """``add_output_bias`` False: the second projection skips its bias (the caller's
+        fused add + norm adds it)."""
         fuse_bias = self.bias_gelu_fusion  # then the GeLU op adds the first linear's bias
         x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue, not fuse_bias)
         if fuse_bias:
@@ -52,4 +54,4 @@ class ParallelMLP(torch.nn.Module):
             x = F.silu(gate) * up
         else:
             x = F.gelu(x, approximate=self.gelu_approximate)
-        return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue)
+        return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue, add_output_bias)

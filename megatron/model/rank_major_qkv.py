@@ -6,7 +6,9 @@ copy packs it (and, in backward, one unpacks the received dQ/dK/dV into the proj
 gradient). Here the projection computes block r directly, ``x @ W_r^T`` into ``out[r]``,
 where ``W_r`` holds the weight rows of rank r's heads: the output ``[p, s/p * b, c]`` *is*
 the send buffer, and the backward exchange's receive buffer *is* its gradient. The weight
-keeps Megatron's layout (checkpoints are unchanged); its rows are gathered per call.
+keeps Megatron's layout (checkpoints are unchanged); its rows are gathered per call. The
+weight gradient needs no scatter back: each of the q, k and v sections of the weight holds
+the ranks' blocks in rank order, so one batched GEMM per section writes them in place.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ def rank_major_rows(
 
 
 class _RankMajorLinear(torch.autograd.Function):
-    """``out[r] = x @ W[rows_r]^T + bias[rows_r]``; ``out`` ``[p, n, c]``, ``x`` ``[n, h]``."""
+    """``out[r] = x @ W[rows_r]^T + bias[rows_r]``; ``out`` ``[p, n, c]``, ``x`` ``[n, h]``.
+
+    ``widths``: the columns of rank r's q, k and v blocks; None where K/V rows repeat."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, sp, repeats, dtype):
+    def forward(ctx, x, weight, bias, rows, sp, widths, dtype):
         x_c = x.to(dtype)
         # [p, c, h]: rank r's rows in block r
         w = weight.to(dtype).index_select(0, rows).view(sp, -1, weight.shape[1])
@@ -59,7 +63,7 @@ class _RankMajorLinear(torch.autograd.Function):
         # copy anyway (as autocast keeps F.linear's), else gather them again from the weight.
         ctx.regather = weight.dtype == dtype
         ctx.save_for_backward(x_c, weight if ctx.regather else w, rows)
-        ctx.sp, ctx.repeats, ctx.x_dtype = sp, repeats, x.dtype
+        ctx.sp, ctx.widths, ctx.x_dtype = sp, widths, x.dtype
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -76,17 +80,39 @@ class _RankMajorLinear(torch.autograd.Function):
             for r in range(1, ctx.sp):
                 grad_x.addmm_(grad_out[r], w[r])
             grad_x = grad_x.to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
+        repeats = ctx.widths is None
+        if ctx.needs_input_grad[1] and repeats:
             grad_rows = w.new_empty(w.shape)  # [p, c, h]
             for r in range(ctx.sp):
                 torch.mm(grad_out[r].t(), x_c, out=grad_rows[r])
-            grad_w = _scatter_rows(grad_rows.flatten(0, 1), rows, ctx.weight_shape, ctx.repeats)
+            grad_w = _scatter_rows(grad_rows.flatten(0, 1), rows, ctx.weight_shape, repeats)
+            grad_w = grad_w.to(ctx.weight_dtype)
+        elif ctx.needs_input_grad[1]:
+            grad_w = _wgrad_by_section(grad_out, x_c, ctx.widths, ctx.weight_shape)
             grad_w = grad_w.to(ctx.weight_dtype)
         if ctx.needs_input_grad[2]:
             n_out = (ctx.weight_shape[0],)
-            grad_b = _scatter_rows(grad_out.sum(1).flatten(), rows, n_out, ctx.repeats)
+            grad_b = _scatter_rows(grad_out.sum(1).flatten(), rows, n_out, repeats)
             grad_b = grad_b.to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _wgrad_by_section(
+    grad_pnc: torch.Tensor, x_nh: torch.Tensor, widths: tuple[int, ...], shape
+) -> torch.Tensor:
+    """``grad^T @ x`` in the weight's own row order. Section j (q, k, v) starts at row
+    ``p * sum(widths[:j])`` and holds rank r's ``widths[j]`` rows at block r, which is the
+    gradient's columns ``[sum(widths[:j]), +widths[j])`` of block r: one batched GEMM per
+    section over the ranks, written in place."""
+    p, n, _ = grad_pnc.shape
+    grad_w = x_nh.new_empty(shape)
+    x_pnh = x_nh.expand(p, n, x_nh.shape[1])  # the same x for every rank's block
+    col = 0
+    for width in widths:
+        rows_pwh = grad_w[p * col : p * (col + width)].view(p, width, -1)
+        torch.bmm(grad_pnc[:, :, col : col + width].transpose(1, 2), x_pnh, out=rows_pwh)
+        col += width
+    return grad_w
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape, repeats: bool) -> torch.Tensor:
@@ -97,13 +123,18 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape, repeats: bool
 
 
 def rank_major_linear(
-    x_sbh: torch.Tensor, module: torch.nn.Linear, rows: torch.Tensor, sp: int, repeats: bool
+    x_sbh: torch.Tensor,
+    module: torch.nn.Linear,
+    rows: torch.Tensor,
+    sp: int,
+    widths: tuple[int, int, int] | None,
 ) -> torch.Tensor:
     """``module(x_sbh)`` (``[s/p, b, h]``) with its outputs in send order: ``[p, s/p, b, c]``.
 
-    ``rows``: :func:`rank_major_rows`; ``repeats``: whether a row occurs more than once."""
+    ``rows``: :func:`rank_major_rows`; ``widths``: the columns of each rank's q, k and v
+    blocks, or None where rows repeat (fewer K/V heads than ranks)."""
     s, b, h = x_sbh.shape
     dtype = linear_compute_dtype(x_sbh, module.weight)
     x_nh = x_sbh.reshape(s * b, h)
-    out = _RankMajorLinear.apply(x_nh, module.weight, module.bias, rows, sp, repeats, dtype)
+    out = _RankMajorLinear.apply(x_nh, module.weight, module.bias, rows, sp, widths, dtype)
     return out.view(sp, s, b, -1)

@@ -22,6 +22,9 @@ its residual stream and its MLP output unsummed, and the next consumer adds them
 pass each way (:mod:`megatron.ops.add_norm_triton`), with the norm's output written in the
 dtype its linear computes in; on CPU it runs only in the Triton interpreter (tests). Each
 recomputed segment returns the sum, so a checkpoint keeps one tensor between segments.
+With it, and without hidden dropout, Megatron's bias-dropout-add fusion (on unless
+``--no-bias-dropout-fusion``) also moves the output projection's and the MLP's second bias
+into that pass: the linears skip their bias, and the add + norm's backward sums its gradient.
 
 ``--torch-compile`` compiles each layer's forward (norms, projections, activation, residual
 adds: fused pointwise work around the matmuls); the core attention stays eager (see
@@ -60,16 +63,19 @@ def add_norm(
     norm: torch.nn.Module,
     out_dtype: torch.dtype,
     fused: bool,
+    y_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, norm(r))`` with ``r = x + y`` (``x`` when ``y`` is None). ``fused`` runs both in
-    one Triton pass and writes ``norm(r)`` in ``out_dtype``; unfused, autocast casts it."""
+    """``(r, norm(r))`` with ``r = x + y (+ y_bias)`` (``x`` when ``y`` is None). ``fused``
+    runs both in one Triton pass and writes ``norm(r)`` in ``out_dtype``; unfused, autocast
+    casts it. ``y_bias`` is given only where the fused pass runs
+    (:meth:`ParallelTransformerLayer.fuses_bias`)."""
     if y is None:
         return x, norm(x)
     if fused and triton_kernels_can_run(x.device):
         from megatron.ops.add_norm_triton import fused_add_norm
 
-        return fused_add_norm(x, y, norm, out_dtype)
-    r = x + y
+        return fused_add_norm(x, y, norm, out_dtype, y_bias)
+    r = x + y if y_bias is None else x + (y + y_bias)
     return r, norm(r)
 
 
@@ -92,6 +98,9 @@ class ParallelTransformerLayer(torch.nn.Module):
         self.post_attention_layernorm = build_norm(config, device)
         self.mlp = ParallelMLP(config, device, mlp_wgrad)
         self.fused_residual_norm = config.fused_residual_norm
+        self.bias_add_in_norm = (
+            config.fused_residual_norm and config.bias_dropout_fusion and config.add_bias_linear
+        )
         if config.torch_compile:
             # Instance attributes (set only here, so importing the model stays free of dynamo
             # and triton): the module's __call__ and FSDP's hooks stay eager, and so does the
@@ -100,28 +109,39 @@ class ParallelTransformerLayer(torch.nn.Module):
             attention._attend = torch.compiler.disable(attention._attend)
             self.forward = torch.compile(self.forward, backend=compile_backend(), dynamic=False)
 
+    def fuses_bias(self, device: torch.device) -> bool:
+        """Whether the output projections' biases are added in the fused add + norm (which
+        runs only where Triton can, and has no dropout between the bias and the add)."""
+        no_dropout = self.hidden_dropout == 0 or not self.training
+        return self.bias_add_in_norm and no_dropout and triton_kernels_can_run(device)
+
     def forward(
         self,
         hidden_sbh: torch.Tensor,
         rotary: Rotary = None,
         doc_ids: torch.Tensor | None = None,
         prev_mlp_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``prev_mlp_out``: the previous layer's MLP output, not yet added to ``hidden_sbh``.
-        Returns ``(residual, mlp_out)``, whose sum is this layer's output."""
+        prev_mlp_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``prev_mlp_out`` (+ ``prev_mlp_bias``): the previous layer's MLP output, not yet
+        added to ``hidden_sbh``. Returns ``(residual, mlp_out, mlp_bias)``, whose sum is this
+        layer's output (``mlp_bias`` None where the MLP added its own bias)."""
         fused = self.fused_residual_norm
+        fuse_bias = self.fuses_bias(hidden_sbh.device)
         qkv_dtype = linear_compute_dtype(hidden_sbh, self.self_attention.query_key_value.weight)
         hidden_sbh, normed = add_norm(
-            hidden_sbh, prev_mlp_out, self.input_layernorm, qkv_dtype, fused
+            hidden_sbh, prev_mlp_out, self.input_layernorm, qkv_dtype, fused, prev_mlp_bias
         )
-        attn_out = self.self_attention(normed, rotary, doc_ids)
+        attn_out = self.self_attention(normed, rotary, doc_ids, add_output_bias=not fuse_bias)
         attn_out = F.dropout(attn_out, self.hidden_dropout, self.training)
+        attn_bias = self.self_attention.dense.bias if fuse_bias else None
         mlp_dtype = linear_compute_dtype(hidden_sbh, self.mlp.dense_h_to_4h.weight)
         hidden_sbh, normed = add_norm(
-            hidden_sbh, attn_out, self.post_attention_layernorm, mlp_dtype, fused
+            hidden_sbh, attn_out, self.post_attention_layernorm, mlp_dtype, fused, attn_bias
         )
-        mlp_out = self.mlp(normed)
-        return hidden_sbh, F.dropout(mlp_out, self.hidden_dropout, self.training)
+        mlp_out = self.mlp(normed, add_output_bias=not fuse_bias)
+        mlp_bias = self.mlp.dense_4h_to_h.bias if fuse_bias else None
+        return hidden_sbh, F.dropout(mlp_out, self.hidden_dropout, self.training), mlp_bias
 
 
 class ParallelTransformer(torch.nn.Module):
@@ -151,25 +171,30 @@ class ParallelTransformer(torch.nn.Module):
         hidden_sbh: torch.Tensor,
         rotary: Rotary,
         doc_ids,
-        mlp_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Layers ``start..end``; returns ``(residual, mlp_out)`` unsummed (see the module)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Layers ``start..end``; returns ``(residual, mlp_out, mlp_bias)`` unsummed (see the
+        module)."""
+        mlp_out = mlp_bias = None
         for layer in self.layers[start:end]:
-            hidden_sbh, mlp_out = layer(hidden_sbh, rotary, doc_ids, mlp_out)
-        return hidden_sbh, mlp_out
+            hidden_sbh, mlp_out, mlp_bias = layer(hidden_sbh, rotary, doc_ids, mlp_out, mlp_bias)
+        return hidden_sbh, mlp_out, mlp_bias
 
     def _run_segment(self, start: int, end: int, hidden_sbh, rotary, doc_ids) -> torch.Tensor:
         """A recomputed segment: one tensor in, one out."""
-        hidden_sbh, mlp_out = self._run_layers(start, end, hidden_sbh, rotary, doc_ids)
+        hidden_sbh, mlp_out, mlp_bias = self._run_layers(start, end, hidden_sbh, rotary, doc_ids)
+        if mlp_bias is not None:
+            mlp_out = mlp_out + mlp_bias
         return hidden_sbh + mlp_out
 
     def forward(
         self, hidden_sbh: torch.Tensor, rotary: Rotary = None, doc_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         n_layers = len(self.layers)
-        mlp_out = None
+        mlp_out = mlp_bias = None
         if not (self.recompute_full and torch.is_grad_enabled()):
-            hidden_sbh, mlp_out = self._run_layers(0, n_layers, hidden_sbh, rotary, doc_ids)
+            hidden_sbh, mlp_out, mlp_bias = self._run_layers(
+                0, n_layers, hidden_sbh, rotary, doc_ids
+            )
         elif self.recompute_method == "uniform":
             step = self.recompute_num_layers
             for start in range(0, n_layers, step):
@@ -187,11 +212,14 @@ class ParallelTransformer(torch.nn.Module):
                         self._run_segment, i, i + 1, hidden_sbh, rotary, doc_ids,
                         use_reentrant=False,
                     )  # fmt: skip
-            hidden_sbh, mlp_out = self._run_layers(k, n_layers, hidden_sbh, rotary, doc_ids)
+            hidden_sbh, mlp_out, mlp_bias = self._run_layers(
+                k, n_layers, hidden_sbh, rotary, doc_ids
+            )
         # The final norm's output keeps the residual stream's dtype, as the unfused norm's.
         _, out = add_norm(
-            hidden_sbh, mlp_out, self.final_layernorm, hidden_sbh.dtype, self.fused_residual_norm
-        )
+            hidden_sbh, mlp_out, self.final_layernorm, hidden_sbh.dtype,
+            self.fused_residual_norm, mlp_bias,
+        )  # fmt: skip
         return out
 
     def _inputs_kept_on_host(self):

@@ -10,6 +10,10 @@ gradient's accumulation: about twice the memory traffic of one fused pass each w
 :func:`fused_add_norm` returns ``(r, norm(r))`` with ``norm(r)`` written directly in the
 requested dtype; the statistics are fp32 as in PyTorch's norms. Backward returns the same
 gradient for ``x`` (in its dtype) and ``y`` (in its), plus the weight/bias gradients.
+
+With ``y_bias`` (Megatron's bias-dropout-add fusion, without dropout) the block's linear
+skips its bias and ``r = x + y + y_bias``; the bias gradient, the column sum of ``r``'s
+gradient, comes from the same backward pass instead of a separate reduction.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ BWD_PROGRAMS = 256  # backward programs; each sums its rows' weight/bias gradien
 
 # fmt: off
 @triton.jit
-def _add_norm_fwd_kernel(X, Y, W, B, R, OUT, MEAN, RSTD, eps, H: tl.constexpr,
-                         BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _add_norm_fwd_kernel(X, Y, YB, W, B, R, OUT, MEAN, RSTD, eps, H: tl.constexpr,
+                         BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_YB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
-    r = (tl.load(X + row * H + offs, mask=mask, other=0.0).to(tl.float32)
-         + tl.load(Y + row * H + offs, mask=mask, other=0.0).to(tl.float32))
+    y = tl.load(Y + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_YB:
+        y += tl.load(YB + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(X + row * H + offs, mask=mask, other=0.0).to(tl.float32) + y
     r = r.to(R.dtype.element_ty).to(tl.float32)  # the stored residual (bf16 stream: rounded)
     tl.store(R + row * H + offs, r, mask=mask)
     if RMS:
@@ -48,16 +55,17 @@ def _add_norm_fwd_kernel(X, Y, W, B, R, OUT, MEAN, RSTD, eps, H: tl.constexpr,
 
 
 @triton.jit
-def _add_norm_bwd_kernel(DOUT, DR_IN, R, W, MEAN, RSTD, DX, DY, DW_PART, DB_PART, n_rows,
-                         H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+def _add_norm_bwd_kernel(DOUT, DR_IN, R, W, MEAN, RSTD, DX, DY, DW_PART, DB_PART, DYB_PART,
+                         n_rows, H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                          RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DR_IN: tl.constexpr,
-                         SAME_DY: tl.constexpr):
+                         SAME_DY: tl.constexpr, HAS_YB: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
+    dyb = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ROWS):
         row = (pid * ROWS + i).to(tl.int64)
         live = row < n_rows
@@ -80,17 +88,21 @@ def _add_norm_bwd_kernel(DOUT, DR_IN, R, W, MEAN, RSTD, DX, DY, DW_PART, DB_PART
             tl.store(DY + row * H + offs, dr.to(DY.dtype.element_ty), mask=rmask)
         dw += dout * xhat
         db += dout
+        if HAS_YB:
+            dyb += tl.where(rmask, dr, 0.0)
     tl.store(DW_PART + pid * H + offs, dw, mask=mask)
     if HAS_BIAS:
         tl.store(DB_PART + pid * H + offs, db, mask=mask)
+    if HAS_YB:
+        tl.store(DYB_PART + pid * H + offs, dyb, mask=mask)
 # fmt: on
 
 
 class FusedAddNorm(torch.autograd.Function):
-    """``(x + y, norm(x + y))``; see the module docstring. Tensors are ``[..., H]``."""
+    """``(x + y [+ y_bias], norm(...))``; see the module docstring. Tensors are ``[..., H]``."""
 
     @staticmethod
-    def forward(ctx, x, y, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
+    def forward(ctx, x, y, y_bias, weight, bias, eps: float, rms: bool, out_dtype: torch.dtype):
         h = x.shape[-1]
         x2, y2 = x.reshape(-1, h).contiguous(), y.reshape(-1, h).contiguous()
         n = x2.shape[0]
@@ -100,12 +112,14 @@ class FusedAddNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         if n:
             _add_norm_fwd_kernel[(n,)](
-                x2, y2, weight, bias if bias is not None else weight, r, out, mean, rstd, eps,
+                x2, y2, y_bias if y_bias is not None else weight, weight,
+                bias if bias is not None else weight, r, out, mean, rstd, eps,
                 H=h, BLOCK=triton.next_power_of_2(h), RMS=rms, HAS_BIAS=bias is not None,
-                num_warps=8,
+                HAS_YB=y_bias is not None, num_warps=8,
             )  # fmt: skip
         ctx.save_for_backward(r, weight, bias, mean, rstd)
         ctx.rms, ctx.x_dtype, ctx.y_dtype = rms, x.dtype, y.dtype
+        ctx.y_bias_dtype = None if y_bias is None else y_bias.dtype
         return r.view(x.shape), out.view(x.shape)
 
     @staticmethod
@@ -122,16 +136,19 @@ class FusedAddNorm(torch.autograd.Function):
         rows = triton.cdiv(n, programs)
         dw_part = torch.empty((programs, h), dtype=torch.float32, device=r.device)
         db_part = torch.empty_like(dw_part) if bias is not None else dw_part
+        has_yb = ctx.y_bias_dtype is not None
+        dyb_part = torch.empty_like(dw_part) if has_yb else dw_part
         if n:
             _add_norm_bwd_kernel[(programs,)](
                 dout, dr_in if dr_in is not None else dout, r, weight, mean, rstd, dx, dy,
-                dw_part, db_part, n, H=h, BLOCK=triton.next_power_of_2(h), ROWS=rows,
+                dw_part, db_part, dyb_part, n, H=h, BLOCK=triton.next_power_of_2(h), ROWS=rows,
                 RMS=ctx.rms, HAS_BIAS=bias is not None, HAS_DR_IN=dr_in is not None,
-                SAME_DY=same, num_warps=8,
+                SAME_DY=same, HAS_YB=has_yb, num_warps=8,
             )  # fmt: skip
         dw = dw_part.sum(0).to(weight.dtype)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return dx.view(shape), dy.view(shape), dw, db, None, None, None
+        dyb = dyb_part.sum(0).to(ctx.y_bias_dtype) if has_yb else None
+        return dx.view(shape), dy.view(shape), dyb, dw, db, None, None, None
 
 
 def fused_add_norm(
@@ -139,8 +156,11 @@ def fused_add_norm(
     y: torch.Tensor,
     norm: torch.nn.LayerNorm | torch.nn.RMSNorm,
     out_dtype: torch.dtype,
+    y_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x + y, norm(x + y))`` in one pass each way; the norm's output in ``out_dtype``."""
+    """``(r, norm(r))``, ``r = x + y (+ y_bias)``, in one pass each way; the norm's output in
+    ``out_dtype``."""
     rms = isinstance(norm, torch.nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-    return FusedAddNorm.apply(x, y, norm.weight, getattr(norm, "bias", None), eps, rms, out_dtype)
+    bias = getattr(norm, "bias", None)
+    return FusedAddNorm.apply(x, y, y_bias, norm.weight, bias, eps, rms, out_dtype)
