@@ -499,11 +499,12 @@ def test_config_from_args():
         bias_gelu_fusion=True,  # Megatron's default
     )  # fmt: skip
     assert not ModelConfig.from_args(_parse(["--no-bias-gelu-fusion"])).bias_gelu_fusion
-    assert (default.fp32_residual_connection, default.sp_rank_major_qkv) == (False, True)
+    on = ("fp32_residual_connection", "sp_rank_major_qkv", "bias_dropout_fusion")
+    assert [getattr(default, name) for name in on] == [False, True, True]
     switched = ModelConfig.from_args(
-        _parse(["--fp32-residual-connection", "--no-sp-rank-major-qkv"])
+        _parse(["--fp32-residual-connection", "--no-sp-rank-major-qkv", "--no-bias-dropout-fusion"])
     )
-    assert (switched.fp32_residual_connection, switched.sp_rank_major_qkv) == (True, False)
+    assert [getattr(switched, name) for name in on] == [True, False, False]
     assert ModelConfig.from_args(_parse(["--use-flash-attn-triton"])).attention_backend == "triton"
 
 
