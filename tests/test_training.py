@@ -135,3 +135,36 @@ def test_zero_gathers_layers_in_bf16(zero):
         }  # fmt: skip
     for rank_result in world.run(_zero_dtypes, zero, None):  # --fp32-param-gather
         assert rank_result["layers"] == ["torch.float32"] == rank_result["grads"]
+
+
+def _fused_norm_under_zero(zero: int, fused: bool) -> tuple[float, dict]:
+    """Loss and full gradients of one forward and backward of the tiny GPT under ZeRO
+    ``zero``, with the residual add + norm fused (the output biases added in that pass, the
+    MLP's by the next layer's norm) or not."""
+    from model_utils import make_batch, slice_batch, tiny_config
+
+    from megatron.core import parallel_state
+    from megatron.distributed import shard_model_for_zero
+    from megatron.model import GPTModel, ParallelTransformerLayer
+
+    state = parallel_state.initialize_model_parallel(device_type="cpu")
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(fused_residual_norm=fused, seq_length=16))
+    shard_model_for_zero(model, zero, state, (ParallelTransformerLayer,), None)
+    batch = slice_batch(make_batch(2, 0, seq=16), state.dp_rank, 2)
+    loss = model(batch["tokens"], batch["position_ids"], labels=batch["labels"]).sum()
+    loss.backward()
+    return loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+
+def test_fused_norm_biases_under_zero3():
+    """ZeRO 3 frees a layer's gathered weights after its forward, before the next layer's
+    fused add + norm adds this layer's MLP bias: the result must not depend on that."""
+    world = get_world(2)
+    for (loss, grads), (ref_loss, ref_grads) in zip(
+        world.run(_fused_norm_under_zero, 3, True), world.run(_fused_norm_under_zero, 3, False)
+    ):
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)

@@ -140,7 +140,9 @@ class ParallelTransformerLayer(torch.nn.Module):
             hidden_sbh, attn_out, self.post_attention_layernorm, mlp_dtype, fused, attn_bias
         )
         mlp_out = self.mlp(normed, add_output_bias=not fuse_bias)
-        mlp_bias = self.mlp.dense_4h_to_h.bias if fuse_bias else None
+        # The next layer's (or the final) norm adds it, after ZeRO 3 has freed this layer's
+        # gathered weights: hand it a copy.
+        mlp_bias = self.mlp.dense_4h_to_h.bias.clone() if fuse_bias else None
         return hidden_sbh, F.dropout(mlp_out, self.hidden_dropout, self.training), mlp_bias
 
 
