@@ -251,7 +251,7 @@ def test_fused_residual_norm_in_the_model(style):
         pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
     batch = make_batch(2, seed=6)
     extra = {"gpt": {}, "gpt-nobdf": {"bias_dropout_fusion": False}, "llama": LLAMA}[style]
-    for autocast in (False, True):
+    for autocast in (False, True) if style != "gpt-nobdf" else (False,):
         out = {}
         for fused in (False, True):
             model = mu.build_model(seed=3, fused_residual_norm=fused, **extra)

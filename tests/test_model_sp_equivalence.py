@@ -59,6 +59,13 @@ CASES_SP2 = [
     ("llama-triton-packed", {**LLAMA, **TRITON}, 2, True),
     ("gpt-full-uniform-ckpt-in-cpu", {**FULL_UNIFORM, "checkpoint_in_cpu": True}, 2, False),
     ("gpt-sdpa-delay-wgrad", {**SDPA, **DELAY_WGRAD}, 2, False),
+    # the fused add + norm (Triton interpreter), the output biases added inside it
+    (
+        "gpt-sdpa-fused-norm-delay-wgrad",
+        {**SDPA, **DELAY_WGRAD, "fused_residual_norm": True},
+        1,
+        False,
+    ),
     ("llama-mqa-delay-wgrad-full-uniform", {**MQA, **FULL_UNIFORM, **DELAY_WGRAD}, 2, True),
     ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
     # Learned positions + SP: Q/K/V projected in send order (rank_major_qkv), also with GQA.
