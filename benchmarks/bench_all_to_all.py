@@ -74,8 +74,7 @@ def make_exchange(impl: str, send_src: torch.Tensor, group):
             a2a.exchange(send, recv)
 
         return run_symm, recv
-    else:
-        a2a = copy_engine_all_to_all_for(group, streams=3 if impl == "ce3" else 1)
+    a2a = copy_engine_all_to_all_for(group, streams=3 if impl == "ce3" else 1)
     if a2a is None:
         return None, recv
 

@@ -134,20 +134,24 @@ class FusedAddNorm(torch.autograd.Function):
         dy = dx if same else torch.empty((n, h), dtype=ctx.y_dtype, device=r.device)
         programs = max(1, min(n, BWD_PROGRAMS))
         rows = triton.cdiv(n, programs)
-        dw_part = torch.empty((programs, h), dtype=torch.float32, device=r.device)
-        db_part = torch.empty_like(dw_part) if bias is not None else dw_part
-        has_yb = ctx.y_bias_dtype is not None
-        dyb_part = torch.empty_like(dw_part) if has_yb else dw_part
-        if n:
+        has_b, has_yb = bias is not None, ctx.y_bias_dtype is not None
+        # Per-program partial sums of the weight, bias and branch-bias gradients, in one
+        # buffer so one reduction finishes them all.
+        parts = torch.empty((1 + has_b + has_yb, programs, h), dtype=torch.float32, device=r.device)
+        dw_part, db_part, dyb_part = parts[0], parts[1 if has_b else 0], parts[-1]
+        if not n:
+            parts.zero_()
+        else:
             _add_norm_bwd_kernel[(programs,)](
                 dout, dr_in if dr_in is not None else dout, r, weight, mean, rstd, dx, dy,
                 dw_part, db_part, dyb_part, n, H=h, BLOCK=triton.next_power_of_2(h), ROWS=rows,
-                RMS=ctx.rms, HAS_BIAS=bias is not None, HAS_DR_IN=dr_in is not None,
+                RMS=ctx.rms, HAS_BIAS=has_b, HAS_DR_IN=dr_in is not None,
                 SAME_DY=same, HAS_YB=has_yb, num_warps=8,
             )  # fmt: skip
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        dyb = dyb_part.sum(0).to(ctx.y_bias_dtype) if has_yb else None
+        sums = parts.sum(1)
+        dw = sums[0].to(weight.dtype)
+        db = sums[1].to(bias.dtype) if has_b else None
+        dyb = sums[-1].to(ctx.y_bias_dtype) if has_yb else None
         return dx.view(shape), dy.view(shape), dyb, dw, db, None, None, None
 
 
