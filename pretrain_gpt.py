@@ -69,7 +69,7 @@ def get_batch(data_iterator):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, per_token_loss):
     """Mean over the micro-batch's valid tokens of the whole sequence (same on every SP rank)."""
     state = parallel_state.get_parallel_state()
     group = state.sp_group if state.dims.sp > 1 else None
@@ -79,10 +79,14 @@ def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = get_batch(data_iterator)
-    per_token_loss = model(
-        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch.get("doc_ids")
-    )
-    return per_token_loss, partial(loss_func, batch["loss_mask"])
+    losses = model(
+        batch["tokens"],
+        batch["position_ids"],
+        labels=batch["labels"],
+        doc_ids=batch.get("doc_ids"),
+        loss_mask=batch["loss_mask"],
+    )  # TokenLosses: with the mask the chunked loss computes its gradients in forward
+    return losses, partial(loss_func, batch["loss_mask"])
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):

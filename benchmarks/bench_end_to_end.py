@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "residual add + norm (there by default with --fused-residual-norm)",
     )
     p.add_argument(
+        "--no-loss-grad-in-forward",
+        action="store_true",
+        help="model flag: the chunked loss recomputes its logits in backward (its gradients "
+        "come out of the forward pass by default)",
+    )
+    p.add_argument(
         "--no-overlap-param-gather",
         action="store_true",
         help="ZeRO: no FSDP2 forward prefetch of the next layer's weights",
@@ -184,11 +190,12 @@ SWITCH_TOKENS = {
     "dwgrad": "delay_wgrad_compute", "sync": "sync_every_step", "nobgf": "no_bias_gelu_fusion",
     "packqkv": "no_sp_rank_major_qkv", "fp32res": "fp32_residual_connection",
     "noprefetch": "no_overlap_param_gather", "nobdf": "no_bias_dropout_fusion",
+    "nolgf": "no_loss_grad_in_forward",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
                   "no_sp_rank_major_qkv", "fp32_residual_connection",
-                  "no_bias_dropout_fusion")  # fmt: skip
+                  "no_bias_dropout_fusion", "no_loss_grad_in_forward")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -201,7 +208,7 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     ``sync`` (``--sync-every-step``), ``dwgrad`` (``--delay-wgrad-compute``), ``nobgf``
     (``--no-bias-gelu-fusion``), ``packqkv`` (``--no-sp-rank-major-qkv``), ``fp32res``
     (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
-    (``--no-bias-dropout-fusion``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
+    (``--no-bias-dropout-fusion``), ``nolgf`` (``--no-loss-grad-in-forward``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
     flag values.
     """
     if not args.sweep:
@@ -364,6 +371,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "rank_major_qkv": not args.no_sp_rank_major_qkv,
         "bias_in_fused_norm": args.fused_residual_norm and not args.no_bias_dropout_fusion,
         "fp32_residual": args.fp32_residual_connection,
+        "loss_grad_in_forward": not args.no_loss_grad_in_forward,
         "param_gather_prefetch": not args.no_overlap_param_gather,
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,

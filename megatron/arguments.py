@@ -187,6 +187,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         help="tokens per chunk of the output layer + cross entropy (0: unchunked)",
     )
     g.add_argument(
+        "--no-loss-grad-in-forward",
+        action="store_true",
+        help="the chunked loss recomputes each chunk's logits in backward instead of computing "
+        "its gradients in forward (an extra output-layer GEMM; for comparison)",
+    )
+    g.add_argument(
         "--fused-residual-norm",
         action="store_true",
         help="each residual add and the norm after it (post-attention, next layer's input, "

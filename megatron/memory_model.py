@@ -26,8 +26,10 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
   unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32
   states (and a step scalar) per tensor.
-* The chunked loss keeps the final hidden states (fp32; the residual's dtype after the fused
-  final norm); its transient is one chunk's logits.
+* The chunked loss, given the loss mask as in training, computes its gradients in forward
+  and keeps them (fp32 weight and hidden-state gradients) until backward; without the
+  mask's in-forward path it keeps the final hidden states (fp32; the residual's dtype after
+  the fused final norm). Its transient is one chunk's logits.
 """
 
 from __future__ import annotations
@@ -289,9 +291,11 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
             layers = math.ceil(L / k) * kept
     else:
         layers = L * per_layer
-    # Final norm: its input; the chunked loss keeps its output.
+    # Final norm: its input; the chunked loss keeps its output, or its fp32 gradients.
     final = n * _norm_bytes_per_token(config, setup)
-    if config.loss_chunk_size > 0:
+    if loss_grads_in_forward(config):
+        final += 4 * config.padded_vocab_size * h + 4 * n * h
+    elif config.loss_chunk_size > 0:
         final += final_hidden_bytes(config, setup) * n * h
     else:
         final += n * a * h + 4 * n * config.padded_vocab_size  # + fp32 log-softmax
@@ -334,6 +338,11 @@ def lowp_saved_bytes(config: ModelConfig, setup: RunSetup) -> int:
 # ------------------------------------------------------------------------ transient memory
 
 
+def loss_grads_in_forward(config: ModelConfig) -> bool:
+    """Whether the chunked loss computes its gradients in forward (training passes the mask)."""
+    return config.loss_chunk_size > 0 and config.loss_grad_in_forward
+
+
 def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int]:
     """(forward, backward) transient bytes of the output layer + cross entropy.
 
@@ -351,6 +360,16 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
         # product straight into the fp32 gradient (one GEMM, fp32 output).
         grad_w_tmp = (a + 4) * vocab * h if a < 4 and setup.device != "cuda" else 0
         hid = final_hidden_bytes(config, setup)  # the hidden gradient's dtype
+        if loss_grads_in_forward(config):
+            # The gradients themselves are among the saved bytes; per chunk the logits (and
+            # unfused their fp32 copies), the hidden gradient's fp32 product; in backward the
+            # hidden gradient's cast to its dtype (the weight's is scaled in place).
+            dh = c * h * (4 + (a if setup.device != "cuda" else 0))
+            to_hid = hid * n * h if hid < 4 else 0
+            if config.cross_entropy_fusion and setup.device == "cuda":
+                return weight_copy + c * vocab * a + dh + 4 * n, to_hid
+            fwd = weight_copy + c * vocab * (a + (4 if a < 4 else 0) + 4) + dh + grad_w_tmp
+            return fwd, to_hid
         # Fused (CUDA; on CPU the kernels run only in the Triton interpreter, so the model
         # follows the unfused path there): logits only, gradient in place; the saved lse.
         if config.cross_entropy_fusion and setup.device == "cuda":

@@ -120,10 +120,14 @@ def build_model(seed: int = 0, **overrides) -> GPTModel:
 
 def forward_loss(model: GPTModel, batch: dict) -> torch.Tensor:
     """The batch's mean loss, one process."""
-    per_token = model(
-        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]
-    )
-    return masked_lm_loss(per_token, batch["loss_mask"], None)
+    losses = model(
+        batch["tokens"],
+        batch["position_ids"],
+        labels=batch["labels"],
+        doc_ids=batch["doc_ids"],
+        loss_mask=batch["loss_mask"],
+    )  # as pretrain_gpt calls it: the chunked loss computes its gradients in forward
+    return masked_lm_loss(losses, batch["loss_mask"], None)
 
 
 def grads_of(model: GPTModel) -> dict[str, torch.Tensor]:

@@ -37,10 +37,44 @@ def test_chunked_loss_equals_plain(chunk, dtype, fused):
     for size in (0, chunk):
         loss = output_layer_cross_entropy(hidden, weight, labels, size, fused=fused and size > 0)
         results.append((loss, *torch.autograd.grad((loss * upstream).sum(), [hidden, weight])))
+    # With the loss mask as the weights: the gradients come out of the forward pass and
+    # backward scales them by the incoming gradient (0.37 here).
+    out = output_layer_cross_entropy(hidden, weight, labels, chunk, fused, loss_mask_bs=upstream)
+    assert not out.per_token.requires_grad
+    results.append((out.per_token, *torch.autograd.grad(0.37 * out.masked_sum, [hidden, weight])))
+    results[0] = (results[0][0], *(0.37 * g for g in results[0][1:]))
+    results[1] = (results[1][0], *(0.37 * g for g in results[1][1:]))
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want, **tol)
+    for got_chunked, got_in_forward, want in zip(results[1], results[2], results[0]):
+        assert got_chunked.dtype == got_in_forward.dtype == want.dtype
+        torch.testing.assert_close(got_chunked, want, **tol)
+        torch.testing.assert_close(got_in_forward, want, **tol)
+    torch.testing.assert_close(out.masked_sum, (results[0][0] * upstream).sum(), **tol)
+
+
+def test_chunked_loss_grad_in_forward_edges():
+    """The in-forward gradients: none are computed without autograd, a second backward is an
+    error, and with ``grad_in_forward`` off the mask's result is the same as with it on."""
+    torch.manual_seed(1)
+    hidden = torch.randn(10, 2, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    labels, mask = torch.randint(0, 30, (2, 10)), (torch.rand(2, 10) > 0.3).float()
+    with torch.no_grad():
+        out = output_layer_cross_entropy(hidden, weight, labels, 4, loss_mask_bs=mask)
+    assert out.masked_sum.grad_fn is None
+    grads = []
+    for in_forward in (True, False):
+        out = output_layer_cross_entropy(
+            hidden, weight, labels, 4, loss_mask_bs=mask, grad_in_forward=in_forward
+        )
+        out.masked_sum.backward(retain_graph=True)
+        grads.append((out.masked_sum.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+        if in_forward:
+            with pytest.raises(RuntimeError, match="only once"):
+                out.masked_sum.backward()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_cross_entropy_kernels_match_fp64():

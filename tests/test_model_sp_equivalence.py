@@ -102,10 +102,14 @@ CASES_SP4 = [
 
 
 def _loss_and_grads(model: GPTModel, batch: dict, sp_group) -> tuple[float, dict]:
-    per_token = model(
-        batch["tokens"], batch["position_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]
+    losses = model(
+        batch["tokens"],
+        batch["position_ids"],
+        labels=batch["labels"],
+        doc_ids=batch["doc_ids"],
+        loss_mask=batch["loss_mask"],
     )
-    loss = masked_lm_loss(per_token, batch["loss_mask"], sp_group)
+    loss = masked_lm_loss(losses, batch["loss_mask"], sp_group)
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():

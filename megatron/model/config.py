@@ -82,6 +82,7 @@ class ModelConfig:
     attention_backend: str = "classic"  # classic | sdpa | triton
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
+    loss_grad_in_forward: bool = True  # chunked loss given the mask: gradients in forward
     bias_gelu_fusion: bool = False  # GeLU MLP: fc1's bias add + GeLU in one pass (CUDA)
     fused_residual_norm: bool = False  # each residual add + the norm after it (Triton)
     bias_dropout_fusion: bool = True  # with it, no dropout: output biases added in that pass
@@ -205,6 +206,7 @@ class ModelConfig:
             attention_backend=backend,
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
+            loss_grad_in_forward=not args.no_loss_grad_in_forward,
             # --torch-compile fuses the layer's pointwise work itself.
             bias_gelu_fusion=not (args.no_bias_gelu_fusion or args.torch_compile),
             fused_residual_norm=args.fused_residual_norm,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.model.config import ModelConfig
-from megatron.model.loss import output_layer_cross_entropy
+from megatron.model.loss import TokenLosses, output_layer_cross_entropy
 from megatron.model.rotary import rotary_cos_sin
 from megatron.model.transformer import ParallelTransformer
 
@@ -119,8 +119,11 @@ class GPTModel(torch.nn.Module):
         position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [b, s/p, vocab] (``labels`` None) or per-token fp32 losses [b, s/p].
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | TokenLosses:
+        """Logits [b, s/p, vocab] (``labels`` None), per-token fp32 losses [b, s/p], or with
+        ``loss_mask`` [b, s/p] :class:`TokenLosses` (for :func:`masked_lm_loss`; the chunked
+        loss then computes its gradients in forward, see :mod:`megatron.model.loss`).
 
         tokens, position_ids, labels: [b, s/p], this rank's slice; position ids global.
         doc_ids: [b, s] per-token document ids of the WHOLE sequence (packed documents);
@@ -142,4 +145,6 @@ class GPTModel(torch.nn.Module):
             labels,
             self.config.loss_chunk_size,
             self.config.cross_entropy_fusion,
+            loss_mask,
+            self.config.loss_grad_in_forward,
         )

@@ -21,3 +21,11 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     if a.dtype == torch.float32 or acc.device.type != "cuda":
         return acc.addmm_(a, b) if a.dtype == acc.dtype else acc.add_(a @ b)
     return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32 for fp32 or lower-precision ``a``, ``b``: on CUDA one GEMM with
+    fp32 output (the product is not rounded to the inputs' dtype); elsewhere product + cast."""
+    if a.dtype == torch.float32 or a.device.type != "cuda":
+        return (a @ b).float()
+    return torch.mm(a, b, out_dtype=torch.float32)
