@@ -73,12 +73,13 @@ stage_attention_breakdown() {
         --json "$RES/attention_breakdown_synced_sp$NPROC.json"
 }
 
-# The seventh session's defaults (the output biases in their linears: nobdf) against this
-# session's, at global batch 1, 2 and 4; then no fusions, full recompute and ZeRO 3.
-E2E_DEFAULT=z1-nobgf,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-dwgrad-nobdf
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga2-nobdf
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga4,z1-full-cefuse-fusednorm,z3-nobgf
-E2E_DEFAULT+=,z3-cefuse-fusednorm,z3-full-cefuse-fusednorm
+# This session's defaults at global batch 1, 2 and 4, against the chunked loss recomputing
+# its logits (nolgf) and FSDP2 casting and adding the delayed weight gradients (nogaf); then
+# no fusions, full recompute and ZeRO 3.
+E2E_DEFAULT=z1-nobgf,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-dwgrad-nolgf
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga2-nogaf
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2-nolgf-nogaf,z1-cefuse-fusednorm-dwgrad-ga4
+E2E_DEFAULT+=,z1-full-cefuse-fusednorm,z3-cefuse-fusednorm
 
 stage_e2e() {
     # SM clock and power once a second beside the runs (power capping slows the kernels).

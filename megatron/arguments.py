@@ -22,7 +22,6 @@ COMPAT_ONLY = {
     "distribute_checkpointed_activations": "checkpointed activations are not partitioned (no tensor parallelism)",
     "accumulate_allreduce_grads_in_fp32": "gradients are always reduced and accumulated in fp32",
     "no_masked_softmax_fusion": "no fused masked-softmax kernel is used",
-    "no_gradient_accumulation_fusion": "no fused gradient-accumulation kernel is used",
     "use_distributed_optimizer": "optimizer state sharding is --zero-stage 1/2/3 through FSDP2",
     "fp16_lm_cross_entropy": "the cross entropy is always computed in fp32",
     "log_optimizer_states_to_tensorboard": "optimizer-state norms are not logged yet",
@@ -167,7 +166,13 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", type=str, default="adam", choices=["adam", "adamw", "sgd"])
     g.add_argument("--dataloader-type", type=str, default="single", choices=["single", "cyclic"])
     g.add_argument("--no-async-tensor-model-parallel-allreduce", action="store_true")
-    g.add_argument("--no-gradient-accumulation-fusion", action="store_true")
+    g.add_argument(
+        "--no-gradient-accumulation-fusion",
+        action="store_true",
+        help="ZeRO 1 over several micro-batches: the low-precision weight gradients of "
+        "--delay-wgrad-compute's GEMMs are cast and summed in fp32 by FSDP2 per micro-batch, "
+        "instead of written and accumulated in fp32 by the GEMMs themselves",
+    )
     g.add_argument(
         "--use-flash-attn",
         "--use-flash-attn-v2",

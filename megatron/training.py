@@ -172,7 +172,10 @@ def train_step_async(
     totals: dict[str, torch.Tensor] = {}
     for micro in range(num_micro):
         if num_micro > 1:
-            set_micro_batch_sync(model, args.zero_stage, last=micro == num_micro - 1)
+            last = micro == num_micro - 1
+            set_micro_batch_sync(
+                model, args.zero_stage, last, not args.no_gradient_accumulation_fusion
+            )
         with autocast_context(args):
             output, loss_func = forward_step_func(data_iterator, model)
             loss, reported = loss_func(output)

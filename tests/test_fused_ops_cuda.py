@@ -39,6 +39,13 @@ def test_fused_cross_entropy_bf16_vocab_50304():
         for name, g, w in zip(("hidden", "weight"), grads, ref_grads):
             assert g.dtype == torch.bfloat16
             assert _rel_err(g, w) < 1e-2, (fused, name, _rel_err(g, w))
+        # The mask's path: gradients from the forward pass, scaled in backward (by 0.5).
+        out = output_layer_cross_entropy(hidden, weight, labels, 256, fused, loss_mask_bs=upstream)
+        grads = torch.autograd.grad(0.5 * out.masked_sum, [hidden, weight])
+        assert _rel_err(out.per_token, ref_loss.detach()) < 1e-3, fused
+        for name, g, w in zip(("hidden", "weight"), grads, ref_grads):
+            assert g.dtype == torch.bfloat16
+            assert _rel_err(g, 0.5 * w) < 1e-2, (fused, "in forward", name, _rel_err(g, 0.5 * w))
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])

@@ -168,3 +168,50 @@ def test_fused_norm_biases_under_zero3():
         assert grads.keys() == ref_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[str, dict]:
+    """ZeRO 1, SP 2, bf16 autocast, delayed weight gradients, a step of two micro-batches:
+    the dtype of a delayed weight's gradient after the first, and the step's full gradients."""
+    from model_utils import make_batch, slice_batch, tiny_config
+
+    from megatron.core import parallel_state
+    from megatron.distributed import set_micro_batch_sync, shard_model_for_zero
+    from megatron.model import GPTModel, ParallelTransformerLayer, masked_lm_loss
+
+    state = parallel_state.initialize_model_parallel(sequence_parallel_size=2, device_type="cpu")
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(delay_wgrad_compute=True), sp_group=state.sp_group)
+    shard_model_for_zero(model, 1, state, (ParallelTransformerLayer,), param_dtype)
+    fc1 = model.transformer.layers[0].mlp.dense_h_to_4h
+    after_first = None
+    for micro in range(2):
+        set_micro_batch_sync(model, 1, last=micro == 1, fp32_wgrad=fp32_wgrad)
+        batch = slice_batch(make_batch(2, micro), state.sp_rank, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(
+                batch["tokens"], batch["position_ids"], labels=batch["labels"],
+                doc_ids=batch["doc_ids"], loss_mask=batch["loss_mask"],
+            )  # fmt: skip
+            loss = masked_lm_loss(out, batch["loss_mask"], state.sp_group)
+        (loss / 2).backward()
+        if micro == 0:
+            after_first = str(None if fc1.weight.grad is None else fc1.weight.grad.dtype)
+    return after_first, {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+
+def test_zero1_accumulates_delayed_weight_gradients_in_fp32():
+    """Gradient accumulation fusion: under ZeRO 1 over micro-batches the delayed weight-
+    gradient GEMMs write fp32 gradients (FSDP2 keeps them as they are) instead of bf16 ones
+    that FSDP2 casts and adds; the step's gradients agree with those and the fp32 gather's."""
+    world = get_world(2)
+    fused = world.run(_zero1_two_micro_batches, True, torch.bfloat16)
+    plain = world.run(_zero1_two_micro_batches, False, torch.bfloat16)
+    fp32_gather = world.run(_zero1_two_micro_batches, True, None)
+    for (dtype, grads), (plain_dtype, plain_grads), (_, ref) in zip(fused, plain, fp32_gather):
+        assert (dtype, plain_dtype) == ("torch.float32", "None")  # FSDP2 took the bf16 one
+        for name, want in ref.items():
+            assert grads[name].dtype == plain_grads[name].dtype == torch.float32
+            scale = want.norm().clamp_min(1e-12)
+            assert (grads[name] - want).norm() / scale < 2e-2, name
+            assert (plain_grads[name] - want).norm() / scale < 2e-2, name

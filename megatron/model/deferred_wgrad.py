@@ -10,8 +10,12 @@ autograd reaches it and queues the weight's; the all-to-all's backward starts it
 runs the queue, then waits (see :mod:`megatron.core.comm`).
 
 Same arithmetic as ``F.linear`` under autocast: the product in the compute dtype, the weight
-gradient accumulated into ``weight.grad`` in the weight's dtype as AccumulateGrad would (so
-FSDP2 and the optimizer find it where they look).
+gradient accumulated into ``weight.grad`` (so FSDP2 and the optimizer find it where they
+look) in the weight's dtype as AccumulateGrad would, or in fp32 when the queue's
+``fp32_grads`` is on: ZeRO 1 summing several micro-batches' gradients (Megatron's gradient
+accumulation fusion). Then the GEMM writes and accumulates the fp32 gradient itself, and
+FSDP2, which keeps a gradient already in its fp32 reduce dtype as it is, has no cast or add
+to do per micro-batch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron.model.matmul import addmm_fp32_, linear_compute_dtype
+from megatron.model.matmul import addmm_fp32_, linear_compute_dtype, mm_fp32
 
 
 class WgradQueue:
@@ -29,6 +33,7 @@ class WgradQueue:
 
     def __init__(self) -> None:
         self._jobs: list[Callable[[], None]] = []
+        self.fp32_grads = False  # low-precision weights get fp32 gradients (set_fp32_grads)
 
     def push(self, job: Callable[[], None]) -> None:
         self._jobs.append(job)
@@ -43,10 +48,32 @@ class WgradQueue:
         return len(self._jobs)
 
 
-def _accumulate_grad(weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor) -> None:
-    """``weight.grad += grad_out^T @ x`` ([k, m]), created in the weight's dtype if absent."""
+# Tensor.grad_dtype (torch >= 2.10) lets a low-precision parameter hold an fp32 gradient.
+_GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")
+
+
+def set_fp32_grads(model: torch.nn.Module, on: bool) -> None:
+    """Whether the deferred weight gradients of ``model``'s low-precision weights are fp32."""
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, WgradQueue):
+                value.fp32_grads = on and _GRAD_DTYPE
+
+
+def _accumulate_grad(
+    weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor, fp32: bool
+) -> None:
+    """``weight.grad += grad_out^T @ x`` ([k, m]); created if absent in the weight's dtype,
+    or (``fp32``, or an fp32 weight) in fp32 straight out of the GEMM."""
     if weight.grad is None:
-        weight.grad = (grad_out_nk.t() @ x_nm).to(weight.dtype)
+        if weight.dtype != torch.float32 and _GRAD_DTYPE:
+            # fp32 on request; else the weight's dtype (the default), even if an earlier
+            # step asked for fp32
+            weight.grad_dtype = torch.float32 if fp32 else weight.dtype
+        if weight.dtype == torch.float32 or (fp32 and _GRAD_DTYPE):
+            weight.grad = mm_fp32(grad_out_nk.t(), x_nm)
+        else:
+            weight.grad = (grad_out_nk.t() @ x_nm).to(weight.dtype)
     elif weight.grad.dtype == torch.float32:
         addmm_fp32_(weight.grad, grad_out_nk.t(), x_nm)
     else:
@@ -73,7 +100,8 @@ class _LinearDeferredWgrad(torch.autograd.Function):
             grad_bias = grad_out_nk.sum(0).to(ctx.bias_dtype)
         if ctx.needs_input_grad[1]:
             weight, x_nm = ctx.weight, x_c.reshape(-1, x_c.shape[-1])
-            ctx.queue.push(lambda: _accumulate_grad(weight, grad_out_nk, x_nm))
+            fp32 = ctx.queue.fp32_grads
+            ctx.queue.push(lambda: _accumulate_grad(weight, grad_out_nk, x_nm, fp32))
         ctx.weight = None
         return grad_x, None, grad_bias, None, None
 
