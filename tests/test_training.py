@@ -170,9 +170,10 @@ def test_fused_norm_biases_under_zero3():
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)
 
 
-def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[str, dict]:
+def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[list, dict]:
     """ZeRO 1, SP 2, bf16 autocast, delayed weight gradients, a step of two micro-batches:
-    the dtype of a delayed weight's gradient after the first, and the step's full gradients."""
+    the dtypes of a delayed weight's and the Q/K/V weight's gradients after the first, and
+    the step's full gradients."""
     from model_utils import make_batch, slice_batch, tiny_config
 
     from megatron.core import parallel_state
@@ -183,7 +184,8 @@ def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[str, dict]:
     torch.manual_seed(0)
     model = GPTModel(tiny_config(delay_wgrad_compute=True), sp_group=state.sp_group)
     shard_model_for_zero(model, 1, state, (ParallelTransformerLayer,), param_dtype)
-    fc1 = model.transformer.layers[0].mlp.dense_h_to_4h
+    layer = model.transformer.layers[0]
+    weights = (layer.mlp.dense_h_to_4h, layer.self_attention.query_key_value)
     after_first = None
     for micro in range(2):
         set_micro_batch_sync(model, 1, last=micro == 1, fp32_wgrad=fp32_wgrad)
@@ -196,20 +198,25 @@ def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[str, dict]:
             loss = masked_lm_loss(out, batch["loss_mask"], state.sp_group)
         (loss / 2).backward()
         if micro == 0:
-            after_first = str(None if fc1.weight.grad is None else fc1.weight.grad.dtype)
+            after_first = [
+                str(m.weight.grad if m.weight.grad is None else m.weight.grad.dtype)
+                for m in weights
+            ]
     return after_first, {n: p.grad.full_tensor() for n, p in model.named_parameters()}
 
 
 def test_zero1_accumulates_delayed_weight_gradients_in_fp32():
     """Gradient accumulation fusion: under ZeRO 1 over micro-batches the delayed weight-
-    gradient GEMMs write fp32 gradients (FSDP2 keeps them as they are) instead of bf16 ones
-    that FSDP2 casts and adds; the step's gradients agree with those and the fp32 gather's."""
+    gradient GEMMs and the send-order Q/K/V projection's write fp32 gradients (FSDP2 keeps
+    them as they are) instead of bf16 ones that FSDP2 casts and adds; the step's gradients
+    agree with those and the fp32 gather's."""
     world = get_world(2)
     fused = world.run(_zero1_two_micro_batches, True, torch.bfloat16)
     plain = world.run(_zero1_two_micro_batches, False, torch.bfloat16)
     fp32_gather = world.run(_zero1_two_micro_batches, True, None)
     for (dtype, grads), (plain_dtype, plain_grads), (_, ref) in zip(fused, plain, fp32_gather):
-        assert (dtype, plain_dtype) == ("torch.float32", "None")  # FSDP2 took the bf16 one
+        assert dtype == 2 * ["torch.float32"]
+        assert plain_dtype == 2 * ["None"]  # FSDP2 took the bf16 one to cast and add
         for name, want in ref.items():
             assert grads[name].dtype == plain_grads[name].dtype == torch.float32
             scale = want.norm().clamp_min(1e-12)

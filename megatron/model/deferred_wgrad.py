@@ -25,15 +25,23 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron.model.matmul import addmm_fp32_, linear_compute_dtype, mm_fp32
+from megatron.model.matmul import addmm_fp32_, linear_compute_dtype, mm_fp32_into
 
 
-class WgradQueue:
+class Fp32GradSwitch:
+    """Whether the weight gradients this project's GEMMs write for low-precision weights are
+    fp32 (:func:`set_fp32_grads`; read when the gradients are computed)."""
+
+    def __init__(self) -> None:
+        self.fp32_grads = False
+
+
+class WgradQueue(Fp32GradSwitch):
     """Weight-gradient computations waiting for an all-to-all to hide behind; FIFO."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._jobs: list[Callable[[], None]] = []
-        self.fp32_grads = False  # low-precision weights get fp32 gradients (set_fp32_grads)
 
     def push(self, job: Callable[[], None]) -> None:
         self._jobs.append(job)
@@ -53,27 +61,46 @@ _GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")
 
 
 def set_fp32_grads(model: torch.nn.Module, on: bool) -> None:
-    """Whether the deferred weight gradients of ``model``'s low-precision weights are fp32."""
+    """Whether the weight gradients of ``model``'s GEMMs are fp32 for low-precision weights."""
     for module in model.modules():
         for value in vars(module).values():
-            if isinstance(value, WgradQueue):
+            if isinstance(value, Fp32GradSwitch):
                 value.fp32_grads = on and _GRAD_DTYPE
+
+
+def wants_fp32_grad(weight: torch.Tensor, switch: Fp32GradSwitch | None) -> bool:
+    """Whether ``weight``'s gradient is (to be) fp32: an fp32 weight, an fp32 gradient
+    already there, or the switch on for a weight without one."""
+    if weight.dtype == torch.float32:
+        return True
+    if weight.grad is not None:
+        return weight.grad.dtype == torch.float32
+    return switch is not None and switch.fp32_grads
+
+
+def into_fp32_grad(weight: torch.Tensor, write: Callable[[torch.Tensor, bool], None]) -> None:
+    """``write(target, accumulate)`` into ``weight``'s fp32 gradient, created if absent."""
+    if weight.grad is not None:
+        write(weight.grad, True)
+        return
+    if weight.dtype != torch.float32:
+        weight.grad_dtype = torch.float32
+    target = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    write(target, False)
+    weight.grad = target
 
 
 def _accumulate_grad(
     weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor, fp32: bool
 ) -> None:
-    """``weight.grad += grad_out^T @ x`` ([k, m]); created if absent in the weight's dtype,
-    or (``fp32``, or an fp32 weight) in fp32 straight out of the GEMM."""
-    if weight.grad is None:
-        if weight.dtype != torch.float32 and _GRAD_DTYPE:
-            # fp32 on request; else the weight's dtype (the default), even if an earlier
-            # step asked for fp32
-            weight.grad_dtype = torch.float32 if fp32 else weight.dtype
-        if weight.dtype == torch.float32 or (fp32 and _GRAD_DTYPE):
-            weight.grad = mm_fp32(grad_out_nk.t(), x_nm)
-        else:
-            weight.grad = (grad_out_nk.t() @ x_nm).to(weight.dtype)
+    """``weight.grad += grad_out^T @ x`` ([k, m]): in fp32 straight out of the GEMM where
+    :func:`wants_fp32_grad`, else created in the weight's dtype as AccumulateGrad would."""
+    if weight.dtype == torch.float32 or (weight.grad is None and fp32):
+        into_fp32_grad(weight, lambda out, acc: mm_fp32_into(out, grad_out_nk.t(), x_nm, acc))
+    elif weight.grad is None:
+        if _GRAD_DTYPE:  # the weight's own dtype, even if an earlier step asked for fp32
+            weight.grad_dtype = weight.dtype
+        weight.grad = (grad_out_nk.t() @ x_nm).to(weight.dtype)
     elif weight.grad.dtype == torch.float32:
         addmm_fp32_(weight.grad, grad_out_nk.t(), x_nm)
     else:

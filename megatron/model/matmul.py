@@ -29,3 +29,16 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32 or a.device.type != "cuda":
         return (a @ b).float()
     return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` or, ``accumulate``, ``out += a @ b``, into the fp32 ``out`` (a view
+    with contiguous rows will do); one GEMM with fp32 output on CUDA."""
+    if accumulate:
+        addmm_fp32_(out, a, b)
+    elif a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif out.device.type != "cuda":
+        out.copy_(a @ b)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
