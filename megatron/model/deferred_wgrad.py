@@ -90,6 +90,7 @@ def into_fp32_grad(weight: torch.Tensor, write: Callable[[torch.Tensor, bool], N
     weight.grad = target
 
 
+@torch.no_grad()  # the queue may run outside autograd's backward
 def _accumulate_grad(
     weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor, fp32: bool
 ) -> None:
