@@ -422,6 +422,36 @@ def test_deferred_wgrad_linear_matches_nn_linear(autocast):
         torch.testing.assert_close(got, want, **tol)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_wgrad_of_bf16_weights_in_fp32(device):
+    """With the queue's ``fp32_grads`` on (ZeRO 1 over micro-batches), a bf16 weight's
+    gradient is created in fp32 straight out of the GEMM and the next backward adds to it;
+    switched off again, a new gradient is bf16."""
+    from megatron.model.deferred_wgrad import WgradQueue, linear
+
+    torch.manual_seed(3)
+    mod = torch.nn.Linear(16, 24, dtype=torch.bfloat16, device=device)
+    x = torch.randn(5, 3, 16, dtype=torch.bfloat16, device=device)
+    gy = torch.randn(5, 3, 24, dtype=torch.bfloat16, device=device)
+    want = (gy.reshape(-1, 24).double().t() @ x.reshape(-1, 16).double()).float()
+    queue = WgradQueue()
+    queue.fp32_grads = True
+    for _ in range(2):
+        linear(x, mod, queue).backward(gy)
+        queue.run()
+    assert mod.weight.grad.dtype == torch.float32 and mod.bias.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(mod.weight.grad, 2 * want, rtol=1e-2, atol=1e-2)
+    mod.weight.grad = None
+    queue.fp32_grads = False
+    linear(x, mod, queue).backward(gy)
+    queue.run()
+    assert mod.weight.grad.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- recompute
 
 
