@@ -118,8 +118,8 @@ def build_model(seed: int = 0, **overrides) -> GPTModel:
     return GPTModel(tiny_config(**overrides))
 
 
-def forward_loss(model: GPTModel, batch: dict) -> torch.Tensor:
-    """The batch's mean loss, one process."""
+def forward_loss(model: GPTModel, batch: dict, sp_group=None) -> torch.Tensor:
+    """The batch's mean loss (over the SP group's ranks with ``sp_group``)."""
     losses = model(
         batch["tokens"],
         batch["position_ids"],
@@ -127,7 +127,7 @@ def forward_loss(model: GPTModel, batch: dict) -> torch.Tensor:
         doc_ids=batch["doc_ids"],
         loss_mask=batch["loss_mask"],
     )  # as pretrain_gpt calls it: the chunked loss computes its gradients in forward
-    return masked_lm_loss(losses, batch["loss_mask"], None)
+    return masked_lm_loss(losses, batch["loss_mask"], sp_group)
 
 
 def grads_of(model: GPTModel) -> dict[str, torch.Tensor]:

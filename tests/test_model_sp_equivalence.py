@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_helper import get_world
-from model_utils import LLAMA, make_batch, reference_config, slice_batch, tiny_config
+from model_utils import LLAMA, forward_loss, make_batch, reference_config, slice_batch, tiny_config
 
-from megatron.model import GPTModel, masked_lm_loss
+from megatron.model import GPTModel
 
 MQA = {**LLAMA, "num_key_value_heads": 1}
 FULL_UNIFORM = {"recompute_granularity": "full", "recompute_method": "uniform"}
@@ -102,14 +102,7 @@ CASES_SP4 = [
 
 
 def _loss_and_grads(model: GPTModel, batch: dict, sp_group) -> tuple[float, dict]:
-    losses = model(
-        batch["tokens"],
-        batch["position_ids"],
-        labels=batch["labels"],
-        doc_ids=batch["doc_ids"],
-        loss_mask=batch["loss_mask"],
-    )
-    loss = masked_lm_loss(losses, batch["loss_mask"], sp_group)
+    loss = forward_loss(model, batch, sp_group)
     loss.backward()
     grads = {}
     for name, p in model.named_parameters():

@@ -174,11 +174,11 @@ def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[list, dict]
     """ZeRO 1, SP 2, bf16 autocast, delayed weight gradients, a step of two micro-batches:
     the dtypes of a delayed weight's and the Q/K/V weight's gradients after the first, and
     the step's full gradients."""
-    from model_utils import make_batch, slice_batch, tiny_config
+    from model_utils import forward_loss, make_batch, slice_batch, tiny_config
 
     from megatron.core import parallel_state
     from megatron.distributed import set_micro_batch_sync, shard_model_for_zero
-    from megatron.model import GPTModel, ParallelTransformerLayer, masked_lm_loss
+    from megatron.model import GPTModel, ParallelTransformerLayer
 
     state = parallel_state.initialize_model_parallel(sequence_parallel_size=2, device_type="cpu")
     torch.manual_seed(0)
@@ -191,11 +191,7 @@ def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[list, dict]
         set_micro_batch_sync(model, 1, last=micro == 1, fp32_wgrad=fp32_wgrad)
         batch = slice_batch(make_batch(2, micro), state.sp_rank, 2)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(
-                batch["tokens"], batch["position_ids"], labels=batch["labels"],
-                doc_ids=batch["doc_ids"], loss_mask=batch["loss_mask"],
-            )  # fmt: skip
-            loss = masked_lm_loss(out, batch["loss_mask"], state.sp_group)
+            loss = forward_loss(model, batch, state.sp_group)
         (loss / 2).backward()
         if micro == 0:
             after_first = [
