@@ -32,30 +32,3 @@ def test_matches_linear_forward_and_backward(heads, kv_heads, sp, bias):
     want = torch.autograd.grad(ref, [x, *linear.parameters()], grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
-
-
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
-)  # fmt: skip
-def test_fp32_weight_gradient_of_a_bf16_weight_accumulates(device):
-    """With the switch on (ZeRO 1 over micro-batches), a bf16 weight's gradient is written in
-    fp32 by the GEMMs and the next backward adds to it: twice the single-pass gradient."""
-    from megatron.model.deferred_wgrad import Fp32GradSwitch
-
-    torch.manual_seed(0)
-    heads, kv_heads, sp, d, hidden = 8, 4, 2, 4, 16
-    linear = torch.nn.Linear(
-        hidden, (heads + 2 * kv_heads) * d, dtype=torch.bfloat16, device=device
-    )
-    rows = rank_major_rows(heads, kv_heads, d, sp, device)
-    widths = (heads // sp * d, *(2 * (kv_heads // sp * d,)))
-    x = torch.randn(6, 2, hidden, dtype=torch.bfloat16, device=device)
-    grad = torch.randn(sp, 6, 2, linear.out_features // sp, dtype=torch.bfloat16, device=device)
-    want = torch.autograd.grad(rank_major_linear(x, linear, rows, sp, widths), linear.weight, grad)
-    switch = Fp32GradSwitch()
-    switch.fp32_grads = True
-    for _ in range(2):
-        rank_major_linear(x, linear, rows, sp, widths, switch).backward(grad)
-    assert linear.weight.grad.dtype == torch.float32 and linear.bias.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(linear.weight.grad, 2 * want[0].float(), rtol=2e-2, atol=2e-2)

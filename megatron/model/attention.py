@@ -93,7 +93,6 @@ class ParallelAttention(torch.nn.Module):
         # Columns of rank r's q, k and v blocks in the send buffer.
         self._rank_widths = (q_width // sp, *(2 * (kv_local * self.head_dim,)))
         self.dense_wgrad = deferred_wgrad.WgradQueue() if mlp_wgrad is not None else None
-        self.qkv_grad_switch = deferred_wgrad.Fp32GradSwitch()  # see rank_major_linear
         if sp > 1:
             check_heads_for_sp(self.num_heads, self.num_kv_heads, sp)
             # [s/p, b, h, d] in and out; the local attention sees [s, b, h/p, d].
@@ -152,9 +151,8 @@ class ParallelAttention(torch.nn.Module):
             )
         widths = None if self._kv_repeats else self._rank_widths
         qkv_pnc = rank_major_linear(
-            hidden_sbh, self.query_key_value, self._rows[device], self.sp, widths,
-            self.qkv_grad_switch,
-        )  # fmt: skip
+            hidden_sbh, self.query_key_value, self._rows[device], self.sp, widths
+        )
         kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
         return self.core_attention.attend_rank_major(
             qkv_pnc, self._rank_widths, self.head_dim, **kwargs

@@ -28,20 +28,12 @@ import torch.nn.functional as F
 from megatron.model.matmul import addmm_fp32_, linear_compute_dtype, mm_fp32_into
 
 
-class Fp32GradSwitch:
-    """Whether the weight gradients this project's GEMMs write for low-precision weights are
-    fp32 (:func:`set_fp32_grads`; read when the gradients are computed)."""
-
-    def __init__(self) -> None:
-        self.fp32_grads = False
-
-
-class WgradQueue(Fp32GradSwitch):
+class WgradQueue:
     """Weight-gradient computations waiting for an all-to-all to hide behind; FIFO."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._jobs: list[Callable[[], None]] = []
+        self.fp32_grads = False  # low-precision weights get fp32 gradients (set_fp32_grads)
 
     def push(self, job: Callable[[], None]) -> None:
         self._jobs.append(job)
@@ -61,24 +53,14 @@ _GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")
 
 
 def set_fp32_grads(model: torch.nn.Module, on: bool) -> None:
-    """Whether the weight gradients of ``model``'s GEMMs are fp32 for low-precision weights."""
+    """Whether the deferred weight gradients of ``model``'s low-precision weights are fp32."""
     for module in model.modules():
         for value in vars(module).values():
-            if isinstance(value, Fp32GradSwitch):
+            if isinstance(value, WgradQueue):
                 value.fp32_grads = on and _GRAD_DTYPE
 
 
-def wants_fp32_grad(weight: torch.Tensor, switch: Fp32GradSwitch | None) -> bool:
-    """Whether ``weight``'s gradient is (to be) fp32: an fp32 weight, an fp32 gradient
-    already there, or the switch on for a weight without one."""
-    if weight.dtype == torch.float32:
-        return True
-    if weight.grad is not None:
-        return weight.grad.dtype == torch.float32
-    return switch is not None and switch.fp32_grads
-
-
-def into_fp32_grad(weight: torch.Tensor, write: Callable[[torch.Tensor, bool], None]) -> None:
+def _into_fp32_grad(weight: torch.Tensor, write: Callable[[torch.Tensor, bool], None]) -> None:
     """``write(target, accumulate)`` into ``weight``'s fp32 gradient, created if absent."""
     if weight.grad is not None:
         write(weight.grad, True)
@@ -94,10 +76,11 @@ def into_fp32_grad(weight: torch.Tensor, write: Callable[[torch.Tensor, bool], N
 def _accumulate_grad(
     weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor, fp32: bool
 ) -> None:
-    """``weight.grad += grad_out^T @ x`` ([k, m]): in fp32 straight out of the GEMM where
-    :func:`wants_fp32_grad`, else created in the weight's dtype as AccumulateGrad would."""
+    """``weight.grad += grad_out^T @ x`` ([k, m]): in fp32 straight out of the GEMM for an fp32
+    weight or gradient, or (``fp32``) a new gradient of a low-precision weight; else created
+    in the weight's dtype as AccumulateGrad would."""
     if weight.dtype == torch.float32 or (weight.grad is None and fp32):
-        into_fp32_grad(weight, lambda out, acc: mm_fp32_into(out, grad_out_nk.t(), x_nm, acc))
+        _into_fp32_grad(weight, lambda out, acc: mm_fp32_into(out, grad_out_nk.t(), x_nm, acc))
     elif weight.grad is None:
         if _GRAD_DTYPE:  # the weight's own dtype, even if an earlier step asked for fp32
             weight.grad_dtype = weight.dtype

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.model.deferred_wgrad import Fp32GradSwitch, into_fp32_grad, wants_fp32_grad
-from megatron.model.matmul import linear_compute_dtype, mm_fp32_into
+from megatron.model.matmul import linear_compute_dtype
 
 
 def rank_major_rows(
@@ -47,7 +46,7 @@ class _RankMajorLinear(torch.autograd.Function):
     ``widths``: the columns of rank r's q, k and v blocks; None where K/V rows repeat."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, sp, widths, dtype, grad_switch):
+    def forward(ctx, x, weight, bias, rows, sp, widths, dtype):
         x_c = x.to(dtype)
         # [p, c, h]: rank r's rows in block r
         w = weight.to(dtype).index_select(0, rows).view(sp, -1, weight.shape[1])
@@ -66,7 +65,6 @@ class _RankMajorLinear(torch.autograd.Function):
         ctx.save_for_backward(x_c, weight if ctx.regather else w, rows)
         ctx.sp, ctx.widths, ctx.x_dtype = sp, widths, x.dtype
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        ctx.weight, ctx.grad_switch = weight, grad_switch
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -89,16 +87,6 @@ class _RankMajorLinear(torch.autograd.Function):
                 torch.mm(grad_out[r].t(), x_c, out=grad_rows[r])
             grad_w = _scatter_rows(grad_rows.flatten(0, 1), rows, ctx.weight_shape, repeats)
             grad_w = grad_w.to(ctx.weight_dtype)
-        elif (
-            ctx.needs_input_grad[1]
-            and ctx.weight_dtype != torch.float32
-            and wants_fp32_grad(ctx.weight, ctx.grad_switch)
-        ):
-            # Written and accumulated in fp32 by the GEMMs themselves, one per q/k/v block.
-            into_fp32_grad(
-                ctx.weight,
-                lambda out, acc: _fp32_wgrad_by_block(out, grad_out, x_c, ctx.widths, acc),
-            )
         elif ctx.needs_input_grad[1]:
             grad_w = _wgrad_by_section(grad_out, x_c, ctx.widths, ctx.weight_shape)
             grad_w = grad_w.to(ctx.weight_dtype)
@@ -106,8 +94,7 @@ class _RankMajorLinear(torch.autograd.Function):
             n_out = (ctx.weight_shape[0],)
             grad_b = _scatter_rows(grad_out.sum(1).flatten(), rows, n_out, repeats)
             grad_b = grad_b.to(ctx.bias_dtype)
-        ctx.weight = None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _wgrad_by_section(
@@ -128,20 +115,6 @@ def _wgrad_by_section(
     return grad_w
 
 
-def _fp32_wgrad_by_block(
-    out: torch.Tensor, grad_pnc: torch.Tensor, x_nh: torch.Tensor, widths, accumulate: bool
-) -> None:
-    """:func:`_wgrad_by_section` into (``accumulate``: onto) the fp32 ``out``: one GEMM per
-    rank's q, k and v block (batched GEMMs have no fp32-accumulating form to rely on)."""
-    p = grad_pnc.shape[0]
-    col = 0
-    for width in widths:
-        rows_pwh = out[p * col : p * (col + width)].view(p, width, -1)
-        for r in range(p):
-            mm_fp32_into(rows_pwh[r], grad_pnc[r, :, col : col + width].t(), x_nh, accumulate)
-        col += width
-
-
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape, repeats: bool) -> torch.Tensor:
     """The tensor of ``shape`` whose rows ``rows`` are ``values`` (summed where rows repeat)."""
     if repeats:
@@ -155,18 +128,13 @@ def rank_major_linear(
     rows: torch.Tensor,
     sp: int,
     widths: tuple[int, int, int] | None,
-    grad_switch: Fp32GradSwitch | None = None,
 ) -> torch.Tensor:
     """``module(x_sbh)`` (``[s/p, b, h]``) with its outputs in send order: ``[p, s/p, b, c]``.
 
     ``rows``: :func:`rank_major_rows`; ``widths``: the columns of each rank's q, k and v
-    blocks, or None where rows repeat (fewer K/V heads than ranks). ``grad_switch``: when
-    on, a low-precision weight's gradient is written in fp32 (see
-    :func:`megatron.model.deferred_wgrad.set_fp32_grads`; not where rows repeat)."""
+    blocks, or None where rows repeat (fewer K/V heads than ranks)."""
     s, b, h = x_sbh.shape
     dtype = linear_compute_dtype(x_sbh, module.weight)
     x_nh = x_sbh.reshape(s * b, h)
-    out = _RankMajorLinear.apply(
-        x_nh, module.weight, module.bias, rows, sp, widths, dtype, grad_switch
-    )
+    out = _RankMajorLinear.apply(x_nh, module.weight, module.bias, rows, sp, widths, dtype)
     return out.view(sp, s, b, -1)
