@@ -2,9 +2,10 @@
 
 :func:`output_layer_cross_entropy` computes ``logits = hidden @ W^T`` (in the compute dtype:
 autocast's under autocast, then fp32) and the per-token cross entropy in chunks of
-``chunk_size`` tokens. Given the loss mask, the forward pass also computes the gradients of the masked loss sum wrt the
-hidden states and W while each chunk's logits are at hand (backward only scales them);
-without it backward recomputes each chunk's logits and accumulates those gradients.
+``chunk_size`` tokens. Given the loss mask, the forward pass also computes the gradients of
+the masked loss sum wrt the hidden states and W while each chunk's logits are at hand
+(backward only scales them); without it backward recomputes each chunk's logits and
+accumulates those gradients.
 Peak memory is one chunk's logits instead of the local sequence's (32K tokens x 50K vocab
 in fp32 is 6.4 GB). With ``fused`` (``--cross-entropy-loss-fusion``) the softmax work of a
 chunk is one Triton pass in forward and one in backward over the compute-dtype logits
@@ -116,6 +117,8 @@ def _chunked_grads(
         lse_c = None if lse_n is None else lse_n[start:end]
         if not recompute:
             losses_out[start:end], lse_c = _chunk_losses(logits, labels_c, fused)
+            if not (want_hidden or want_weight):  # evaluation: the losses alone
+                continue
         grad_logits = _chunk_logit_grad(logits, labels_c, lse_c, grad_n[start:end], dtype)
         del logits
         if want_hidden:
@@ -131,8 +134,8 @@ class ChunkedMaskedCrossEntropySum(torch.autograd.Function):
 
     Because the output is a scalar, its gradients are those of the forward's own weights
     times one number: they are computed here, chunk by chunk while each chunk's logits are at
-    hand, and backward only scales them. That saves the logits' recomputation (a third of
-    the output layer's GEMM work) at the cost of holding the fp32 weight gradient from the
+    hand, and backward only scales them. That saves the logits' recomputation (one of the
+    output layer's four GEMMs per chunk in training) at the cost of holding the fp32 weight gradient from the
     loss to the start of backward, where the recomputing path allocates it anyway.
     """
 
