@@ -362,9 +362,10 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
         hid = final_hidden_bytes(config, setup)  # the hidden gradient's dtype
         if loss_grads_in_forward(config):
             # The gradients themselves are among the saved bytes; per chunk the logits (and
-            # unfused their fp32 copies), the hidden gradient's fp32 product; in backward the
-            # hidden gradient's cast to its dtype (the weight's is scaled in place).
-            dh = c * h * (4 + (a if setup.device != "cuda" else 0))
+            # unfused their fp32 copies) and, on CPU, the hidden gradient's low-precision
+            # product (CUDA's GEMM writes fp32 rows in place); in backward the hidden
+            # gradient's cast to its dtype (the weight's is scaled in place).
+            dh = c * h * a if a < 4 and setup.device != "cuda" else 0
             to_hid = hid * n * h if hid < 4 else 0
             if config.cross_entropy_fusion and setup.device == "cuda":
                 return weight_copy + c * vocab * a + dh + 4 * n, to_hid

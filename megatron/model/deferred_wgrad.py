@@ -48,47 +48,37 @@ class WgradQueue:
         return len(self._jobs)
 
 
-# Tensor.grad_dtype (torch >= 2.10) lets a low-precision parameter hold an fp32 gradient.
-_GRAD_DTYPE = hasattr(torch.Tensor, "grad_dtype")
-
-
 def set_fp32_grads(model: torch.nn.Module, on: bool) -> None:
     """Whether the deferred weight gradients of ``model``'s low-precision weights are fp32."""
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, WgradQueue):
-                value.fp32_grads = on and _GRAD_DTYPE
-
-
-def _into_fp32_grad(weight: torch.Tensor, write: Callable[[torch.Tensor, bool], None]) -> None:
-    """``write(target, accumulate)`` into ``weight``'s fp32 gradient, created if absent."""
-    if weight.grad is not None:
-        write(weight.grad, True)
-        return
-    if weight.dtype != torch.float32:
-        weight.grad_dtype = torch.float32
-    target = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-    write(target, False)
-    weight.grad = target
+                value.fp32_grads = on
 
 
 @torch.no_grad()  # the queue may run outside autograd's backward
 def _accumulate_grad(
     weight: torch.Tensor, grad_out_nk: torch.Tensor, x_nm: torch.Tensor, fp32: bool
 ) -> None:
-    """``weight.grad += grad_out^T @ x`` ([k, m]): in fp32 straight out of the GEMM for an fp32
-    weight or gradient, or (``fp32``) a new gradient of a low-precision weight; else created
-    in the weight's dtype as AccumulateGrad would."""
-    if weight.dtype == torch.float32 or (weight.grad is None and fp32):
-        _into_fp32_grad(weight, lambda out, acc: mm_fp32_into(out, grad_out_nk.t(), x_nm, acc))
-    elif weight.grad is None:
-        if _GRAD_DTYPE:  # the weight's own dtype, even if an earlier step asked for fp32
-            weight.grad_dtype = weight.dtype
-        weight.grad = (grad_out_nk.t() @ x_nm).to(weight.dtype)
-    elif weight.grad.dtype == torch.float32:
-        addmm_fp32_(weight.grad, grad_out_nk.t(), x_nm)
+    """``weight.grad += grad_out^T @ x`` ([k, m]). The gradient is fp32, written and
+    accumulated by the GEMM itself, for an fp32 weight, an fp32 gradient already there, or
+    (``fp32``) a new gradient of a low-precision weight, which ``Tensor.grad_dtype`` lets
+    hold one; else it is created in the weight's dtype, as AccumulateGrad would."""
+    grad = weight.grad
+    if grad is None:
+        in_fp32 = fp32 or weight.dtype == torch.float32
+        # (an earlier step's fp32 request stays on the parameter until reset here)
+        weight.grad_dtype = torch.float32 if in_fp32 else weight.dtype
+        if in_fp32:
+            grad = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+            mm_fp32_into(grad, grad_out_nk.t(), x_nm, accumulate=False)
+        else:
+            grad = grad_out_nk.t() @ x_nm
+        weight.grad = grad.to(weight.grad_dtype)
+    elif grad.dtype == torch.float32:
+        addmm_fp32_(grad, grad_out_nk.t(), x_nm)
     else:
-        weight.grad += (grad_out_nk.t() @ x_nm).to(weight.grad.dtype)
+        grad += (grad_out_nk.t() @ x_nm).to(grad.dtype)
 
 
 class _LinearDeferredWgrad(torch.autograd.Function):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.comm import all_reduce_no_grad, all_reduce_sum_identity_grad
-from megatron.model.matmul import addmm_fp32_, linear_compute_dtype, mm_fp32
+from megatron.model.matmul import linear_compute_dtype, mm_fp32_into
 from megatron.ops import triton_kernels_can_run
 
 
@@ -104,9 +104,9 @@ def _chunked_grads(
     grad_hidden = None
     if want_hidden:  # in forward fp32, so that backward's scaling rounds only once
         grad_hidden = torch.empty_like(hidden_nh, dtype=None if recompute else torch.float32)
-    # The weight gradient accumulates in fp32 across chunks.
+    # The weight gradient accumulates in fp32 across chunks (the first chunk's GEMM writes it).
     grad_weight = (
-        torch.zeros(weight_vh.shape, dtype=torch.float32, device=weight_vh.device)
+        torch.empty(weight_vh.shape, dtype=torch.float32, device=weight_vh.device)
         if want_weight
         else None
     )
@@ -121,11 +121,14 @@ def _chunked_grads(
                 continue
         grad_logits = _chunk_logit_grad(logits, labels_c, lse_c, grad_n[start:end], dtype)
         del logits
-        if want_hidden:
-            prod = grad_logits @ weight_c if recompute else mm_fp32(grad_logits, weight_c)
-            grad_hidden[start:end] = prod
+        if want_hidden and recompute:
+            grad_hidden[start:end] = grad_logits @ weight_c
+        elif want_hidden:  # fp32 rows, written by the GEMM
+            mm_fp32_into(grad_hidden[start:end], grad_logits, weight_c, accumulate=False)
         if want_weight:
-            addmm_fp32_(grad_weight, grad_logits.t(), hidden_c)
+            mm_fp32_into(grad_weight, grad_logits.t(), hidden_c, accumulate=start > 0)
+    if grad_weight is not None and hidden_nh.shape[0] == 0:  # no chunk wrote it
+        grad_weight.zero_()
     return grad_hidden, grad_weight
 
 

@@ -23,14 +23,6 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as fp32 for fp32 or lower-precision ``a``, ``b``: on CUDA one GEMM with
-    fp32 output (the product is not rounded to the inputs' dtype); elsewhere product + cast."""
-    if a.dtype == torch.float32 or a.device.type != "cuda":
-        return (a @ b).float()
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
 def mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out = a @ b`` or, ``accumulate``, ``out += a @ b``, into the fp32 ``out`` (a view
     with contiguous rows will do); one GEMM with fp32 output on CUDA."""
