@@ -141,3 +141,50 @@ def test_rank_major_qkv_under_autocast_bf16(kv_heads):
     for g, p, w, pg in zip(grads, params, ref_grads, plain_grads):
         assert g.dtype == p.dtype
         assert _rel_err(g, w) < 1.5 * _rel_err(pg, w) + 1e-4
+
+
+def test_embedding_grads_in_place_on_cuda_are_deterministic():
+    """The in-place embedding gradients (sort-based ``index_put_``, many repeated token ids):
+    bitwise the same from run to run, and equal to plain autograd's up to the fp32 summation
+    order, for the lookup alone and in a model under bf16 autocast (classic attention, whose
+    backward is deterministic, unlike cuDNN's)."""
+    import dataclasses
+
+    from megatron.model import GPTModel, ModelConfig, masked_lm_loss
+    from megatron.model.inplace_grad import embedding_lookup
+
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (2, 8192), generator=gen).to(dev)  # many repeats
+    grad_out = torch.randn(2, 8192, 256, generator=gen).to(dev)
+    start = torch.randn(512, 256, generator=gen).to(dev)
+    results = []
+    for _ in range(2):
+        emb = torch.nn.Embedding(512, 256, device=dev)
+        emb.weight.grad = start.clone()
+        embedding_lookup(ids, emb).backward(grad_out)
+        results.append(emb.weight.grad)
+    assert torch.equal(results[0], results[1])
+    want = start.double().index_add_(0, ids.reshape(-1), grad_out.reshape(-1, 256).double())
+    assert _rel_err(results[0], want) < 1e-6
+
+    config = ModelConfig(
+        num_layers=2, hidden_size=256, num_attention_heads=4, padded_vocab_size=512,
+        seq_length=1024, attention_dropout=0.0, hidden_dropout=0.0, loss_chunk_size=256,
+        attention_backend="classic",
+    )  # fmt: skip
+    tokens = ids[:, :1024]
+    labels, mask = torch.roll(tokens, -1, 1), torch.ones(2, 1024, device=dev)
+    positions = torch.arange(1024, device=dev).expand(2, -1)
+    runs = []
+    for in_place in (False, True, True):
+        torch.manual_seed(0)
+        model = GPTModel(dataclasses.replace(config, embedding_grads_in_place=in_place)).to(dev)
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                losses = model(tokens, positions, labels=labels, loss_mask=mask)
+                masked_lm_loss(losses, mask).backward()
+        runs.append({n: p.grad for n, p in model.named_parameters()})
+    for name, plain in runs[0].items():
+        assert torch.equal(runs[1][name], runs[2][name]), name
+        assert _rel_err(runs[1][name], plain.double()) < 1e-5, name

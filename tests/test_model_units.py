@@ -538,7 +538,11 @@ def test_config_from_args():
     assert default == dataclasses.replace(
         tiny_config(), attention_dropout=0.1, hidden_dropout=0.1, loss_chunk_size=2048,
         bias_gelu_fusion=True,  # Megatron's default
+        embedding_grads_in_place=True,  # training's .backward(); tests call autograd.grad
     )  # fmt: skip
+    assert not ModelConfig.from_args(
+        _parse(["--no-gradient-accumulation-fusion"])
+    ).embedding_grads_in_place
     assert not ModelConfig.from_args(_parse(["--no-bias-gelu-fusion"])).bias_gelu_fusion
     on = ("fp32_residual_connection", "sp_rank_major_qkv", "bias_dropout_fusion")
     assert [getattr(default, name) for name in on] == [False, True, True]
@@ -569,3 +573,28 @@ def test_both_flash_flags_is_a_usage_error():
     args = _parse(["--use-flash-attn", "--use-flash-attn-triton"])
     with pytest.raises(UsageError, match="--use-flash-attn-triton"):
         ModelConfig.from_args(args)
+
+
+@pytest.mark.parametrize("untie", [False, True], ids=["tied", "untied"])
+def test_embedding_grads_in_place_match_autograd(untie, monkeypatch):
+    """Training's in-place gradients (the loss's output-layer gradient set or added into
+    .grad, the lookups adding their rows there) equal plain autograd's over two accumulated
+    micro-batches; the tied weight's loss gradient does go in place."""
+    import megatron.model.loss as loss_module
+
+    calls, original = [], loss_module.add_to_grad_
+
+    def recording(param, grad):
+        calls.append(original(param, grad))
+        return calls[-1]
+
+    monkeypatch.setattr(loss_module, "add_to_grad_", recording)
+    grads = []
+    for in_place in (False, True):
+        overrides = {"loss_chunk_size": 16, "untie_embeddings_and_output_weights": untie}
+        model = build_model(seed=3, embedding_grads_in_place=in_place, **overrides)
+        for seed in (1, 2):
+            forward_loss(model, make_batch(2, seed)).backward()
+        grads.append(grads_of(model))
+    assert_grads_close(grads[1], grads[0], rtol=1e-6)
+    assert calls == [True, True]  # the second micro-batch adds to the first's .grad

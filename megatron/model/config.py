@@ -83,6 +83,9 @@ class ModelConfig:
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
     loss_grad_in_forward: bool = True  # chunked loss given the mask: gradients in forward
+    # Embedding and (in-forward) output-layer gradients added into .grad in place; for
+    # .backward() only (torch.autograd.grad does not see them): training turns it on.
+    embedding_grads_in_place: bool = False
     bias_gelu_fusion: bool = False  # GeLU MLP: fc1's bias add + GeLU in one pass (CUDA)
     fused_residual_norm: bool = False  # each residual add + the norm after it (Triton)
     bias_dropout_fusion: bool = True  # with it, no dropout: output biases added in that pass
@@ -207,6 +210,7 @@ class ModelConfig:
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
             loss_grad_in_forward=not args.no_loss_grad_in_forward,
+            embedding_grads_in_place=not args.no_gradient_accumulation_fusion,
             # --torch-compile fuses the layer's pointwise work itself.
             bias_gelu_fusion=not (args.no_bias_gelu_fusion or args.torch_compile),
             fused_residual_norm=args.fused_residual_norm,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.model.config import ModelConfig
+from megatron.model.inplace_grad import embedding_lookup
 from megatron.model.loss import TokenLosses, output_layer_cross_entropy
 from megatron.model.rotary import rotary_cos_sin
 from megatron.model.transformer import ParallelTransformer
@@ -37,11 +38,13 @@ class Embedding(torch.nn.Module):
             )
         self.dropout = config.hidden_dropout
         self.fp32_residual_connection = config.fp32_residual_connection
+        self.grads_in_place = config.embedding_grads_in_place
 
     def forward(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
-        x_bsh = self.word_embeddings(tokens_bs)
+        lookup = embedding_lookup if self.grads_in_place else (lambda ids, module: module(ids))
+        x_bsh = lookup(tokens_bs, self.word_embeddings)
         if self.position_embeddings is not None:
-            x_bsh = x_bsh + self.position_embeddings(position_ids_bs)
+            x_bsh = x_bsh + lookup(position_ids_bs, self.position_embeddings)
         # The residual stream starts here: in autocast's dtype unless --fp32-residual-connection.
         dtype = x_bsh.dtype
         if torch.is_autocast_enabled(x_bsh.device.type) and not self.fp32_residual_connection:
@@ -147,4 +150,5 @@ class GPTModel(torch.nn.Module):
             self.config.cross_entropy_fusion,
             loss_mask,
             self.config.loss_grad_in_forward,
+            self.config.embedding_grads_in_place,
         )

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.core.comm import all_reduce_no_grad, all_reduce_sum_identity_grad
+from megatron.model.inplace_grad import add_to_grad_
 from megatron.model.matmul import linear_compute_dtype, mm_fp32_into
 from megatron.ops import triton_kernels_can_run
 
@@ -145,7 +146,7 @@ class ChunkedMaskedCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden_nh, weight_vh, labels_n, weights_n, chunk_size, compute_dtype, fused,
-        want_hidden, want_weight,
+        want_hidden, want_weight, weight_grad_in_place,
     ):  # fmt: skip
         losses = torch.empty(hidden_nh.shape[0], dtype=torch.float32, device=hidden_nh.device)
         grad_hidden, grad_weight = _chunked_grads(
@@ -154,6 +155,7 @@ class ChunkedMaskedCrossEntropySum(torch.autograd.Function):
         )  # fmt: skip
         ctx.grads = (grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = hidden_nh.dtype, weight_vh.dtype
+        ctx.weight = weight_vh if want_weight and weight_grad_in_place else None
         ctx.mark_non_differentiable(losses)
         return (losses * weights_n).sum(), losses
 
@@ -162,12 +164,18 @@ class ChunkedMaskedCrossEntropySum(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the chunked loss's backward can run only once (no retain_graph)")
         grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
+        weight, ctx.grads, ctx.weight = ctx.weight, None, None
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_sum).to(ctx.hidden_dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_sum).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+            grad_weight = grad_weight.mul_(grad_sum)
+            # Into .grad directly (the tied lookup's backward adds its rows there later):
+            # no [vocab, h] sum of the two gradients for AccumulateGrad.
+            if weight is not None and add_to_grad_(weight, grad_weight):
+                grad_weight = None
+            else:
+                grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 class TokenLosses(NamedTuple):
@@ -185,6 +193,7 @@ def output_layer_cross_entropy(
     fused: bool = False,
     loss_mask_bs: torch.Tensor | None = None,
     grad_in_forward: bool = True,
+    weight_grad_in_place: bool = False,
 ) -> torch.Tensor | TokenLosses:
     """Per-token fp32 losses [b, s] of the output layer ``weight_vh`` on ``hidden_sbh`` [s, b, h].
 
@@ -193,7 +202,9 @@ def output_layer_cross_entropy(
     kernels where they can run (see :func:`megatron.ops.triton_kernels_can_run`), else the
     unfused chunked path. With ``loss_mask_bs`` [b, s] the result is :class:`TokenLosses`
     and, chunked with ``grad_in_forward``, the gradients come out of the forward pass (no
-    logits recomputation); otherwise backward recomputes each chunk's logits.
+    logits recomputation); otherwise backward recomputes each chunk's logits. Then, with
+    ``weight_grad_in_place`` (for ``.backward()``), backward adds the weight's gradient into
+    its ``.grad`` itself (:func:`megatron.model.inplace_grad.add_to_grad_`).
     """
     s, b, h = hidden_sbh.shape
     labels_n = labels_bs.t().reshape(s * b)  # [s, b] order, like the hidden states
@@ -210,6 +221,7 @@ def output_layer_cross_entropy(
             masked_sum, losses_n = ChunkedMaskedCrossEntropySum.apply(
                 hidden_nh, weight_vh, labels_n, weights_n, chunk_size, dtype, fused,
                 grad_on and hidden_nh.requires_grad, grad_on and weight_vh.requires_grad,
+                weight_grad_in_place,
             )  # fmt: skip
             return TokenLosses(losses_n.view(s, b).t().contiguous(), masked_sum)
         losses_n = ChunkedCrossEntropy.apply(
