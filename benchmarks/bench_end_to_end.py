@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZeRO: no FSDP2 forward prefetch of the next layer's weights",
     )
     p.add_argument(
+        "--no-overlap-param-gather-with-optimizer-step",
+        action="store_true",
+        help="ZeRO: the embeddings' and first layer's all-gathers when the next forward starts, "
+        "not during the optimizer step",
+    )
+    p.add_argument(
         "--fp32-residual-connection",
         action="store_true",
         help="model flag: the residual stream in fp32 (default: bf16, as Megatron-LM)",
@@ -197,12 +203,14 @@ SWITCH_TOKENS = {
     "packqkv": "no_sp_rank_major_qkv", "fp32res": "fp32_residual_connection",
     "noprefetch": "no_overlap_param_gather", "nobdf": "no_bias_dropout_fusion",
     "nolgf": "no_loss_grad_in_forward", "nogaf": "no_gradient_accumulation_fusion",
+    "nooptag": "no_overlap_param_gather_with_optimizer_step",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
                   "no_sp_rank_major_qkv", "fp32_residual_connection",
                   "no_bias_dropout_fusion", "no_loss_grad_in_forward",
-                  "no_gradient_accumulation_fusion")  # fmt: skip
+                  "no_gradient_accumulation_fusion", "no_overlap_param_gather",
+                  "no_overlap_param_gather_with_optimizer_step")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -216,8 +224,9 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (``--no-bias-gelu-fusion``), ``packqkv`` (``--no-sp-rank-major-qkv``), ``fp32res``
     (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
     (``--no-bias-dropout-fusion``), ``nolgf`` (``--no-loss-grad-in-forward``), ``nogaf``
-    (``--no-gradient-accumulation-fusion``), ``ga<N>`` (``--grad-accum``); unnamed settings keep their
-    flag values.
+    (``--no-gradient-accumulation-fusion``), ``nooptag``
+    (``--no-overlap-param-gather-with-optimizer-step``), ``ga<N>`` (``--grad-accum``); unnamed
+    settings keep their flag values.
     """
     if not args.sweep:
         return [args]
@@ -382,6 +391,9 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "loss_grad_in_forward": not args.no_loss_grad_in_forward,
         "grad_accum_fusion": not args.no_gradient_accumulation_fusion,
         "param_gather_prefetch": not args.no_overlap_param_gather,
+        "param_gather_in_step": not (
+            args.no_overlap_param_gather or args.no_overlap_param_gather_with_optimizer_step
+        ),
         "position_embedding_type": args.position_embedding_type,
         "host_sync": "every step" if args.sync_every_step else "deferred", "ms_per_iter": ms,
         "iter_ms_all": times, "tokens_per_iter": tokens, "lm_losses": history,
@@ -510,13 +522,13 @@ def report(results: list[dict], title: str) -> None:
          "fp32" if r.get("fp32_residual") else "bf16",
          "yes" if r.get("param_gather_prefetch", True) else "no", "yes" if r["delay_wgrad"] else "no",
          "yes" if r.get("loss_grad_in_forward") else "no", "yes" if r.get("grad_accum_fusion") else "no",
-         r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
+         "yes" if r.get("param_gather_in_step") else "no", r["host_sync"], r["ms_per_iter"], min(r["iter_ms_all"]),
          r["tokens_per_s_per_gpu"], r["tflops_per_gpu"], 100.0 * r["mfu"],
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
     headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
-               "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "loss grad in fwd", "grad-accum fusion", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
+               "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "loss grad in fwd", "grad-accum fusion", "gather in step", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
     for r in results:

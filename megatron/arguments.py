@@ -340,7 +340,14 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         "--no-overlap-param-gather",
         action="store_true",
         help="ZeRO: all-gather each transformer layer's weights when its forward starts, "
-        "instead of during the previous layer's (FSDP2 forward prefetch, the default)",
+        "instead of during the previous layer's (FSDP2 forward prefetch, the default); "
+        "implies --no-overlap-param-gather-with-optimizer-step",
+    )
+    g.add_argument(
+        "--no-overlap-param-gather-with-optimizer-step",
+        action="store_true",
+        help="ZeRO: all-gather the embeddings' and first layer's weights when the next forward "
+        "starts, instead of during the optimizer step (which updates them first, the default)",
     )
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--deepspeed", action="store_true")

@@ -97,6 +97,65 @@ def set_micro_batch_sync(
         set_fp32_grads(model, fp32_wgrad)
 
 
+def step_and_gather_next(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """``optimizer.step()`` that starts the next forward's first all-gathers during it (ZeRO).
+
+    A ZeRO forward begins with the root module's all-gather (embeddings and final norm, in
+    fp32) and the first layer's, with nothing to hide them behind. Here the optimizer updates
+    those shards first, their all-gathers are launched (FSDP2's pre-forward waits for them),
+    and the other parameters' update runs meanwhile, on a side stream on the GPU. Each
+    parameter gets the update one ``step()`` gives it; without ZeRO this is ``step()``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        optimizer.step()
+        return
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    later = {id(p) for block in blocks[1:] for p in block.parameters()}
+    groups = optimizer.param_groups
+    first_groups = [{**g, "params": [p for p in g["params"] if id(p) not in later]} for g in groups]
+    later_groups = [{**g, "params": [p for p in g["params"] if id(p) in later]} for g in groups]
+    _step_groups(optimizer, first_groups)
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        for module in (model, *blocks[:1]):
+            module.unshard(async_op=True)
+        _step_groups(optimizer, later_groups)
+        return
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(main)  # the later update starts after the first, not after the gathers
+    for module in (model, *blocks[:1]):
+        module.unshard(async_op=True)  # on the current stream: gathers in the updated shards
+    with torch.cuda.stream(side):
+        _step_groups(optimizer, later_groups)
+    main.wait_stream(side)  # later all-gathers read these shards; freed tensors stay ordered
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def _step_groups(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """``optimizer.step()`` over these copies of its groups (same hyper-parameters, a subset
+    of the parameters); its state is per parameter, so the rest are left as they are."""
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        return
+    saved = optimizer.param_groups
+    optimizer.param_groups = groups
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = saved
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
@@ -140,6 +199,13 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What dividing the gradients by clips them to ``max_norm`` (1 within it), as
+    ``clip_grads_with_norm_`` does: a fused Adam/AdamW's ``grad_scale``, so the clipping
+    happens inside its step instead of in a pass of its own over the gradients."""
+    return ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
 @torch.no_grad()

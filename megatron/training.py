@@ -18,11 +18,13 @@ from megatron import checkpointing, fault_injection
 from megatron.core.parallel_state import ParallelState, get_parallel_state
 from megatron.distributed import (
     any_nonfinite,
+    clip_divisor,
     clip_grad_norm,
     grad_norm_and_clip,
     reduce_gradients,
     set_micro_batch_sync,
     shard_model_for_zero,
+    step_and_gather_next,
 )
 from megatron.errors import UsageError
 from megatron.global_vars import get_args
@@ -159,6 +161,7 @@ def train_step_async(
     num_micro: int,
     iteration: int,
     before_optimizer_step: Callable[[], None] | None = None,
+    gather_next: bool = True,
 ) -> PendingStep:
     """Launch one optimizer step over ``num_micro`` micro-batches without waiting for the GPU.
 
@@ -166,8 +169,20 @@ def train_step_async(
     ``before_optimizer_step`` runs exactly once, right before the optimizer step is launched
     (or skipped): the training loop finishes the previous step's host bookkeeping there (the
     LR scheduler's step), so this step's update uses the same LR as with an immediate read.
+    ``gather_next``: a training forward follows, so under ZeRO its first all-gathers may start
+    during the optimizer step (unless ``--no-overlap-param-gather-with-optimizer-step``).
     """
     state = get_parallel_state()
+    early = gather_next and not (
+        args.no_overlap_param_gather or args.no_overlap_param_gather_with_optimizer_step
+    )
+
+    def step() -> None:
+        if early:
+            step_and_gather_next(optimizer, model)
+        else:
+            optimizer.step()
+
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
     for micro in range(num_micro):
@@ -194,24 +209,31 @@ def train_step_async(
         if before_optimizer_step is not None:
             before_optimizer_step()
         if not found_inf:
-            optimizer.step()
+            step()
         known = (grad_norm, found_inf)
     else:
         # bf16/fp32: the step is skipped when the norm is not finite. A fused AdamW skips on
         # the GPU (its found_inf argument), so the whole step is launched without waiting for
         # the GPU; the caller reads the norm and the losses together, later (PendingStep).
-        norm = grad_norm_and_clip(model, args.clip_grad).float().reshape(())
+        # It also clips, dividing the gradients by its grad_scale: one pass less over them.
+        fused = skips_on_device(optimizer)
+        fold_clip = fused and args.clip_grad > 0
+        norm = grad_norm_and_clip(model, 0.0 if fold_clip else args.clip_grad)
+        norm = norm.float().reshape(())
         found = (~torch.isfinite(norm)).float()
         if before_optimizer_step is not None:
             before_optimizer_step()
-        if skips_on_device(optimizer):
+        if fused:
             optimizer.found_inf = found
+            if fold_clip:
+                optimizer.grad_scale = clip_divisor(norm, args.clip_grad)
             try:
-                optimizer.step()
+                step()
             finally:
                 del optimizer.found_inf
+                optimizer.__dict__.pop("grad_scale", None)
         elif found.item() == 0:
-            optimizer.step()
+            step()
         device_flags = [norm, found]
     # Reported losses: mean over micro-batches, then over data-parallel replicas.
     reported = [totals[n] for n in names]
@@ -352,6 +374,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         pending = train_step_async(
             forward_step_func, train_it, model, optimizer, scheduler, scaler, args, num_micro,
             ts.iteration + 1, before_optimizer_step=finish,
+            gather_next=ts.iteration + 1 < train_iters,
         )  # fmt: skip
         fault_injection.maybe_kill(args.rank, ts.iteration + 1)
         ts.iteration += 1

@@ -21,6 +21,10 @@ WORLD2 = [
     "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations --checkpoint-in-cpu",
     "--ds-sequence-parallel-size 2 --zero-stage 3 --delay-wgrad-compute",
 ]
+# The same runs with the first all-gathers after the optimizer step instead of during it.
+LATE_GATHER = " --no-overlap-param-gather-with-optimizer-step"
+EARLY_GATHER_PAIRS = [(2, len(WORLD2)), (5, len(WORLD2) + 1)]
+WORLD2 += [WORLD2[2] + LATE_GATHER, WORLD2[5] + LATE_GATHER]
 # bf16: ZeRO gathers the layers' weights in bf16 (default) or fp32 (--fp32-param-gather).
 WORLD2_BF16 = [
     "--bf16",
@@ -64,6 +68,14 @@ def test_accumulation_matches(losses):
 def test_world2_matches_world1(losses, i):
     for rank_losses in losses[2]:
         assert_same_losses(rank_losses[i], losses[1][0])
+
+
+@pytest.mark.parametrize("early,late", EARLY_GATHER_PAIRS)
+def test_gather_during_optimizer_step_changes_nothing(losses, early, late):
+    """The optimizer updates the embeddings and first layer first and their all-gathers run
+    while it updates the rest: every parameter's update is unchanged, so the run is too."""
+    for rank_losses in losses[2]:
+        assert rank_losses[early] == rank_losses[late]
 
 
 @pytest.mark.parametrize("i", range(len(WORLD4)), ids=lambda i: WORLD4[i])

@@ -207,6 +207,36 @@ def test_pending_step_reads_once():
     assert PendingStep(6, [], None, known=(None, True)).read() == ({}, None, True)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipping active, and not
+def test_clipping_in_the_fused_step_matches_clipping_first(max_norm):
+    """The fused AdamW divides the gradients by ``clip_divisor`` (its grad_scale): the same
+    update and clipped gradients as ``clip_grads_with_norm_`` before a plain fused step."""
+    import torch
+
+    from megatron.distributed import clip_divisor
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 2)]
+    base = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) * 3 for s in shapes]
+    results = []
+    for fold in (False, True):
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if fold:
+                opt.grad_scale = clip_divisor(norm, max_norm)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            opt.step()
+        results.append(([p.detach() for p in params], [p.grad for p in params]))
+    for a, b in zip(*(r[0] + r[1] for r in results)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
