@@ -73,12 +73,12 @@ stage_attention_breakdown() {
         --json "$RES/attention_breakdown_synced_sp$NPROC.json"
 }
 
-# This session's defaults at global batch 1, 2 and 4, against the chunked loss recomputing
-# its logits (nolgf) and FSDP2 casting and adding the delayed weight gradients (nogaf); then
-# no fusions, full recompute and ZeRO 3.
+# The defaults at global batch 1, 2 and 4, against the first all-gathers after the optimizer
+# step (nooptag), the gradients accumulated by FSDP2 and autograd instead of in place (nogaf)
+# and the chunked loss recomputing its logits (nolgf); then no fusions, full recompute and ZeRO 3.
 E2E_DEFAULT=z1-nobgf,z1-cefuse-fusednorm-dwgrad,z1-cefuse-fusednorm-dwgrad-nolgf
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga2-nogaf
-E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2-nolgf-nogaf,z1-cefuse-fusednorm-dwgrad-ga4
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2,z1-cefuse-fusednorm-dwgrad-ga2-nooptag
+E2E_DEFAULT+=,z1-cefuse-fusednorm-dwgrad-ga2-nogaf,z1-cefuse-fusednorm-dwgrad-ga4
 E2E_DEFAULT+=,z1-full-cefuse-fusednorm,z3-cefuse-fusednorm
 
 stage_e2e() {

@@ -166,7 +166,7 @@ def test_embedding_grads_in_place_on_cuda_are_deterministic():
         results.append(emb.weight.grad)
     assert torch.equal(results[0], results[1])
     want = start.double().index_add_(0, ids.reshape(-1), grad_out.reshape(-1, 256).double())
-    assert _rel_err(results[0], want) < 1e-6
+    assert _rel_err(results[0], want) < 1e-5  # fp32 sums of ~256 rows per id
 
     config = ModelConfig(
         num_layers=2, hidden_size=256, num_attention_heads=4, padded_vocab_size=512,
@@ -183,7 +183,7 @@ def test_embedding_grads_in_place_on_cuda_are_deterministic():
         for _ in range(2):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 losses = model(tokens, positions, labels=labels, loss_mask=mask)
-                masked_lm_loss(losses, mask).backward()
+                masked_lm_loss(losses, mask, None).backward()
         runs.append({n: p.grad for n, p in model.named_parameters()})
     for name, plain in runs[0].items():
         assert torch.equal(runs[1][name], runs[2][name]), name
