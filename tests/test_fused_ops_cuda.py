@@ -162,7 +162,7 @@ def test_embedding_grads_in_place_on_cuda_are_deterministic():
     for _ in range(2):
         emb = torch.nn.Embedding(512, 256, device=dev)
         emb.weight.grad = start.clone()
-        embedding_lookup(ids, emb).backward(grad_out)
+        embedding_lookup(ids, emb, in_place=True).backward(grad_out)
         results.append(emb.weight.grad)
     assert torch.equal(results[0], results[1])
     want = start.double().index_add_(0, ids.reshape(-1), grad_out.reshape(-1, 256).double())

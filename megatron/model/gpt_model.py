@@ -41,10 +41,11 @@ class Embedding(torch.nn.Module):
         self.grads_in_place = config.embedding_grads_in_place
 
     def forward(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
-        lookup = embedding_lookup if self.grads_in_place else (lambda ids, module: module(ids))
-        x_bsh = lookup(tokens_bs, self.word_embeddings)
+        x_bsh = embedding_lookup(tokens_bs, self.word_embeddings, self.grads_in_place)
         if self.position_embeddings is not None:
-            x_bsh = x_bsh + lookup(position_ids_bs, self.position_embeddings)
+            x_bsh = x_bsh + embedding_lookup(
+                position_ids_bs, self.position_embeddings, self.grads_in_place
+            )
         # The residual stream starts here: in autocast's dtype unless --fp32-residual-connection.
         dtype = x_bsh.dtype
         if torch.is_autocast_enabled(x_bsh.device.type) and not self.fp32_residual_connection:

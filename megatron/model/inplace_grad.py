@@ -4,7 +4,7 @@ The tied word embeddings are used twice per micro-batch, by the lookup and by th
 layer, so autograd sums their two gradients into a new ``[vocab, h]`` fp32 tensor before
 adding it to ``.grad``; and an embedding lookup's backward builds a dense, zero-filled
 gradient for a few thousand rows. Here the loss sets or adds its output-layer gradient into
-``.grad`` itself, and the lookup's backward adds its rows there in place (on CUDA by a
+``.grad`` itself, and on CUDA the lookup's backward adds its rows there in place (a
 sort-based ``index_put_``, deterministic), so neither full-size temporary nor its passes
 exist.
 """
@@ -34,8 +34,9 @@ def add_to_grad_(param: torch.Tensor, grad: torch.Tensor) -> bool:
 
 
 class _LookupAddingToGrad(torch.autograd.Function):
-    """``weight[ids]``; backward adds the rows' gradients into ``weight.grad`` when there is
-    one (the loss's, or an earlier micro-batch's), else returns the dense gradient."""
+    """``weight[ids]``; on CUDA backward adds the rows' gradients into ``weight.grad`` when
+    there is one (the loss's, or an earlier micro-batch's), else returns the dense gradient
+    (which AccumulateGrad adds)."""
 
     @staticmethod
     def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -48,25 +49,24 @@ class _LookupAddingToGrad(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         weight, ctx.weight = ctx.weight, None
         grad = weight.grad
-        in_place = grad is not None and type(grad) is torch.Tensor
-        if in_place and grad.dtype == grad_out.dtype and grad.is_cuda:
+        # CUDA only: its index_put_ sorts (deterministic), CPU's is not deterministic.
+        if type(grad) is torch.Tensor and grad.dtype == grad_out.dtype and grad.is_cuda:
             rows = grad_out.reshape(-1, grad_out.shape[-1])
-            with torch.no_grad():  # sort-based on CUDA: deterministic
+            with torch.no_grad():
                 grad.index_put_((ids.reshape(-1),), rows, accumulate=True)
             return None, None
-        dense = torch.ops.aten.embedding_dense_backward(grad_out, ids, weight.shape[0], -1, False)
-        if in_place and grad.dtype == dense.dtype:  # (CPU's index_put_ is not deterministic)
-            with torch.no_grad():
-                grad.add_(dense)
-            return None, None
-        return None, dense
+        return None, torch.ops.aten.embedding_dense_backward(
+            grad_out, ids, weight.shape[0], -1, False
+        )
 
 
-def embedding_lookup(ids: torch.Tensor, module: torch.nn.Embedding) -> torch.Tensor:
-    """``module(ids)`` for a plain ``nn.Embedding``, its backward adding into ``.grad``."""
+def embedding_lookup(ids: torch.Tensor, module: torch.nn.Embedding, in_place: bool) -> torch.Tensor:
+    """``module(ids)``; ``in_place`` (a plain ``nn.Embedding``): its backward adds into
+    ``.grad``."""
     weight = module.weight
     plain = module.padding_idx is None and module.max_norm is None and not module.sparse
     plain = plain and not module.scale_grad_by_freq
-    if not (torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf and plain):
+    in_place = in_place and torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf
+    if not (in_place and plain):
         return module(ids)
     return _LookupAddingToGrad.apply(ids, weight)
