@@ -244,8 +244,6 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.zero_stage = int(token[1:])
             elif token[:2] == "ga" and token[2:].isdigit() and int(token[2:]) >= 1:
                 variant.grad_accum = int(token[2:])
-            elif token[:3] in ("cvg", "cvb", "cvw") and token[3:].isdigit():
-                variant.cv = getattr(variant, "cv", {}) | {token[:3]: int(token[3:])}
             elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
                 variant.sp_overlap_chunks = int(token[2:])
             else:
@@ -307,11 +305,6 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     from megatron.training import TrainState, finalize_step, train_step_async, zero_param_dtype
 
     parallel_state.destroy_model_parallel()
-    cv = getattr(args, "cv", {})  # experiment: SM carveouts
-    os.environ["MU_CV_OVL"] = str(cv.get("cvw", 0))
-    os.environ["MU_CV_LASTBWD"] = str(cv.get("cvb", 0))
-    torch._C._set_sm_carveout_experimental(cv.get("cvg") or None)
-    log0("carveout", cv)
     pretrain_gpt._TOKENIZER = None
     margs = initialize_megatron(args_list=megatron_args(args, seq, sp, world))
     state = parallel_state.get_parallel_state()

@@ -194,14 +194,7 @@ def train_step_async(
         with autocast_context(args):
             output, loss_func = forward_step_func(data_iterator, model)
             loss, reported = loss_func(output)
-        import os as _os
-
-        _cv = int(_os.environ.get("MU_CV_LASTBWD", "0")) if micro == num_micro - 1 else 0
-        if _cv:  # experiment: SM carveout
-            torch._C._set_sm_carveout_experimental(_cv)
         (loss * (scaler.scale / num_micro)).backward()
-        if _cv:
-            torch._C._set_sm_carveout_experimental(None)
         for name, value in reported.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / num_micro
     reduce_gradients(model, state)

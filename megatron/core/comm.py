@@ -174,15 +174,7 @@ Overlap = Callable[[], None] | None  # work launched while an exchange is in fli
 
 def _finish(pending: PendingExchange, overlap: Overlap) -> list[torch.Tensor]:
     if overlap is not None:
-        import os as _os
-
-        _cv = int(_os.environ.get("MU_CV_OVL", "0"))  # experiment: SM carveout
-        if _cv:
-            _old = torch._C._get_sm_carveout_experimental()
-            torch._C._set_sm_carveout_experimental(_cv)
         overlap()
-        if _cv:
-            torch._C._set_sm_carveout_experimental(_old)
     return pending.wait()
 
 
