@@ -4,7 +4,12 @@ For each per-rank buffer size (MiB; 96 and 32 are the Q/K/V and context all-to-a
 attention core at 32K tokens, SP 4, 16 heads x 128, bf16): the median time of an equal-block
 all-to-all, its algorithm bandwidth (bytes each rank sends to others / time) and NCCL's
 "bus bandwidth" convention (the same here); then the same all-to-all on a side stream while
-the compute stream runs bf16 matmuls: how much each transport slows compute down.
+the compute stream runs bf16 matmuls: how much each transport slows compute down. ``rs`` and
+``ag`` time NCCL's fp32 reduce-scatter (that many MiB in per rank) and bf16 all-gather (that
+many MiB out), ZeRO's gradient and weight collectives, the same way. ``--carveouts`` repeats the runs beside
+matmuls with cuBLAS told to leave that many SMs free (PyTorch's experimental SM carveout; it
+reaches cuBLASLt, ``--blas cublaslt``) so that a persistent GEMM need not wait for the SMs
+the NCCL kernel holds.
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_all_to_all.py --json results/a2a.json
 
@@ -43,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="nccl,ce,ce3,symm",
         help="nccl, ce (1 stream), ce3 (3 streams), symm[:BLOCK:WARPS] (SM pulls, Triton), symmraw (without the pack copy)",
     )
+    p.add_argument(
+        "--matmul", default="8192,8192,8192", help="m,k,n of the bf16 matmuls beside the exchange"
+    )
+    p.add_argument("--matmuls", type=int, default=2, help="matmuls per exchange")
+    p.add_argument("--carveouts", default="0", help="SMs left to NCCL by the matmuls, comma list")
+    p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-overlap", action="store_true", help="skip the under-compute runs")
@@ -51,12 +62,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.sizes_mib = [float(s) for s in args.sizes_mib.split(",") if s]
     args.impls = [s for s in args.impls.split(",") if s]
+    args.matmul = [int(x) for x in args.matmul.split(",")]
+    args.carveouts = [int(x) for x in args.carveouts.split(",") if x]
+    if len(args.matmul) != 3 or args.matmuls < 1 or min(args.carveouts + args.matmul) < 0:
+        p.error("--matmul takes m,k,n; --matmuls >= 1; --carveouts >= 0")
     return args
 
 
 def make_exchange(impl: str, send_src: torch.Tensor, group):
     """A no-argument callable that runs one all-to-all of ``send_src`` ([p, n] blocks)."""
     recv = torch.empty_like(send_src)
+    if impl == "rs":  # the same bytes per rank in fp32, one block of the sum back
+        grads = send_src[:, : send_src.shape[1] // 2].float()  # as many bytes
+        out = grads.new_empty(grads.shape[1:])
+        return lambda: dist.reduce_scatter_tensor(out, grads, group=group), None
+    if impl == "ag":  # one block of bf16 weights in, every rank's back
+        return lambda: dist.all_gather_into_tensor(recv, send_src[0], group=group), None
     if impl == "nccl":
         return lambda: dist.all_to_all_single(recv, send_src, group=group), recv
     if impl.startswith("symm"):
@@ -93,14 +114,22 @@ def main(argv=None) -> int:
     label = args.label or ",".join(f"{k}={os.environ[k]}" for k in NCCL_KNOBS if k in os.environ)
     label = label or "defaults"
     rows, results = [], []
-    mm_a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    mm_b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    m, k, n_cols = args.matmul
+    mm_a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    mm_b = torch.randn(k, n_cols, device=device, dtype=torch.bfloat16)
+    carveout = [0]
 
-    def compute(n: int = 2):
-        for _ in range(n):
+    def compute():
+        torch._C._set_sm_carveout_experimental(carveout[0] or None)
+        for _ in range(args.matmuls):
             torch.mm(mm_a, mm_b)
+        torch._C._set_sm_carveout_experimental(None)
 
-    compute_ms = median(time_ms(compute, device, 3, args.iters))
+    compute_alone = {}
+    for carveout[0] in args.carveouts:
+        compute_alone[carveout[0]] = median(time_ms(compute, device, 3, args.iters))
     side = torch.cuda.Stream()
     reference = {}
     for size in args.sizes_mib:
@@ -117,7 +146,9 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             if impl == "nccl":
                 reference[size] = recv.clone()
-            same = bool(torch.equal(recv, reference[size])) if size in reference else None
+            same = None
+            if recv is not None and size in reference:
+                same = bool(torch.equal(recv, reference[size]))
             sent = n * 2 * (world - 1)
             row = {
                 "impl": impl,
@@ -126,30 +157,41 @@ def main(argv=None) -> int:
                 "algbw_gbs": sent / ms / 1e6,
                 "equal_to_nccl": same,
             }
-            if not args.no_overlap:
+            if args.no_overlap:
+                results.append(row)
+                rows.append([impl, size, ms, row["algbw_gbs"], "-", "-", "-", "-", str(same)])
+                continue
 
-                def both(run=run):
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        run()
-                    compute()
-                    torch.cuda.current_stream().wait_stream(side)
+            def both(run=run):
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()
+                compute()
+                torch.cuda.current_stream().wait_stream(side)
 
-                row["compute_alone_ms"] = compute_ms
-                row["both_ms"] = median(time_ms(both, device, args.warmup, args.iters))
-            results.append(row)
-            rows.append(
-                [
-                    impl,
-                    size,
-                    ms,
-                    row["algbw_gbs"],
-                    row.get("compute_alone_ms", float("nan")),
-                    row.get("both_ms", float("nan")),
-                    str(same),
-                ]
-            )
-    log0(f"\nall-to-all, {world} ranks, NCCL settings: {label}")
+            for carveout[0] in args.carveouts:
+                alone = compute_alone[carveout[0]]
+                both_ms = median(time_ms(both, device, args.warmup, args.iters))
+                results.append(
+                    row | {"carveout": carveout[0], "compute_alone_ms": alone, "both_ms": both_ms}
+                )
+                hidden = ms + alone - both_ms  # of the exchange's time, what the overlap saved
+                rows.append(
+                    [
+                        impl,
+                        size,
+                        ms,
+                        row["algbw_gbs"],
+                        carveout[0],
+                        alone,
+                        both_ms,
+                        hidden,
+                        str(same),
+                    ]
+                )
+    log0(
+        f"\nall-to-all, {world} ranks, NCCL settings: {label}; beside {args.matmuls} x {m}x{k}x{n_cols} bf16 matmuls, BLAS {args.blas}"
+    )
     log0(
         markdown_table(
             [
@@ -157,14 +199,18 @@ def main(argv=None) -> int:
                 "MiB/rank",
                 "ms",
                 "GB/s/rank",
+                "SM carveout",
                 "matmuls alone ms",
                 "a2a + matmuls ms",
+                "hidden ms",
                 "= NCCL",
             ],
             rows,
         )
     )
-    write_json(args.json, {"label": label, "results": results})
+    write_json(
+        args.json, {"label": label, "blas": args.blas, "matmul": args.matmul, "results": results}
+    )
     dist.destroy_process_group()
     return 0
 
