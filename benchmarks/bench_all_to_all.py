@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--impls",
         default="nccl,ce,ce3,symm",
-        help="nccl, ce (1 stream), ce3 (3 streams), symm[:BLOCK:WARPS] (SM pulls, Triton), symmraw (without the pack copy)",
+        help="nccl, ce (1 stream), ce3 (3 streams), symm[:BLOCK:WARPS] (SM pulls, Triton), symmraw (without the pack copy); rs, ag: NCCL's fp32 reduce-scatter, bf16 all-gather",
     )
     p.add_argument(
         "--matmul", default="8192,8192,8192", help="m,k,n of the bf16 matmuls beside the exchange"
