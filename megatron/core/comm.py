@@ -174,15 +174,7 @@ Overlap = Callable[[], None] | None  # work launched while an exchange is in fli
 
 def _finish(pending: PendingExchange, overlap: Overlap) -> list[torch.Tensor]:
     if overlap is not None:
-        import os as _os
-
-        _lt = _os.environ.get("MU_LT_OVL") == "1"  # experiment: cuBLASLt beside the exchange
-        if _lt:
-            _old = torch.backends.cuda.preferred_blas_library()
-            torch.backends.cuda.preferred_blas_library("cublaslt")
         overlap()
-        if _lt:
-            torch.backends.cuda.preferred_blas_library(_old)
     return pending.wait()
 
 
