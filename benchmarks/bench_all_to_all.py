@@ -119,17 +119,18 @@ def main(argv=None) -> int:
     m, k, n_cols = args.matmul
     mm_a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     mm_b = torch.randn(k, n_cols, device=device, dtype=torch.bfloat16)
-    carveout = [0]
 
-    def compute():
-        torch._C._set_sm_carveout_experimental(carveout[0] or None)
+    def compute(carveout: int) -> None:
+        """The matmuls, cuBLAS told to leave ``carveout`` SMs free (0: no limit)."""
+        torch._C._set_sm_carveout_experimental(carveout or None)
         for _ in range(args.matmuls):
             torch.mm(mm_a, mm_b)
         torch._C._set_sm_carveout_experimental(None)
 
-    compute_alone = {}
-    for carveout[0] in args.carveouts:
-        compute_alone[carveout[0]] = median(time_ms(compute, device, 3, args.iters))
+    compute_alone = {
+        cv: median(time_ms(lambda cv=cv: compute(cv), device, 3, args.iters))
+        for cv in args.carveouts
+    }
     side = torch.cuda.Stream()
     reference = {}
     for size in args.sizes_mib:
@@ -162,32 +163,23 @@ def main(argv=None) -> int:
                 rows.append([impl, size, ms, row["algbw_gbs"], "-", "-", "-", "-", str(same)])
                 continue
 
-            def both(run=run):
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    run()
-                compute()
-                torch.cuda.current_stream().wait_stream(side)
+            for cv in args.carveouts:
 
-            for carveout[0] in args.carveouts:
-                alone = compute_alone[carveout[0]]
+                def both(run=run, cv=cv):
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        run()
+                    compute(cv)
+                    torch.cuda.current_stream().wait_stream(side)
+
+                alone = compute_alone[cv]
                 both_ms = median(time_ms(both, device, args.warmup, args.iters))
                 results.append(
-                    row | {"carveout": carveout[0], "compute_alone_ms": alone, "both_ms": both_ms}
+                    row | {"carveout": cv, "compute_alone_ms": alone, "both_ms": both_ms}
                 )
                 hidden = ms + alone - both_ms  # of the exchange's time, what the overlap saved
                 rows.append(
-                    [
-                        impl,
-                        size,
-                        ms,
-                        row["algbw_gbs"],
-                        carveout[0],
-                        alone,
-                        both_ms,
-                        hidden,
-                        str(same),
-                    ]
+                    [impl, size, ms, row["algbw_gbs"], cv, alone, both_ms, hidden, str(same)]
                 )
     log0(
         f"\nall-to-all, {world} ranks, NCCL settings: {label}; beside {args.matmuls} x {m}x{k}x{n_cols} bf16 matmuls, BLAS {args.blas}"

@@ -8,6 +8,7 @@ happen in one collective over the SP x DP group: sum, then divide by the DP size
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -118,19 +119,15 @@ def step_and_gather_next(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     later_groups = [{**g, "params": [p for p in g["params"] if id(p) in later]} for g in groups]
     _step_groups(optimizer, first_groups)
     device = next(model.parameters()).device
-    if device.type != "cuda":
-        for module in (model, *blocks[:1]):
-            module.unshard(async_op=True)
-        _step_groups(optimizer, later_groups)
-        return
-    main = torch.cuda.current_stream(device)
-    side = _side_stream(device)
-    side.wait_stream(main)  # the later update starts after the first, not after the gathers
+    side = _side_stream(device) if device.type == "cuda" else None
+    if side is not None:  # the later update starts after the first, not after the gathers
+        side.wait_stream(torch.cuda.current_stream(device))
     for module in (model, *blocks[:1]):
         module.unshard(async_op=True)  # on the current stream: gathers in the updated shards
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         _step_groups(optimizer, later_groups)
-    main.wait_stream(side)  # later all-gathers read these shards; freed tensors stay ordered
+    if side is not None:  # later all-gathers read these shards; freed tensors stay ordered
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
