@@ -225,8 +225,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
     (``--no-bias-dropout-fusion``), ``nolgf`` (``--no-loss-grad-in-forward``), ``nogaf``
     (``--no-gradient-accumulation-fusion``), ``nooptag``
-    (``--no-overlap-param-gather-with-optimizer-step``), ``ga<N>`` (``--grad-accum``); unnamed
-    settings keep their flag values.
+    (``--no-overlap-param-gather-with-optimizer-step``), ``ga<N>`` (``--grad-accum``), ``mb<N>``
+    (``--micro-batch-size``); unnamed settings keep their flag values.
     """
     if not args.sweep:
         return [args]
@@ -244,6 +244,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.zero_stage = int(token[1:])
             elif token[:2] == "ga" and token[2:].isdigit() and int(token[2:]) >= 1:
                 variant.grad_accum = int(token[2:])
+            elif token[:2] == "mb" and token[2:].isdigit() and int(token[2:]) >= 1:
+                variant.micro_batch_size = int(token[2:])
             elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
                 variant.sp_overlap_chunks = int(token[2:])
             else:
@@ -380,6 +382,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     flops = model_flops_per_token(config, seq) * tokens
     out = {
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
+        "micro_batch_size": margs.micro_batch_size,
         "grad_accum": args.grad_accum, "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
@@ -514,7 +517,7 @@ def profile_iteration(step, device: torch.device, trace: str | None = None) -> d
 
 def report(results: list[dict], title: str) -> None:
     rows = [
-        [r["seq_length"], r["sp"], r["dp"], r["grad_accum"], r["zero_stage"], r["recompute"], r["attention"],
+        [r["seq_length"], r["sp"], r["dp"], r.get("micro_batch_size", 1), r["grad_accum"], r["zero_stage"], r["recompute"], r["attention"],
          r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
          "yes" if r["fused_norm"] else "no", "yes" if r.get("bias_in_fused_norm") else "no",
@@ -527,7 +530,7 @@ def report(results: list[dict], title: str) -> None:
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
-    headers = ["seq", "SP", "DP", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
+    headers = ["seq", "SP", "DP", "micro-batch size", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
                "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "loss grad in fwd", "grad-accum fusion", "gather in step", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
