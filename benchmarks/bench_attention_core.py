@@ -53,6 +53,7 @@ from common import (
 METHODS = (
     "single",
     "ulysses-sdpa",
+    "ulysses-sdpa-blocks",
     "ulysses-sdpa-sendorder",
     "ulysses-sdpa-overlap2",
     "ulysses-sdpa-overlap4",
@@ -79,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10, help="timed runs (>= 10)")
     p.add_argument("--methods", type=str, default=",".join(METHODS), help="comma list")
+    p.add_argument(
+        "--sdpa-block-size", type=int, default=65536,
+        help="ulysses-sdpa-blocks: the model's SDPA backend with this --sdpa-block-size "
+        "(blockwise from two blocks per sequence; the same as ulysses-sdpa below that)",
+    )  # fmt: skip
     p.add_argument("--json", type=str, default=None, help="write the results here")
     p.add_argument(
         "--trace-dir", type=str, default=None,
@@ -121,7 +127,10 @@ def causal_attention_flops(b: int, s: int, h: int, d: int) -> float:
 
 
 def sdpa_sbhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA on [s, b, h, d] views (PyTorch picks the kernel); returns [s, b, h, d]."""
+    """Causal SDPA on [s, b, h, d] views (PyTorch picks the kernel); returns [s, b, h, d].
+
+    The one-GPU reference and DeepSpeed's local attention. Ours runs the model's backend
+    (``SDPAAttention``), which also hands cuDNN's backward a contiguous gradient."""
     out = F.scaled_dot_product_attention(
         q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), is_causal=True
     )
@@ -151,6 +160,7 @@ def _split(qkv: torch.Tensor, heads: int, head_dim: int) -> list[torch.Tensor]:
 def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
     """A fwd+bwd closure of ``method`` at sequence length ``s`` on this rank."""
     from megatron.core.sequence.layer import DistributedAttention
+    from megatron.model.attention_backends import SDPAAttention
 
     dtype = DTYPES[args.dtype]
     p = dist.get_world_size(group)
@@ -173,7 +183,11 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         elif method == "a2a-only":
             fn = DistributedAttention(lambda q, k, v: q, group, scatter_idx=2, gather_idx=0)
         else:
-            local_fn = triton_sbhd if method == "ulysses-triton" else sdpa_sbhd
+            # ours: the model's SDPA backend (blockwise only in "-blocks")
+            block = args.sdpa_block_size if method == "ulysses-sdpa-blocks" else 0
+            local_fn = SDPAAttention(0.0, args.head_dim**-0.5, block)
+            if method == "ulysses-triton":
+                local_fn = triton_sbhd
             # "-overlapN": all-to-alls pipelined against attention over N head groups
             chunks = int(method.rsplit("overlap", 1)[1]) if "overlap" in method else 1
             fn = DistributedAttention(
@@ -199,7 +213,10 @@ def _send_order_step(local: int, args, device, dtype, group) -> Callable[[], Non
     qkv_pnc = torch.randn(
         p, local, args.batch, 3 * width, device=device, dtype=dtype, generator=g
     ).requires_grad_()
-    attn = DistributedAttention(sdpa_sbhd, group, scatter_idx=2, gather_idx=0)
+    from megatron.model.attention_backends import SDPAAttention
+
+    local_fn = SDPAAttention(0.0, args.head_dim**-0.5, 0)  # the model's SDPA backend
+    attn = DistributedAttention(local_fn, group, scatter_idx=2, gather_idx=0)
     dout = torch.randn(local, args.batch, args.heads, args.head_dim, device=device, dtype=dtype)
 
     def step() -> None:

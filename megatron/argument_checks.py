@@ -171,6 +171,10 @@ def _check_training(args: argparse.Namespace) -> None:
         )
     if args.loss_chunk_size < 0:
         raise UsageError(f"--loss-chunk-size {args.loss_chunk_size} must be >= 0")
+    if args.sdpa_block_size < 0:
+        raise UsageError(
+            f"--sdpa-block-size {args.sdpa_block_size} must be >= 0 (0: one attention call)"
+        )
     if args.fused_residual_norm and args.torch_compile:
         raise UsageError(
             "--fused-residual-norm and --torch-compile: the compiled layer fuses its norms "

@@ -59,6 +59,14 @@ CASES_SP2 = [
     ("llama-triton-packed", {**LLAMA, **TRITON}, 2, True),
     ("gpt-full-uniform-ckpt-in-cpu", {**FULL_UNIFORM, "checkpoint_in_cpu": True}, 2, False),
     ("gpt-sdpa-delay-wgrad", {**SDPA, **DELAY_WGRAD}, 2, False),
+    # the local attention in square blocks (4 of 16 tokens; 2 of 32 under recompute)
+    ("gpt-sdpa-blocks16", {**SDPA, "sdpa_block_size": 16}, 2, False),
+    (
+        "llama-sdpa-blocks32-selective",
+        {**LLAMA, **SDPA, **SELECTIVE, "num_key_value_heads": 8, "sdpa_block_size": 32},
+        2,
+        False,
+    ),
     # the fused add + norm (Triton interpreter), the output biases added inside it
     (
         "gpt-sdpa-fused-norm-delay-wgrad",
@@ -96,6 +104,12 @@ CASES_SP4 = [
     ),
     ("llama-block-ckpt-in-cpu", {**LLAMA, **FULL_BLOCK, "checkpoint_in_cpu": True}, 2, True),
     ("gpt-delay-wgrad-selective", {**SELECTIVE, **DELAY_WGRAD}, 2, False),
+    (
+        "gpt-sdpa-blocks16-overlap2",
+        {**SDPA, "sdpa_block_size": 16, "sp_overlap_chunks": 2},
+        2,
+        False,
+    ),
     ("gpt-gqa2-sdpa-full-uniform", {"num_key_value_heads": 2, **SDPA, **FULL_UNIFORM}, 2, False),
     ("gpt-gqa8-packed", {"num_key_value_heads": 8}, 1, True),
 ]

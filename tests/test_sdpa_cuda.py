@@ -10,7 +10,10 @@ from megatron.model.attention_backends import build_local_attention
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs CUDA")
-def test_sdpa_backend_gradients_on_cuda():
+@pytest.mark.parametrize(
+    "block", [0, 1024]
+)  # one call; blockwise (megatron.model.blockwise_attention)
+def test_sdpa_backend_gradients_on_cuda(block):
     """The sdpa backend's gradients on CUDA against fp32 math attention, with the context's
     gradient laid out [s, b, h, d] as the layer hands it back (torch 2.11's cuDNN backward
     got that layout wrong unless made contiguous first)."""
@@ -21,7 +24,9 @@ def test_sdpa_backend_gradients_on_cuda():
     q, k, v = (torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dout = torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16)
-    attn = build_local_attention("sdpa", attention_dropout=0.0, softmax_scale=d**-0.5)
+    attn = build_local_attention(
+        "sdpa", attention_dropout=0.0, softmax_scale=d**-0.5, sdpa_block_size=block
+    )
     out = attn(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     qf, kf, vf = (t.detach().float().permute(1, 2, 0, 3).requires_grad_() for t in (q, k, v))

@@ -35,6 +35,7 @@ class CoreAttention(torch.nn.Module):
             config.attention_backend,
             attention_dropout=config.attention_dropout,
             softmax_scale=1.0 / math.sqrt(config.head_dim),
+            sdpa_block_size=config.sdpa_block_size,
         )
         self.recompute = config.recompute_granularity == "selective"
 

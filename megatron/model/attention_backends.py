@@ -8,7 +8,9 @@ document ids of packed sequences: a query attends only to earlier keys of its ow
 
 * ``classic``: fp32 matmul + softmax with an explicit mask; dropout on the probabilities.
 * ``sdpa``: ``flash_attn`` v2 when importable (CUDA, fp16/bf16), else PyTorch's
-  ``scaled_dot_product_attention`` (no backend forced: PyTorch picks cuDNN/flash/...).
+  ``scaled_dot_product_attention`` (no backend forced: PyTorch picks cuDNN/flash/...); on
+  CUDA a causal sequence of at least two ``sdpa_block_size`` blocks runs blockwise on cuDNN
+  (``megatron.model.blockwise_attention``).
 * ``triton``: this project's Triton FlashAttention (imported lazily; no dropout).
 """
 
@@ -19,6 +21,11 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from megatron.model.blockwise_attention import (
+    blockwise_causal_attention,
+    blockwise_causal_usable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +132,24 @@ class _ContiguousGrad(torch.autograd.Function):
 class SDPAAttention(LocalAttention):
     """``--use-flash-attn``: flash_attn v2 if importable, else torch SDPA."""
 
-    def __init__(self, attention_dropout: float, softmax_scale: float) -> None:
+    def __init__(
+        self, attention_dropout: float, softmax_scale: float, sdpa_block_size: int = 0
+    ) -> None:
         super().__init__(attention_dropout, softmax_scale)
         self._flash = _load_flash_attn()
+        self.block_size = sdpa_block_size
+
+    def _blockwise(self, q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, doc_ids) -> bool:
+        """Blockwise on cuDNN: CUDA fp16/bf16, no document mask or dropout, equal heads."""
+        if doc_ids is not None or self._dropout() > 0 or not self.block_size:
+            return False
+        if q_bhsd.is_cuda and not (
+            q_bhsd.dtype in (torch.float16, torch.bfloat16)
+            and q_bhsd.shape[-1] <= 128
+            and torch.backends.cuda.cudnn_sdp_enabled()
+        ):
+            return False
+        return blockwise_causal_usable(q_bhsd, k_bhsd, self.block_size)
 
     def _flash_usable(self, q: torch.Tensor) -> bool:
         return self._flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -137,6 +159,11 @@ class SDPAAttention(LocalAttention):
             return self._flash_attn(q, k, v, doc_ids)
         hq, hkv = q.shape[2], k.shape[2]
         q_bhsd, k_bhsd, v_bhsd = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if self._blockwise(q_bhsd, k_bhsd, doc_ids):
+            out_bhsd = blockwise_causal_attention(
+                q_bhsd, k_bhsd, v_bhsd, self.block_size, self.softmax_scale
+            )
+            return out_bhsd.permute(2, 0, 1, 3)  # [s, b, hq, d]
         mask = None if doc_ids is None else causal_doc_mask(q.shape[0], doc_ids, q.device)
         out_bhsd = F.scaled_dot_product_attention(
             q_bhsd,
@@ -191,7 +218,9 @@ _BACKENDS = {"classic": ClassicAttention, "sdpa": SDPAAttention, "triton": Trito
 
 
 def build_local_attention(
-    backend: str, *, attention_dropout: float, softmax_scale: float
+    backend: str, *, attention_dropout: float, softmax_scale: float, sdpa_block_size: int = 0
 ) -> LocalAttention:
     """The local attention module named ``backend`` (classic | sdpa | triton)."""
+    if backend == "sdpa":
+        return SDPAAttention(attention_dropout, softmax_scale, sdpa_block_size)
     return _BACKENDS[backend](attention_dropout, softmax_scale)

@@ -80,6 +80,9 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
     attention_backend: str = "classic"  # classic | sdpa | triton
+    # sdpa on CUDA: causal attention over at least 2 blocks of this many tokens (per rank)
+    # runs as square blocks (megatron.model.blockwise_attention); 0: one kernel call.
+    sdpa_block_size: int = 65536
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
     loss_grad_in_forward: bool = True  # chunked loss given the mask: gradients in forward
@@ -120,6 +123,8 @@ class ModelConfig:
         self._check_recompute()
         if self.loss_chunk_size < 0:
             raise UsageError(f"--loss-chunk-size {self.loss_chunk_size} must be >= 0")
+        if self.sdpa_block_size < 0:
+            raise UsageError(f"--sdpa-block-size {self.sdpa_block_size} must be >= 0")
 
     def _check_choices(self) -> None:
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
@@ -207,6 +212,7 @@ class ModelConfig:
             hidden_dropout=args.hidden_dropout,
             init_method_std=args.init_method_std,
             attention_backend=backend,
+            sdpa_block_size=args.sdpa_block_size,
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
             loss_grad_in_forward=not args.no_loss_grad_in_forward,
