@@ -178,6 +178,11 @@ ERRORS = [
         "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0",
     ),
     (
+        TINY + " --sdpa-block-size -1",
+        1,
+        "--sdpa-block-size -1 must be >= 0 (0: one attention call)",
+    ),
+    (
         TINY + " --delay-wgrad-compute --sp-overlap-chunks 2",
         1,
         "--delay-wgrad-compute and --sp-overlap-chunks > 1: the deferred weight gradients",

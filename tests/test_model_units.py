@@ -562,6 +562,7 @@ def test_config_from_args():
         ({"position_embedding_type": "rope", "rotary_percent": 0.1}, "--rotary-percent"),
         ({"recompute_granularity": "full", "recompute_num_layers": 3}, "--recompute-num-layers"),
         ({"loss_chunk_size": -1}, "--loss-chunk-size"),
+        ({"sdpa_block_size": -1}, "--sdpa-block-size"),
     ],
 )
 def test_config_errors_name_the_flag(overrides, words):
