@@ -1,4 +1,4 @@
-"""The sdpa backend's gradients on CUDA (skipped without a GPU)."""
+"""The sdpa backend's gradients on CUDA (skipped without a GPU), and the helper behind them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from megatron.model.attention_backends import build_local_attention
+from megatron.ops import contiguous_grad
+
+
+def test_contiguous_grad_is_identity_with_a_contiguous_gradient():
+    x = torch.randn(4, 2, 3, 5, requires_grad=True)
+    x_bhsd = x.permute(1, 2, 0, 3)
+    seen = []
+    x_bhsd.register_hook(lambda g: seen.append(g.is_contiguous()))
+    y = contiguous_grad(x_bhsd)
+    assert torch.equal(y, x_bhsd)
+    # The gradient comes back as a [b, h, s, d] view of [s, b, h, d] memory; what reaches
+    # the op before contiguous_grad (SDPA's backward) is contiguous, with the same values.
+    y.permute(2, 0, 1, 3).backward(torch.arange(120.0).view(4, 2, 3, 5))
+    assert seen == [True]
+    assert torch.equal(x.grad, torch.arange(120.0).view(4, 2, 3, 5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN attention needs CUDA")

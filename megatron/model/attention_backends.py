@@ -26,6 +26,7 @@ from megatron.model.blockwise_attention import (
     blockwise_causal_attention,
     blockwise_causal_usable,
 )
+from megatron.ops import contiguous_grad
 
 logger = logging.getLogger(__name__)
 
@@ -112,23 +113,6 @@ def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max().item())
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    torch 2.11's cuDNN attention backward (cuDNN 9.19) returned wrong gradients, off by
-    more than their own size, when the output's gradient was a ``[b, h, s, d]`` view of
-    ``[s, b, h, d]`` memory (what comes back through ``permute``); with the same values
-    contiguous they were right (H200, docs/performance.md). One copy of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
 class SDPAAttention(LocalAttention):
     """``--use-flash-attn``: flash_attn v2 if importable, else torch SDPA."""
 
@@ -176,7 +160,7 @@ class SDPAAttention(LocalAttention):
             enable_gqa=hq != hkv,
         )
         if out_bhsd.is_cuda and out_bhsd.requires_grad:
-            out_bhsd = _ContiguousGrad.apply(out_bhsd)
+            out_bhsd = contiguous_grad(out_bhsd)
         return out_bhsd.permute(2, 0, 1, 3)  # [s, b, hq, d]
 
     def _flash_attn(self, q, k, v, doc_ids) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from megatron.ops import contiguous_grad
 from megatron.ops.flash_attn_triton_bwd import (
     bwd_dkdv_kernel,
     bwd_dq_kernel,
@@ -194,6 +195,8 @@ def attention_reference(
     o_bhsd = F.scaled_dot_product_attention(
         q_bhsd, k_bhsd, v_bhsd, attn_mask=mask, scale=softmax_scale
     )
+    if o_bhsd.is_cuda and o_bhsd.requires_grad:
+        o_bhsd = contiguous_grad(o_bhsd)  # cuDNN's backward and permuted gradients
     inv = (2, 0, 1, 3) if layout == "sbhd" else (0, 2, 1, 3)
     return o_bhsd.permute(*inv).contiguous()
 
