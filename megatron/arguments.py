@@ -189,9 +189,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--sdpa-block-size",
         type=int,
         default=65536,
-        help="with --use-flash-attn on CUDA (torch SDPA): causal attention over a sequence of "
-        "at least twice this many tokens per GPU runs as square blocks of it, which keeps "
-        "cuDNN's forward at its shorter-sequence speed (0: one call)",
+        help="with --use-flash-attn (torch SDPA, not flash_attn): causal attention over a "
+        "sequence of at least twice this many tokens per GPU runs as square blocks of it, "
+        "which keeps cuDNN's forward at its shorter-sequence speed (0: one call)",
     )
     g.add_argument(
         "--loss-chunk-size",

@@ -8,9 +8,9 @@ document ids of packed sequences: a query attends only to earlier keys of its ow
 
 * ``classic``: fp32 matmul + softmax with an explicit mask; dropout on the probabilities.
 * ``sdpa``: ``flash_attn`` v2 when importable (CUDA, fp16/bf16), else PyTorch's
-  ``scaled_dot_product_attention`` (no backend forced: PyTorch picks cuDNN/flash/...); on
-  CUDA a causal sequence of at least two ``sdpa_block_size`` blocks runs blockwise on cuDNN
-  (``megatron.model.blockwise_attention``).
+  ``scaled_dot_product_attention`` (no backend forced: PyTorch picks cuDNN/flash/...); a
+  causal sequence of at least two ``sdpa_block_size`` blocks runs blockwise (cuDNN on CUDA,
+  the fused CPU kernel on CPU; ``megatron.model.blockwise_attention``).
 * ``triton``: this project's Triton FlashAttention (imported lazily; no dropout).
 """
 
@@ -124,7 +124,7 @@ class SDPAAttention(LocalAttention):
         self.block_size = sdpa_block_size
 
     def _blockwise(self, q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, doc_ids) -> bool:
-        """Blockwise on cuDNN: CUDA fp16/bf16, no document mask or dropout, equal heads."""
+        """Blockwise: no document mask or dropout, equal heads; on CUDA what cuDNN takes."""
         if doc_ids is not None or self._dropout() > 0 or not self.block_size:
             return False
         if q_bhsd.is_cuda and not (

@@ -80,8 +80,8 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
     attention_backend: str = "classic"  # classic | sdpa | triton
-    # sdpa on CUDA: causal attention over at least 2 blocks of this many tokens (per rank)
-    # runs as square blocks (megatron.model.blockwise_attention); 0: one kernel call.
+    # sdpa: causal attention over at least 2 blocks of this many tokens (per rank) runs as
+    # square blocks (megatron.model.blockwise_attention); 0: one kernel call.
     sdpa_block_size: int = 65536
     loss_chunk_size: int = 2048  # tokens per output-layer + cross-entropy chunk; 0: unchunked
     cross_entropy_fusion: bool = False  # chunked loss: one Triton pass per chunk (CUDA)
