@@ -183,11 +183,11 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
         elif method == "a2a-only":
             fn = DistributedAttention(lambda q, k, v: q, group, scatter_idx=2, gather_idx=0)
         else:
-            # ours: the model's SDPA backend (blockwise only in "-blocks")
-            block = args.sdpa_block_size if method == "ulysses-sdpa-blocks" else 0
-            local_fn = SDPAAttention(0.0, args.head_dim**-0.5, block)
             if method == "ulysses-triton":
                 local_fn = triton_sbhd
+            else:  # ours: the model's SDPA backend (blockwise only in "-blocks")
+                block = args.sdpa_block_size if method == "ulysses-sdpa-blocks" else 0
+                local_fn = SDPAAttention(0.0, args.head_dim**-0.5, block)
             # "-overlapN": all-to-alls pipelined against attention over N head groups
             chunks = int(method.rsplit("overlap", 1)[1]) if "overlap" in method else 1
             fn = DistributedAttention(

@@ -90,8 +90,8 @@ class _BlockwiseCausal(torch.autograd.Function):
         # down with the length as its forward does.
         q, k, v, out, lse = ctx.saved_tensors
         _, bwd = _kernels(q.device)
-        # cuDNN's backward (torch 2.11) returned wrong gradients for a dout laid out
-        # [s, b, h, d] at b = 1 (docs/performance.md); [b, h, s, d] contiguous is right.
+        # cuDNN's backward (torch 2.11) returns wrong gradients for a dout laid out
+        # [s, b, h, d], whatever b (megatron.ops.contiguous_grad); contiguous is right.
         dout_bhsd = dout_bhsd.contiguous()
         dq, dk, dv = bwd(dout_bhsd, q, k, v, out, lse, True, ctx.scale, ctx.extra)
         return dq, dk, dv, None, None
