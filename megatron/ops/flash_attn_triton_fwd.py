@@ -28,6 +28,15 @@ MASK_VALUE: tl.constexpr = tl.constexpr(-1.0e6)  # added to masked log2-scores: 
 
 
 AUTOTUNE_MIN_SEQ = 2048  # shorter sequences use each kernel's first (default) config
+_AUTOTUNE = [True]  # set_autotune(False): every sequence uses the first config
+
+
+def set_autotune(enabled: bool) -> None:
+    """Whether kernels autotune from AUTOTUNE_MIN_SEQ tokens (else each shape runs the first
+    config: no minutes of tuning, as ``python -m megatron.validate`` wants)."""
+    _AUTOTUNE[0] = enabled
+
+
 TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL", "HAS_DOC", "GROUP"]
 Shape = tuple[int, int, int, int]  # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages)
 
@@ -47,7 +56,8 @@ def tune_args(shapes: list[Shape], fp32_shape: Shape) -> dict:
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         if named_args["Q"].dtype == torch.float32:
             return [_config(fp32_shape)]
-        return configs if named_args["seq_bucket"] >= AUTOTUNE_MIN_SEQ else configs[:1]
+        tune = _AUTOTUNE[0] and named_args["seq_bucket"] >= AUTOTUNE_MIN_SEQ
+        return configs if tune else configs[:1]
 
     return {
         "configs": [_config(sh) for sh in shapes],
