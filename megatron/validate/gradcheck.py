@@ -69,6 +69,7 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "bias-gelu": (("BiasGeLUBackward", "~_bias_gelu_fwd_kernel", "~_bias_gelu_bwd_kernel"),),
     "ce-fused": (("~_ce_fwd_kernel", "~_ce_bwd_kernel"),),
     "compiled": (("CompiledFunctionBackward",),),
+    "in-place-grads": (("_LookupAddingToGradBackward", "ChunkedMaskedCrossEntropySumBackward"),),
     "host-offload": (("~Memcpy DtoH",),),
     "all-to-all": (
         ("SeqToHeadAllToAllBackward",),

@@ -168,8 +168,14 @@ def single_gpu_rows(device_type: str) -> list[Row]:
                 {"loss_chunk_size": chunk, "cross_entropy_fusion": True},
                 ("classic", *triton_ce),
             ),
-            Row(f"{m}/in-place-grads", m, in_place, ("classic",)),
-            Row(f"{m}/grad-accum-2mb", m, in_place, ("classic",), micro_batches=2),
+            Row(f"{m}/in-place-grads", m, in_place, ("classic", "in-place-grads")),
+            Row(
+                f"{m}/grad-accum-2mb",
+                m,
+                in_place,
+                ("classic", "in-place-grads"),
+                micro_batches=2,
+            ),
             Row(f"{m}/fp32-residual", m, {"fp32_residual_connection": True}, ("classic",)),
             Row(f"{m}/recompute-full", m, recompute_full, ("classic",)),
             Row(
@@ -192,7 +198,9 @@ def single_gpu_rows(device_type: str) -> list[Row]:
             "bias_gelu_fusion": True,
             "cross_entropy_fusion": True,
         }
-        fused_tokens = ("add-norm", *triton_ce) + (bias_gelu if m == "gpt" else ())
+        fused_tokens = ("add-norm", "in-place-grads", *triton_ce) + (
+            bias_gelu if m == "gpt" else ()
+        )
         rows += [
             Row(
                 f"{m}/all-sdpa",
