@@ -1,0 +1,1 @@
+"""GPU validation: checks that training on this machine computes what it should."""
