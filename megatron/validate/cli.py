@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument(
+        "--golden",
+        metavar="MODEL",
+        help="instead: train MODEL (gpt or llama) and compare its loss curve with the stored "
+        "one (python -m megatron.validate.golden --help lists its options)",
+    )
+    p.add_argument(
         "--measure-baseline",
         metavar="FILE",
         help="write the classic rows' gradient errors as the noise baseline (JSON); the "
@@ -111,6 +117,12 @@ def _select(rows, pattern: str | None):
 def main(argv: list[str] | None = None, model_hook=None) -> int:
     """The command; returns its exit status. ``model_hook(model)`` runs on every row's model
     after its weights are loaded (tests inject errors through it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--golden" in argv:  # one loss curve: megatron.validate.golden
+        from megatron.validate import golden
+
+        i = argv.index("--golden")
+        return golden.main(argv[:i] + ["--model"] + argv[i + 1 :])
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.device == "cpu":
