@@ -147,7 +147,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def check_storage_files(reader: SafeFileSystemReader, path: str) -> None:
-    """Every data file the metadata names exists and is long enough (names the bad file)."""
+    """Every data file the metadata names exists, is not a symbolic link and is long enough
+    (names the bad file)."""
     metadata = reader.read_metadata()
     reader.storage_data = metadata.storage_data
     needed: dict[str, int] = {}
@@ -156,6 +157,10 @@ def check_storage_files(reader: SafeFileSystemReader, path: str) -> None:
         needed[rel] = max(needed.get(rel, 0), info.offset + info.length)
     for rel, end in needed.items():
         file = os.path.join(path, rel)
+        if os.path.islink(file):
+            raise UsageError(
+                f"{file}: a symbolic link; checkpoint data files are read only from the checkpoint itself"
+            )
         if not os.path.isfile(file):
             raise UsageError(f"{file}: missing checkpoint data file")
         size = os.path.getsize(file)

@@ -218,6 +218,10 @@ def test_data_outside_or_damaged_is_refused_with_one_line(ckpt, tmp_path):
     names.append(".metadata")
     _rewrite_metadata(case("passwd"), "/etc/passwd")
     names.append(".metadata")
+    link = os.path.join(case("link"), data[0])
+    os.remove(link)
+    os.symlink(tmp_path / "elsewhere" / "x.distcp", link)
+    names.append(f"{link}: a symbolic link")
     for kind in ("garbled", "pickle"):
         file = os.path.join(case(kind), data[0])
         size = os.path.getsize(file)
