@@ -52,16 +52,16 @@ def test_bad_data_is_one_line(tmp_path):
     assert_one_line(no_docs, f"--data-path {empty}", "no documents")
 
 
-def test_empty_preprocessing_input_is_an_error(tmp_path, capsys):
-    from test_preprocess_data import _load_tool
+def test_empty_preprocessing_input_is_an_error(tmp_path):
+    from test_preprocess_data import _cli
 
     for name, text in (("empty.jsonl", ""), ("blank.jsonl", '{"text": ""}\n\n')):
         (tmp_path / name).write_text(text)
-        argv = ["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / name),
-                "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]  # fmt: skip
-        assert _load_tool().main(argv) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: --input {tmp_path / name}: ")
+        out = _cli(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / name),
+                    "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"])  # fmt: skip
+        errors = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert len(errors) == 1 and errors[0].startswith(f"error: --input {tmp_path / name}: ")
         assert not [f for f in os.listdir(tmp_path) if f.startswith(name + "_")]
 
 
