@@ -94,19 +94,21 @@ def assert_one_line(result, *names: str) -> str:
 def test_missing_tracker_and_iter_directory_resume_without_overwriting(ckpt, tmp_path):
     a, b = _copy(ckpt, tmp_path / "a"), _copy(ckpt, tmp_path / "b")
     os.remove(os.path.join(a, "latest_checkpointed_iteration.txt"))
+    os.symlink(b, tmp_path / "link")  # a checkpoint directory that is a symbolic link loads
     before = _digests(ckpt)
-    no_tracker, clash, into_new, fresh = _run(
+    no_tracker, clash, into_new, fresh, linked = _run(
         f"{RESUME} --load {a} --save {a}",
         f"{RESUME} --load {b}/iter_0000002 --save {b}",
         f"{RESUME} --load {b}/iter_0000002 --save {tmp_path}/new",
         f"{RESUME} --save {a}",
+        f"{RESUME} --load {tmp_path}/link --save {tmp_path}/new2",
     )
     assert no_tracker[0] == 0 and len(no_tracker[2]) == 2
     assert any("resuming from the newest complete checkpoint" in x and "iter_0000004" in x
                for x in no_tracker[3])  # fmt: skip
     assert into_new[0] == 0 and len(into_new[2]) == 4
     assert any("is a checkpoint directory: loading it" in x for x in into_new[3])
-    assert no_tracker[2] == into_new[2][2:]  # both resumed exactly
+    assert no_tracker[2] == into_new[2][2:] == linked[2]  # all resumed exactly
     assert_one_line(clash, f"--save {b}", "iterations 4,", "--load", "new --save")
     assert_one_line(fresh, f"--save {a}", "iterations 2, 4, 6,")  # 6: the first run above
     for root in (a, b):
@@ -242,6 +244,13 @@ def test_data_outside_or_damaged_is_refused_with_one_line(ckpt, tmp_path):
         assert_one_line(result, name)
         assert _digests(path) == digests
     assert not os.path.exists("/tmp/megatron_pwned")
+    # The HF export reads through the same reader: the garbled file, named in one line.
+    from test_hf_conversion import checkpoint_convert
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = checkpoint_convert.main(["export", "--load", paths[3], "--output", f"{tmp_path}/hf"])
+    assert_one_line((code, err.getvalue(), None, []), names[3])
 
 
 def test_refused_global_imports_nothing(tmp_path):

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from dist_helper import get_world
-from test_checkpoint_failures import _attempts, assert_one_line
+from test_checkpoint_failures import _attempts, _digests, assert_one_line
 from train_utils import TINY_TRAIN
 
 from megatron.data.indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_file_path
@@ -121,12 +121,17 @@ def _generate_tokenizer(args_list: list[str]) -> tuple[str, int]:
     return tokenizer.name, tokenizer.vocab_size
 
 
+def _export(ck: str, out: str) -> int:
+    return _convert(["export", "--load", ck, "--output", out, "--format", "consolidated"])[0]
+
+
 def test_tokenizer_files_are_saved_and_only_read_from_the_checkpoint(tmp_path):
     tok = _hf_tokenizer(tmp_path / "tok")
     original = open(os.path.join(tok, "tokenizer.json"), "rb").read()
     ck = str(tmp_path / "ck")
     (trained,) = _run(
-        f"--train-iters 2 --lr-warmup-iters 1 --tokenizer-type HFTokenizer --tokenizer-model {tok} --save {ck}"
+        f"--train-iters 2 --lr-warmup-iters 1 --tokenizer-type HFTokenizer --tokenizer-model {tok} "
+        f"--save {ck}"
     )
     assert trained[0] == 0, trained[1]
     copy = os.path.join(ck, "iter_0000002", "tokenizer")
@@ -138,26 +143,18 @@ def test_tokenizer_files_are_saved_and_only_read_from_the_checkpoint(tmp_path):
     meta = json.load(open(meta_path))
     meta["args"]["tokenizer_model"] = str(secret)
     json.dump(meta, open(meta_path, "w"))
-    assert (
-        _convert(
-            ["export", "--load", ck, "--output", f"{tmp_path}/out", "--format", "consolidated"]
-        )[0]
-        == 0
-    )
+    before = _digests(ck)
+    assert _export(ck, f"{tmp_path}/out") == 0
     assert open(f"{tmp_path}/out/tokenizer.json", "rb").read() == original
     # Generation: the checkpoint's copy, unless the command line names a tokenizer.
     gen = ["--load", ck, "--use-checkpoint-args", "--device", "cpu", "--prompt", "a b"]
     assert get_world(1).run(_generate_tokenizer, gen)[0] == ("HFTokenizer", 10)
     flags = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]
     assert get_world(1).run(_generate_tokenizer, gen + flags)[0] == ("NullTokenizer", 101)
+    assert _digests(ck) == before
     # A sentencepiece model named only in meta.json is never copied.
     meta["args"].update(tokenizer_type="SentencePieceTokenizer")
     json.dump(meta, open(meta_path, "w"))
     shutil.rmtree(copy)
-    assert (
-        _convert(
-            ["export", "--load", ck, "--output", f"{tmp_path}/out2", "--format", "consolidated"]
-        )[0]
-        == 0
-    )
+    assert _export(ck, f"{tmp_path}/out2") == 0
     assert not os.path.exists(f"{tmp_path}/out2/tokenizer.model")
