@@ -6,11 +6,13 @@ Layout (Megatron's tracker and directory names)::
     <save>/iter_0000100/.metadata, __*_*.distcp   tensors: model and optimizer state (DCP)
     <save>/iter_0000100/meta.json                 counters, args, scheduler, scaler, param groups
     <save>/iter_0000100/rng/rank_00000.json       RNG states of every rank
+    <save>/iter_0000100/tokenizer/                copies of the tokenizer files
 
 A checkpoint is written to ``iter_XXXXXXX.inprogress``; only after every rank finished and
 the files are synced does rank 0 write ``meta.json``, rename the directory and move the
-tracker (atomically). Loading never unpickles arbitrary objects: the DCP metadata goes
-through an allow-listed unpickler and non-tensor items are refused.
+tracker (atomically). A complete checkpoint is never replaced. Loading never unpickles
+arbitrary objects: the DCP metadata goes through an allow-listed unpickler, non-tensor items
+are refused, and no file outside the checkpoint directory is read.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -34,10 +37,29 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from megatron.checkpoint_safety import SafeFileSystemReader, SafeLoadPlanner, check_storage_files
+from megatron.checkpoint_checks import (
+    apply_json_state,
+    directory_iteration,
+    parse_meta,
+    probe_writable,
+    read_tracker,
+    save_failure,
+)
+from megatron.checkpoint_safety import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    check_storage_files,
+    load_failure,
+)
 from megatron.core.parallel_state import ParallelState
 from megatron.errors import UsageError
 from megatron.initialize import dropout_seed_offset, set_random_seed
+from megatron.tokenizer.files import (
+    FILE_ARGS,
+    checkpoint_tokenizer_args,
+    copy_tokenizer_files,
+    use_checkpoint_tokenizer,
+)
 
 logger = logging.getLogger("megatron")
 
@@ -73,9 +95,16 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _barrier() -> None:
+def _agree(error: UsageError | None) -> None:
+    """A barrier that raises on every rank when any rank failed (with that rank's line)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if error is None else str(error))
+        first = next((m for m in messages if m is not None), None)
+        if first is not None:
+            raise UsageError(first)
+    elif error is not None:
+        raise error
 
 
 # ---- RNG states as JSON (no pickle) ----
@@ -137,10 +166,15 @@ def publish_checkpoint(root: str, tmp: str, meta: dict) -> str:
     """Make a fully written ``<iter>.inprogress`` directory the latest checkpoint (one process).
 
     meta.json is written last inside the directory, the directory is renamed into place
-    (an older save of the same iteration is removed only after that), then the tracker moves.
+    (an incomplete leftover of the same iteration is removed only after that), then the
+    tracker moves. A complete checkpoint of the same iteration is never replaced.
     """
     iteration = meta["iteration"]
     final = checkpoint_dir(root, iteration)
+    if is_complete(final):
+        raise UsageError(
+            f"{final}: a complete checkpoint is already there; it is never overwritten"
+        )
     _write_json_atomic(os.path.join(tmp, META), meta)
     _fsync_dir(tmp)
     if os.path.exists(final):
@@ -161,52 +195,111 @@ def publish_checkpoint(root: str, tmp: str, meta: dict) -> str:
     return final
 
 
-def save_checkpoint(args, state: ParallelState, model, optimizer, scheduler, scaler, ts) -> None:
-    """Save iteration ``ts.iteration``; the tracker moves only once the save is complete."""
+def save_checkpoint(args, state: ParallelState, model, optimizer, scheduler, scaler, ts) -> str:
+    """Save iteration ``ts.iteration``; the tracker moves only once the save is complete.
+
+    A file-system failure (disk full, quota, read-only) on any rank is one line on every
+    rank; the half-written directory is removed and the previous checkpoint stays the latest.
+    """
     iteration = ts.iteration
     final = checkpoint_dir(args.save, iteration)
     tmp = final + ".inprogress"
     rank = dist.get_rank()
+    error: UsageError | None = None
+    try:
+        if rank == 0:
+            os.makedirs(args.save, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)  # leftover of a crashed save of this same iteration
+        _agree(None)
+        tensors, param_groups = _tensor_state(model, optimizer, not args.no_save_optim)
+        dcp.save(tensors, checkpoint_id=tmp)
+        if not args.no_save_rng:
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+            rng_file = os.path.join(tmp, "rng", f"rank_{rank:05d}.json")
+            _write_json_atomic(rng_file, rng_state_to_json())
+    except (OSError, CheckpointException) as e:
+        error = save_failure(e, args.save, iteration)
+        if error is None:
+            raise
+    _agree_or_remove(error, tmp)
     if rank == 0:
-        os.makedirs(args.save, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)  # leftover of a crashed save of this same iteration
-    _barrier()
-    tensors, param_groups = _tensor_state(model, optimizer, not args.no_save_optim)
-    dcp.save(tensors, checkpoint_id=tmp)
-    if not args.no_save_rng:
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        _write_json_atomic(os.path.join(tmp, "rng", f"rank_{rank:05d}.json"), rng_state_to_json())
-    _barrier()
-    if rank == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "train_state": dict(vars(ts)),
-            "scheduler": scheduler.state_dict(),
-            "grad_scaler": scaler.state_dict(),
-            "param_groups": param_groups if not args.no_save_optim else None,
-            "layout": {
-                "world_size": state.dims.world_size,
-                "sp": state.dims.sp,
-                "dp": state.dims.dp,
-            },
-            "args": _jsonable_args(args),
-        }
-        publish_checkpoint(args.save, tmp, meta)
-        _prune(args)
-        logger.info("  successfully saved checkpoint at iteration %7d to %s", iteration, args.save)
-    _barrier()
+        try:
+            copy_tokenizer_files(vars(args), tmp)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "iteration": iteration,
+                "train_state": dict(vars(ts)),
+                "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),
+                "param_groups": param_groups if not args.no_save_optim else None,
+                "layout": {
+                    "world_size": state.dims.world_size,
+                    "sp": state.dims.sp,
+                    "dp": state.dims.dp,
+                },
+                "args": _jsonable_args(args),
+            }
+            publish_checkpoint(args.save, tmp, meta)
+        except OSError as e:
+            error = save_failure(e, args.save, iteration)
+        except UsageError as e:
+            error = e
+        if error is None:
+            _follow_tokenizer_copy(args, final)
+            _prune(args)
+            logger.info(
+                "  successfully saved checkpoint at iteration %7d to %s", iteration, args.save
+            )
+    _agree_or_remove(error, tmp)
+    return final
+
+
+def _agree_or_remove(error: UsageError | None, tmp: str) -> None:
+    """``_agree``; when a rank failed, rank 0 first removes the half-written directory."""
+    try:
+        _agree(error)
+    except UsageError:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _follow_tokenizer_copy(args, final: str) -> None:
+    """Tokenizer files read from a checkpoint inside --save (which pruning may delete) are
+    read from the newest copy from now on."""
+    root = os.path.abspath(args.save) + os.sep
+    paths = [getattr(args, k, None) for k in FILE_ARGS]
+    if any(p and os.path.abspath(p).startswith(root) for p in paths):
+        for key, path in checkpoint_tokenizer_args(args.tokenizer_type, final).items():
+            setattr(args, key, path)
+
+
+def check_save_start(args, start: int, last: int) -> None:
+    """Before the first iteration: --save holds no complete checkpoint this run could write
+    (iterations ``start + 1`` to ``last``), so none is ever overwritten."""
+    if not args.save or not os.path.isdir(args.save):
+        return
+    clash = [i for i in _list_complete(args.save) if start < i <= last]
+    if clash:
+        raise UsageError(
+            f"--save {args.save} already holds complete checkpoints at iterations "
+            f"{', '.join(map(str, clash))}, which this run (iterations {start + 1} to {last}) "
+            f"would overwrite; resume from them with --load {checkpoint_dir(args.save, clash[-1])}, "
+            "or pass a new --save"
+        )
+
+
+def check_save_writable(args) -> None:
+    """At start-up: every rank can create a file in --save."""
+    if args.save:
+        probe_writable(args.save, dist.get_rank() if dist.is_initialized() else 0)
 
 
 def _list_complete(root: str) -> list[int]:
     out = []
     for name in os.listdir(root):
-        if (
-            name.startswith("iter_")
-            and name[5:].isdigit()
-            and is_complete(os.path.join(root, name))
-        ):
+        if re.fullmatch(r"iter_[0-9]+", name) and is_complete(os.path.join(root, name)):
             out.append(int(name[5:]))
     return sorted(out)
 
@@ -219,18 +312,39 @@ def _prune(args) -> None:
         shutil.rmtree(checkpoint_dir(args.save, iteration), ignore_errors=True)
 
 
-def find_checkpoint(root: str) -> str | None:
-    """The directory the tracker names, or the newest complete one if that is half-written."""
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
+def find_checkpoint(root: str, announce: bool = False) -> str | None:
+    """The checkpoint directory ``--load root`` means (None: there is none).
+
+    ``root`` itself when it is a complete checkpoint (an ``iter_*`` directory); else the one
+    the tracker names, or the newest complete one when the tracker is missing or names a
+    half-written one. ``announce`` logs which was chosen when it is not the tracker's.
+    """
+    if is_complete(root):
+        if announce:
+            logger.info("  --load %s is a checkpoint directory: loading it", root)
+        return root
+    if not os.path.isdir(root):
         return None
-    text = open(tracker).read().strip()
-    if not text.isdigit():
-        raise UsageError(f"{tracker}: expected an iteration number, found {text[:40]!r}")
-    path = checkpoint_dir(root, int(text))
+    if directory_iteration(root) is not None:
+        raise UsageError(
+            f"--load {root}: this checkpoint directory is incomplete (no {META} or .metadata); "
+            "name a complete iter_* directory or the --save directory above it"
+        )
+    tracker = os.path.join(root, TRACKER)
+    complete = _list_complete(root)
+    if not os.path.isfile(tracker):
+        if not complete:
+            return None
+        path = checkpoint_dir(root, complete[-1])
+        if announce:
+            logger.warning(
+                "WARNING: --load %s has no %s; resuming from the newest complete checkpoint, %s",
+                root, TRACKER, path,
+            )  # fmt: skip
+        return path
+    path = checkpoint_dir(root, read_tracker(tracker))
     if is_complete(path):
         return path
-    complete = _list_complete(root)
     if not complete:
         raise UsageError(
             f"--load {root}: the tracker names {path}, which is incomplete, and no complete checkpoint exists"
@@ -243,29 +357,34 @@ def find_checkpoint(root: str) -> str | None:
 
 
 def read_meta(path: str) -> dict:
+    """``path/meta.json``, every field checked (one line naming the file if it is damaged)."""
     meta_path = os.path.join(path, META)
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{meta_path}: cannot read checkpoint metadata ({e})") from None
+        with open(meta_path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{meta_path}: cannot read checkpoint metadata ({e.strerror})") from None
+    return parse_meta(raw, meta_path)
 
 
-def load_checkpoint(args, state: ParallelState, model, optimizer, scheduler, scaler, ts) -> None:
-    """Restore what ``--load`` names into the given objects (in place)."""
+def load_checkpoint(
+    args, state: ParallelState, model, optimizer, scheduler, scaler, ts
+) -> str | None:
+    """Restore what ``--load`` names into the given objects (in place); the directory loaded."""
     if not args.load:
-        return
-    path = find_checkpoint(args.load)
+        return None
+    path = find_checkpoint(args.load, announce=True)
     if path is None:
         if args.exit_on_missing_checkpoint:
             raise UsageError(
-                f"--load {args.load}: no {TRACKER} there, and --exit-on-missing-checkpoint was given"
+                f"--load {args.load}: no checkpoint there, and --exit-on-missing-checkpoint was given"
             )
         logger.warning(
             "WARNING: could not find a checkpoint in --load %s; training from scratch", args.load
         )
-        return
+        return None
     meta = read_meta(path)
+    meta_path = os.path.join(path, META)
     load_optim = (
         optimizer is not None
         and not (args.finetune or args.no_load_optim)
@@ -278,41 +397,47 @@ def load_checkpoint(args, state: ParallelState, model, optimizer, scheduler, sca
         dcp.load(tensors, storage_reader=reader, planner=SafeLoadPlanner())
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps errors per rank; name the checkpoint
-        inner = re.search(r"UsageError: (.*)", str(e))
-        why = (
-            inner.group(1)
-            if inner
-            else f"cannot load its tensors ({type(e).__name__}: {str(e)[:300]})"
-        )
-        raise UsageError(f"checkpoint {path}: {why}") from None
-    optim_sd = (
-        {"state": tensors["optim_state"], "param_groups": meta["param_groups"]}
-        if load_optim
-        else None
-    )
-    if optim_sd is not None:
-        set_state_dict(
-            model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd
-        )
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps errors per rank
+        raise load_failure(e, path) from None
+    if load_optim:
+        optim_sd = {"state": tensors["optim_state"], "param_groups": meta["param_groups"]}
+        apply_json_state(
+            "'param_groups'", meta_path,
+            lambda: set_state_dict(
+                model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd
+            ),
+            "load another checkpoint or pass --no-load-optim",
+        )  # fmt: skip
     else:
         set_model_state_dict(model, tensors["model"])
     if args.finetune:
         logger.info("  loaded model weights from %s for fine-tuning (iteration reset to 0)", path)
-        return
+        return path
     for key, value in meta["train_state"].items():
-        setattr(ts, key, value)
+        if hasattr(ts, key):
+            setattr(ts, key, value)
     if meta.get("param_groups") is None and not args.no_load_optim:
         logger.info(
             "  %s holds weights only (no optimizer state): the optimizer starts fresh", path
         )
     if not args.no_load_optim:
+        fix = "load another checkpoint or pass --no-load-optim"
         # The scheduler applies --override-opt_param-scheduler itself (Megatron's rule).
-        scheduler.load_state_dict(meta["scheduler"])
+        apply_json_state(
+            "'scheduler'", meta_path, lambda: scheduler.load_state_dict(meta["scheduler"]), fix
+        )
         if args.fp16 and meta.get("grad_scaler"):
-            scaler.load_state_dict(meta["grad_scaler"])
-    _restore_rng(args, state, path, meta)
+            apply_json_state(
+                "'grad_scaler'", meta_path, lambda: scaler.load_state_dict(meta["grad_scaler"]), fix
+            )
+    error = None
+    try:
+        _restore_rng(args, state, path, meta)
+    except UsageError as e:
+        error = e
+    _agree(error)  # every rank's RNG file is its own: all stop if one is bad
     logger.info("  successfully loaded checkpoint from %s at iteration %d", path, ts.iteration)
+    return path
 
 
 def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
@@ -325,8 +450,14 @@ def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
         "dp": state.dims.dp,
     }
     if same_layout and os.path.isfile(rng_file):
-        with open(rng_file, encoding="utf-8") as f:
-            rng_state_from_json(json.load(f))
+
+        def restore() -> None:
+            with open(rng_file, "rb") as f:
+                rng_state_from_json(json.loads(f.read().decode("utf-8")))
+
+        apply_json_state(
+            "RNG state", rng_file, restore, "pass --no-load-rng to start fresh RNG streams"
+        )
         return
     # Another layout: rank r's saved stream belongs to different work. Derive fresh streams.
     set_random_seed(args.seed + 7919 * meta["iteration"], dropout_seed_offset(state))
@@ -337,7 +468,8 @@ def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
 
 
 def load_args_from_checkpoint(args: argparse.Namespace) -> None:
-    """--use-checkpoint-args: take the model-shape flags from the checkpoint's meta.json."""
+    """--use-checkpoint-args: the model-shape flags from the checkpoint's meta.json, and its
+    tokenizer (files from its ``tokenizer/`` directory) unless the command line names one."""
     path = find_checkpoint(args.load) if args.load else None
     if path is None:
         raise UsageError("--use-checkpoint-args needs --load pointing at a checkpoint")
@@ -347,7 +479,8 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> None:
         "num_key_value_heads", "max_position_embeddings", "position_embedding_type", "rotary_percent",
         "rotary_position_embeddings_theta", "normalization", "layernorm_epsilon", "swiglu", "openai_gelu",
         "add_bias_linear", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-        "seq_length", "tokenizer_type", "vocab_size", "tokenizer_model", "vocab_file", "merge_file",
+        "seq_length",
     ):  # fmt: skip
         if key in saved:
             setattr(args, key, saved[key])
+    use_checkpoint_tokenizer(args, saved, path)

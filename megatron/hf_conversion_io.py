@@ -3,7 +3,9 @@
 Our checkpoints are read on one CPU process whatever layout (SP, DP, ZeRO sharding) wrote
 them: torch.distributed.checkpoint reassembles every tensor from the global shapes in its
 metadata (``no_dist``), through the allow-listed reader of :mod:`megatron.checkpoint_safety`.
-HF weights are read only from safetensors (pickled ``pytorch_model.bin`` is refused).
+Tokenizer files are exported from the checkpoint's ``tokenizer/`` copy or from flags, never
+from a path in ``meta.json``. HF weights are read only from safetensors files inside the HF
+directory (pickled ``pytorch_model.bin`` is refused).
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.checkpoint_safety import SafeFileSystemReader, SafeLoadPlanner, check_storage_files
+from megatron.checkpoint_checks import probe_writable, save_failure
+from megatron.checkpoint_safety import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    check_storage_files,
+    load_failure,
+)
 from megatron.checkpointing import (
     FORMAT_VERSION,
     META,
@@ -45,16 +56,19 @@ from megatron.hf_conversion import (
 )
 from megatron.hf_conversion_import import from_hf, resize_vocab
 from megatron.model.config import ModelConfig
+from megatron.tokenizer.files import (
+    FILE_ARGS,
+    TOKENIZER_DIR,
+    checkpoint_tokenizer_args,
+    copy_tokenizer_files,
+    tokenizer_args_in,
+    tokenizer_sources,
+)
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# Tokenizer files of a saved HF tokenizer (copied as they are).
-HF_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,9 +79,12 @@ def load_model_state(load: str, iteration: int | None = None) -> tuple[Tensors, 
     Returns (state dict keyed by GPTModel FQNs, meta.json, checkpoint directory).
     """
     if iteration is None:
-        path = find_checkpoint(load)
+        path = find_checkpoint(load, announce=True)
         if path is None:
-            raise UsageError(f"--load {load}: no {TRACKER} there; not a checkpoint directory")
+            raise UsageError(
+                f"--load {load}: no {TRACKER} and no complete iter_* checkpoint there; not a "
+                "checkpoint directory"
+            )
     else:
         path = checkpoint_dir(load, iteration)
         if not is_complete(path):
@@ -88,18 +105,14 @@ def load_model_state(load: str, iteration: int | None = None) -> tuple[Tensors, 
             dcp.load({"model": sd}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps errors; name the checkpoint
-        raise UsageError(
-            f"checkpoint {path}: cannot load its tensors ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
-        ) from None
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps errors
+        raise load_failure(e, path) from None
     return sd, meta, path
 
 
 def checkpoint_config(sd: Tensors, meta: dict, path: str) -> ModelConfig:
     """The ModelConfig of a loaded checkpoint; its tensors must match its meta.json args."""
-    config = config_from_args(
-        meta.get("args") or {}, sd["embedding.word_embeddings.weight"].shape[0]
-    )
+    config = config_from_args(meta["args"], sd["embedding.word_embeddings.weight"].shape[0])
     want = expected_keys(config)
     missing, extra = sorted(want - sd.keys()), sorted(sd.keys() - want)
     if missing or extra:
@@ -114,18 +127,31 @@ def save_model_checkpoint(sd: Tensors, save: str, args: dict[str, Any], iteratio
     """Write ``sd`` as a weights-only checkpoint of our format (load it with --finetune).
 
     Same layout and atomic publish as :func:`megatron.checkpointing.save_checkpoint`:
-    DCP tensors under ``model``, then meta.json, rename, then the tracker.
+    DCP tensors under ``model``, the tokenizer files that ``args`` name, then meta.json,
+    rename, then the tracker.
     """
-    if os.path.isfile(os.path.join(save, TRACKER)):
+    if os.path.isfile(os.path.join(save, TRACKER)) or is_complete(checkpoint_dir(save, iteration)):
         raise UsageError(f"--save {save} already holds a checkpoint; choose an empty directory")
+    probe_writable(save, 0)
     final = checkpoint_dir(save, iteration)
     tmp = final + ".inprogress"
-    os.makedirs(save, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": sd}, checkpoint_id=tmp, no_dist=True)
-    meta = {
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": sd}, checkpoint_id=tmp, no_dist=True)
+        copy_tokenizer_files(args, tmp)
+        return publish_checkpoint(save, tmp, _weights_only_meta(args, iteration))
+    except (OSError, CheckpointException) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = save_failure(e, save, iteration)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _weights_only_meta(args: dict[str, Any], iteration: int) -> dict[str, Any]:
+    return {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
         "train_state": {"iteration": iteration},
@@ -135,8 +161,6 @@ def save_model_checkpoint(sd: Tensors, save: str, args: dict[str, Any], iteratio
         "layout": {"world_size": 1, "sp": 1, "dp": 1},
         "args": args,
     }
-    final = publish_checkpoint(save, tmp, meta)
-    return final
 
 
 # ---- safetensors directories ----
@@ -152,8 +176,7 @@ def read_hf_dir(hf_dir: str) -> tuple[dict[str, Any], Tensors]:
         raise UsageError(f"{config_path}: cannot read ({e})") from None
     index = os.path.join(hf_dir, WEIGHTS_INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = _index_files(index)
     elif os.path.isfile(os.path.join(hf_dir, WEIGHTS)):
         files = [WEIGHTS]
     else:
@@ -165,13 +188,37 @@ def read_hf_dir(hf_dir: str) -> tuple[dict[str, Any], Tensors]:
         )
     tensors: Tensors = {}
     for name in files:
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: missing ({WEIGHTS_INDEX} names it); restore the file")
         try:
-            tensors.update(load_file(os.path.join(hf_dir, name)))
-        except (OSError, ValueError, RuntimeError) as e:
+            tensors.update(load_file(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
             raise UsageError(
-                f"{os.path.join(hf_dir, name)}: cannot read safetensors ({e})"
+                f"{path}: not a safetensors file ({type(e).__name__}: {str(e)[:120]}); "
+                "save the model with save_pretrained(..., safe_serialization=True)"
             ) from None
     return config, tensors
+
+
+def _index_files(index: str) -> list[str]:
+    """The weight files ``model.safetensors.index.json`` names: safetensors beside it."""
+    try:
+        with open(index, "rb") as f:
+            weight_map = json.loads(f.read().decode("utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"{index}: not a JSON object ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"{index}: no 'weight_map' of tensor names to files; restore the file")
+    files = sorted(set(weight_map.values()), key=str)
+    for name in files:
+        if not isinstance(name, str) or not name.endswith(".safetensors"):
+            raise UsageError(
+                f"{index}: names {name!r} as a weight file; only .safetensors files are read"
+            )
+        if os.path.isabs(name) or ".." in PurePosixPath(name).parts:
+            raise UsageError(f"{index}: names {name!r}, outside the HF directory; refused")
+    return files
 
 
 def write_safetensors_dir(
@@ -205,47 +252,40 @@ def write_safetensors_dir(
 
 
 # ---- tokenizer files ----
-def _tokenizer_sources(args: dict[str, Any]) -> list[tuple[str, str]]:
-    """(source file, name in the output) of every tokenizer file meta.json args name."""
-    kind = args.get("tokenizer_type")
-    if kind == "GPT2BPETokenizer":
-        return [(args.get("vocab_file"), "vocab.json"), (args.get("merge_file"), "merges.txt")]
-    if kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
-        return [(args.get("tokenizer_model"), "tokenizer.model")]
-    src = args.get("tokenizer_model")
-    if kind != "HFTokenizer" or not src:
-        return []
-    if not os.path.isdir(src):
-        return [(src, "tokenizer.json")]
-    return [
-        (os.path.join(src, n), n)
-        for n in HF_TOKENIZER_FILES
-        if os.path.isfile(os.path.join(src, n))
-    ]
-
-
 def export_tokenizer(
-    args: dict[str, Any], out: str, model_max_length: int
+    args: dict[str, Any],
+    checkpoint: str,
+    out: str,
+    model_max_length: int,
+    flags: Mapping[str, str | None] | None = None,
 ) -> tuple[list[str], Any]:
-    """Copy the checkpoint's tokenizer files into ``out`` (HF files where we can make them).
+    """Copy the tokenizer files into ``out`` (HF files where we can make them): from ``flags``
+    (--tokenizer-model, --vocab-file, --merge-file) if any is given, else from the
+    checkpoint's ``tokenizer/`` directory; never from a path in ``meta.json``.
 
     Returns (files written, our tokenizer or None). A missing file is a warning, not an error:
     the weights are still worth exporting.
     """
+    kind = args.get("tokenizer_type")
+    given = {k: v for k, v in (flags or {}).items() if v}
+    found = given or checkpoint_tokenizer_args(kind, checkpoint)
     written = []
-    for src, name in _tokenizer_sources(args):
+    for src, name in tokenizer_sources(dict(found, tokenizer_type=kind)):
         if not src or not os.path.isfile(src):
-            logger.warning("WARNING: tokenizer file %s (in meta.json args) is missing", src)
+            logger.warning(
+                "WARNING: tokenizer file %s is missing; pass --tokenizer-model, or --vocab-file "
+                "and --merge-file, to export the tokenizer",
+                src or os.path.join(checkpoint, TOKENIZER_DIR, name),
+            )
             continue
         shutil.copyfile(src, os.path.join(out, name))
         written.append(name)
-    kind = args.get("tokenizer_type")
     if not written or kind == "NullTokenizer":
         return written, None
     from megatron.tokenizer import create_tokenizer
 
     try:
-        tokenizer = create_tokenizer(_tokenizer_namespace(args))
+        tokenizer = create_tokenizer(_tokenizer_namespace(args, out))
     except UsageError as e:
         logger.warning("WARNING: cannot rebuild the tokenizer (%s); eos/bos ids not set", e)
         return written, None
@@ -259,10 +299,12 @@ def export_tokenizer(
     return written, tokenizer
 
 
-def _tokenizer_namespace(args: dict[str, Any]) -> argparse.Namespace:
-    """The attributes the tokenizer factory reads, from meta.json args."""
-    keys = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
-    return argparse.Namespace(**{k: args.get(k) for k in keys})
+def _tokenizer_namespace(args: dict[str, Any], out: str) -> argparse.Namespace:
+    """The attributes the tokenizer factory reads: the type and vocabulary size from
+    meta.json args, the files as copied into ``out``."""
+    kind = args.get("tokenizer_type")
+    files = dict.fromkeys(FILE_ARGS) | tokenizer_args_in(kind, out)
+    return argparse.Namespace(tokenizer_type=kind, vocab_size=args.get("vocab_size"), **files)
 
 
 def _gpt2_hf_tokenizer(out: str, model_max_length: int) -> list[str]:
@@ -311,24 +353,28 @@ def export_checkpoint(
     vocab_size: int | None = None,
     dtype: str | None = None,
     max_shard_bytes: int | None = 5 * 2**30,
+    tokenizer_flags: Mapping[str, str | None] | None = None,
 ) -> list[str]:
-    """Export checkpoint ``load`` to ``output`` as ``fmt`` ("hf" or "consolidated")."""
+    """Export checkpoint ``load`` to ``output`` as ``fmt`` ("hf" or "consolidated");
+    ``tokenizer_flags``: tokenizer files given on the command line (else the checkpoint's)."""
     if os.path.exists(os.path.join(output, "config.json")):
         raise UsageError(f"--output {output} already holds a config.json; choose a new directory")
     sd, meta, path = load_model_state(load, iteration)
     config = checkpoint_config(sd, meta, path)
     cast = _DTYPES[dtype or "fp32"]
     if fmt == "consolidated":
-        args = {k: v for k, v in (meta.get("args") or {}).items() if k in MODEL_ARG_KEYS}
+        args = {k: v for k, v in (meta["args"]).items() if k in MODEL_ARG_KEYS}
         args.update(args_from_config(config))
         os.makedirs(output, exist_ok=True)
-        files = export_tokenizer(meta.get("args") or {}, output, config.seq_length)[0]
+        files = export_tokenizer(meta["args"], path, output, config.seq_length, tokenizer_flags)[0]
         tensors = {k: v.to(cast) for k, v in sd.items()}
         files += write_safetensors_dir(output, tensors, {"megatron_ulysses_args": args})
         return files + ["config.json"]
     hf_sd, hf_config = to_hf(sd, config, vocab_size)  # refuses unmappable models first
     os.makedirs(output, exist_ok=True)
-    files, tokenizer = export_tokenizer(meta.get("args") or {}, output, config.seq_length)
+    files, tokenizer = export_tokenizer(
+        meta["args"], path, output, config.seq_length, tokenizer_flags
+    )
     if tokenizer is not None:
         hf_config.update(_special_token_ids(tokenizer, hf_config["vocab_size"]))
     hf_config["dtype"] = str(cast).replace("torch.", "")

@@ -322,6 +322,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         state.dims.dp,
     )
     train_iters = compute_train_iters(args, calculator)
+    checkpointing.check_save_writable(args)
 
     # Same initial weights on every rank; then each shard gets its own dropout stream.
     set_random_seed(args.seed)
@@ -341,7 +342,10 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     scaler = build_grad_scaler(args)
     ts = TrainState()
     set_random_seed(args.seed, dropout_seed_offset(state))
-    checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+    loaded = checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+    checkpointing.check_save_start(args, ts.iteration, train_iters)
+    # (iteration, directory) of the checkpoints this run may resume from
+    checkpoints = [(ts.iteration, loaded)] if loaded and not args.finetune else []
     logger.info("> model, optimizer and scheduler ready in %.1f s", time.time() - start)
 
     train_it, valid_it, test_it = build_data_iterators(
@@ -358,10 +362,24 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     def finish() -> None:
         """Host bookkeeping of the step still unfinished, if any (waits for its values)."""
         while unfinished:
-            finalize_step(*unfinished.pop(), ts, scheduler, args, history)
+            finalize_step(*unfinished.pop(), ts, scheduler, args, history, checkpoints)
+
+    saved_at = ts.iteration  # (a loaded checkpoint is not saved again)
+
+    def save() -> None:
+        """Save this iteration, unless its loss is not finite (then the last save stays)."""
+        nonlocal saved_at
+        if history and not math.isfinite(history[-1]):
+            logger.warning(
+                "WARNING: the loss of iteration %d is not finite: no checkpoint saved",
+                ts.iteration,
+            )
+            return
+        path = checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+        checkpoints.append((ts.iteration, path))
+        saved_at = ts.iteration
 
     window_start, window_iters = time.time(), 0
-    saved_at = -1
     model.train()
     while ts.iteration < train_iters:
         if args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens:
@@ -417,8 +435,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
             )
 
         if save_now:
-            checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
-            saved_at = ts.iteration
+            save()
         stop = handler is not None and _any_rank(handler.received, device)
         if args.exit_duration_in_mins:
             stop = stop or _any_rank(
@@ -427,14 +444,14 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         if stop or exit_now:
             finish()
             if args.save and saved_at != ts.iteration:
-                checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+                save()
             logger.info("> exiting at iteration %d", ts.iteration)
             tb.close()
             return history
 
     finish()
     if args.save and saved_at != ts.iteration and ts.iteration > 0:
-        checkpointing.save_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
+        save()
     if valid_it is not None and args.eval_iters:
         run_validation(
             "validation",
@@ -468,10 +485,12 @@ def finalize_step(
     scheduler,
     args: argparse.Namespace,
     history: list[float],
+    checkpoints: list[tuple[int, str]] = (),
 ) -> None:
     """Host bookkeeping of a launched step, once its values are read: skip and NaN counters
     (``--max-nan-iterations``), the LR scheduler's step (only when the weights were updated)
-    and the loss history. Call exactly once per step, in iteration order."""
+    and the loss history. Call exactly once per step, in iteration order. ``checkpoints``:
+    (iteration, directory) of those saved or loaded, for the stop message."""
     losses, _, skipped = pending.read()
     if skipped:
         ts.skipped_iters += 1
@@ -480,14 +499,28 @@ def finalize_step(
             ts.nan_iters_in_a_row += 1
             if ts.nan_iters_in_a_row >= args.max_nan_iterations:
                 raise UsageError(
-                    f"{ts.nan_iters_in_a_row} iterations in a row had a non-finite loss or gradient "
-                    f"(iteration {pending.iteration}); the weights were not updated. Lower --lr, check "
-                    "the data, or resume from the last checkpoint (--max-nan-iterations sets the limit)"
+                    _nan_stop_message(ts.nan_iters_in_a_row, pending.iteration, checkpoints)
                 )
     else:
         ts.nan_iters_in_a_row = 0
         scheduler.step(increment=global_batch_size)
     history.append(losses.get("lm loss", float("nan")))
+
+
+def _nan_stop_message(count: int, iteration: int, checkpoints: list[tuple[int, str]]) -> str:
+    first = iteration - count + 1
+    before = [path for it, path in checkpoints if it < first]
+    resume = (
+        f"then resume from {before[-1]}, the last checkpoint before iteration {first}, with "
+        f"--load {before[-1]} --save NEW_DIR"
+        if before
+        else f"no checkpoint of this run is from before iteration {first}"
+    )
+    return (
+        f"{count} iterations in a row had a non-finite loss or gradient (iterations {first} to "
+        f"{iteration}); the weights were not updated and the run stops without saving. Lower "
+        f"--lr or check the data; {resume} (--max-nan-iterations sets the limit)"
+    )
 
 
 def log_training_iteration(

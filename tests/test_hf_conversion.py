@@ -228,10 +228,11 @@ def test_gpt2_tokenizer_files_exported(tmp_path):
     model = _our_checkpoint(str(tmp_path / "ck"))
     meta_path = tmp_path / "ck" / "iter_0000000" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["args"].update(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    meta["args"].update(tokenizer_type="GPT2BPETokenizer")
     meta_path.write_text(json.dumps(meta))
     out = str(tmp_path / "hf")
-    files = export_checkpoint(str(tmp_path / "ck"), out, "hf")
+    flags = {"vocab_file": vocab, "merge_file": merges}  # export's --vocab-file, --merge-file
+    files = export_checkpoint(str(tmp_path / "ck"), out, "hf", tokenizer_flags=flags)
     assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     text = "Hello world, this is a   test of GPT-2 BPE.\n"
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)

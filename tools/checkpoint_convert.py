@@ -48,6 +48,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trim the padded vocabulary to the tokenizer's true size (hf format)",
     )
     exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    for flag, what in (
+        ("--tokenizer-model", "SentencePiece model, or HF tokenizer.json / directory"),
+        ("--vocab-file", "GPT-2 vocab.json"),
+        ("--merge-file", "GPT-2 merges.txt"),
+    ):
+        exp.add_argument(
+            flag, default=None, help=f"{what} to export (default: the checkpoint's tokenizer/ copy)"
+        )
     exp.add_argument(
         "--max-shard-size-gb",
         type=float,
@@ -91,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 vocab_size=args.vocab_size,
                 dtype=args.dtype,
                 max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                tokenizer_flags={
+                    "tokenizer_model": args.tokenizer_model,
+                    "vocab_file": args.vocab_file,
+                    "merge_file": args.merge_file,
+                },
             )
             print(f"wrote {args.output}: {', '.join(files)}")
         else:

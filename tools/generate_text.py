@@ -8,8 +8,9 @@ Example::
         --prompt "Return the" --max-new-tokens 40 --temperature 0.8 --top-k 40
 
 Takes Megatron's model and tokenizer flags, or ``--use-checkpoint-args`` to read the
-model's shape from the checkpoint's meta.json (tokenizer files the checkpoint names are
-used when none is given). Only the weights are loaded (``--finetune`` semantics): no
+model's shape from the checkpoint's meta.json; the tokenizer flags given on the command
+line win, and the checkpoint's own copy of its tokenizer files (``iter_*/tokenizer/``) is
+used when none is given. Only the weights are loaded (``--finetune`` semantics): no
 optimizer is built, and the checkpoint's optimizer state, scheduler and RNG are ignored.
 """
 
@@ -42,8 +43,6 @@ from megatron.text_generation import SamplingParams, generate  # noqa: E402
 
 logger = logging.getLogger("megatron")
 
-TOKENIZER_FILE_ARGS = ("tokenizer_model", "vocab_file", "merge_file")
-
 
 def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("text generation")
@@ -58,15 +57,6 @@ def add_generation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="keep generating after the end-of-document token",
     )  # fmt: skip
     return parser
-
-
-def _fill_from_checkpoint(args: argparse.Namespace) -> None:
-    """--use-checkpoint-args: model shape (and missing tokenizer files) from meta.json."""
-    checkpointing.load_args_from_checkpoint(args)
-    saved = checkpointing.read_meta(checkpointing.find_checkpoint(args.load))["args"]
-    for key in TOKENIZER_FILE_ARGS:
-        if getattr(args, key) is None and saved.get(key) and os.path.isfile(saved[key]):
-            setattr(args, key, saved[key])
 
 
 def initialize_for_generation(args_list: Sequence[str] | None = None) -> argparse.Namespace:
@@ -87,11 +77,11 @@ def initialize_for_generation(args_list: Sequence[str] | None = None) -> argpars
         raise UsageError("--load DIR is required: the checkpoint directory to sample from")
     if checkpointing.find_checkpoint(args.load) is None:
         raise UsageError(
-            f"--load {args.load}: no {checkpointing.TRACKER} there; point it at the --save "
-            "directory of a training run"
+            f"--load {args.load}: no {checkpointing.TRACKER} and no complete iter_* checkpoint "
+            "there; point it at the --save directory of a training run"
         )
     if args.use_checkpoint_args:
-        _fill_from_checkpoint(args)
+        checkpointing.load_args_from_checkpoint(args)
     elif args.num_layers is None:
         raise UsageError(
             "--num-layers is required: give the model flags the checkpoint was trained with, "

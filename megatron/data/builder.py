@@ -16,6 +16,7 @@ import torch
 from megatron.data.blendable_dataset import BlendableDataset
 from megatron.data.dataset_utils import blend_num_samples, parse_blend, split_boundaries
 from megatron.data.gpt_dataset import GPTDataset, MockGPTDataset
+from megatron.data.index_cache import cached_arrays
 from megatron.data.indexed_dataset import MMapIndexedDataset, data_file_path, index_file_path
 from megatron.errors import UsageError
 
@@ -46,12 +47,13 @@ def open_dataset(prefix: str, flag: str) -> MMapIndexedDataset:
 
 
 class _Config:
-    """The args fields the builders need, read once."""
+    """The args fields the builders need, read once (and the tokenizer's vocabulary size)."""
 
-    def __init__(self, args: Any) -> None:
+    def __init__(self, args: Any, vocab_size: int | None = None) -> None:
         self.seq_length = int(args.seq_length)
         self.seed = int(args.seed)
         self.data_cache_path = getattr(args, "data_cache_path", None)
+        self.vocab_size = vocab_size
 
     def cache_dir(self, prefix: str) -> str:
         return self.data_cache_path or default_cache_dir(prefix)
@@ -67,6 +69,12 @@ def _build_prefix(
 ) -> list[GPTDataset | None]:
     """Train/valid/test GPTDatasets of one prefix by ``split`` (None where a part is empty)."""
     indexed = open_dataset(prefix, flag)
+    if len(indexed) == 0:
+        raise UsageError(
+            f"{flag} {prefix}: {index_file_path(prefix)} holds no documents; preprocess a "
+            "non-empty corpus"
+        )
+    check_token_ids(indexed, cfg)
     bounds = split_boundaries(split, len(indexed))
     logger.info("%s: %d documents, split %s -> boundaries %s", prefix, len(indexed), split, bounds)
     out: list[GPTDataset | None] = []
@@ -88,6 +96,41 @@ def _build_prefix(
             )
         )
     return out
+
+
+def token_id_range(indexed: MMapIndexedDataset, cache_dir: str | None) -> tuple[int, int]:
+    """(smallest, largest) token id of a dataset: one pass over its data, then cached."""
+    bin_path = data_file_path(indexed.path_prefix)
+    stat = os.stat(bin_path)
+    description = {
+        "class": "TokenIdRange",
+        "version": 1,
+        "prefix": os.path.abspath(indexed.path_prefix),
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+
+    def build() -> dict[str, np.ndarray]:
+        tokens_n = indexed.all_tokens()
+        return {"range": np.array([tokens_n.min(), tokens_n.max()], dtype=np.int64)}
+
+    stem = f"{os.path.basename(indexed.path_prefix)}-tokens"
+    low, high = cached_arrays(cache_dir, stem, description, ["range"], build)["range"].tolist()
+    return int(low), int(high)
+
+
+def check_token_ids(indexed: MMapIndexedDataset, cfg: _Config) -> None:
+    """Every token id of the dataset is an id of the tokenizer's vocabulary."""
+    if cfg.vocab_size is None or indexed.index.data_bytes == 0:
+        return
+    low, high = token_id_range(indexed, cfg.cache_dir(indexed.path_prefix))
+    if low < 0 or high >= cfg.vocab_size:
+        bad = f"largest token id {high}" if high >= cfg.vocab_size else f"token id {low}"
+        raise UsageError(
+            f"{data_file_path(indexed.path_prefix)}: {bad} is outside the tokenizer's vocabulary "
+            f"of {cfg.vocab_size} ids; preprocess the data with the tokenizer you train with "
+            "(--tokenizer-type, --vocab-size and its files)"
+        )
 
 
 def _build_blend(
@@ -149,7 +192,22 @@ def build_train_valid_test_datasets(
     num_samples = [int(n) for n in train_val_test_num_samples]
     if len(num_samples) != 3:
         raise ValueError("train_val_test_num_samples needs three numbers")
-    cfg = _Config(args)
+    cfg = _Config(args, getattr(tokenizer, "vocab_size", None))
+    datasets = _build_all(args, num_samples, cfg, tokenizer)
+    if num_samples[0] > 0 and datasets[0] is None:
+        where = (
+            f"--split {args.split} gives the train part no documents of --data-path"
+            if getattr(args, "data_path", None)
+            else "no --train-data-path was given"
+        )
+        raise UsageError(
+            f"the train split is empty: {where}; give training data (e.g. --split 969,30,1)"
+        )
+    return datasets
+
+
+def _build_all(args: Any, num_samples: list[int], cfg: _Config, tokenizer: Any) -> Datasets:
+    """The three datasets of whichever source ``args`` names."""
     if getattr(args, "mock_data", False):
         return tuple(  # type: ignore[return-value]
             MockGPTDataset(n, cfg.seq_length, tokenizer.vocab_size, tokenizer.eod, cfg.seed, i)

@@ -198,6 +198,11 @@ class MMapIndexedDataset:
     def __getstate__(self) -> str:
         return self.path_prefix
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token the index covers, as one read-only view of the memory map."""
+        count = self.index.data_bytes // self.dtype.itemsize
+        return np.frombuffer(self._bin, dtype=self.dtype, count=count)
+
     def __setstate__(self, state: str) -> None:
         self._open(state)
 

@@ -355,7 +355,18 @@ def run_preprocess(opts: argparse.Namespace) -> dict:
         for path in temp_inputs:
             if os.path.exists(path):
                 os.remove(path)
-    return _summarize(parts, outputs, time.monotonic() - start)
+    total = _summarize(parts, outputs, time.monotonic() - start)
+    empty = [key for key, counts in total["keys"].items() if counts["written"] == 0]
+    if empty:
+        for prefix in outputs.values():
+            for path in (data_file_path(prefix), index_file_path(prefix)):
+                if os.path.exists(path):
+                    os.remove(path)
+        raise UsageError(
+            f"--input {opts.input}: no document has text under --json-keys {empty[0]} (the file "
+            "is empty, or every line is blank, malformed or without text); nothing was written"
+        )
+    return total
 
 
 def _summarize(parts: list[dict], outputs: dict[str, str], elapsed: float) -> dict:
