@@ -347,6 +347,13 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     # (iteration, directory) of the checkpoints this run may resume from
     checkpoints = [(ts.iteration, loaded)] if loaded and not args.finetune else []
     logger.info("> model, optimizer and scheduler ready in %.1f s", time.time() - start)
+    if train_iters and ts.iteration >= train_iters:  # e.g. a restart after the last save
+        logger.info(
+            "> training is complete: the checkpoint is at iteration %d of %d; nothing to train",
+            ts.iteration,
+            train_iters,
+        )
+        return []
 
     train_it, valid_it, test_it = build_data_iterators(
         args, datasets_provider, state, ts, train_iters

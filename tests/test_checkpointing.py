@@ -19,13 +19,16 @@ def _exact_resume(tmp):
     full = run_training(base)
     run_training(f"{base} --save {tmp}/ck --save-interval 10 --exit-interval 10")
     resumed = run_training(f"{base} --load {tmp}/ck --save {tmp}/ck --save-interval 10")
-    return full, resumed
+    # Loading the finished run again (a torchrun restart after the last save): nothing to do.
+    again = run_training(f"{base} --load {tmp}/ck --save {tmp}/ck --save-interval 10")
+    return full, resumed, again
 
 
 def test_exact_resume(tmp_path):
-    for full, resumed in get_world(2).run(_exact_resume, str(tmp_path)):
+    for full, resumed, again in get_world(2).run(_exact_resume, str(tmp_path)):
         assert len(full) == 20 and len(resumed) == 10
         assert resumed == full[10:]  # bitwise
+        assert again == []
 
 
 def _save_world4(tmp):
