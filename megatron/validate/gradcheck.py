@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron.data.batch import slice_batch_for_sequence_parallel
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
 from megatron.model.attention_backends import SDPAAttention
 from megatron.validate.rows import BATCH, PLAIN, Row, model_shape
@@ -137,18 +138,6 @@ def make_batch(cfg: ModelConfig, seed: int, packed: bool, device: torch.device) 
         "doc_ids": doc_ids,
     }
     return {k: None if v is None else v.contiguous().to(device) for k, v in batch.items()}
-
-
-def _sp_slice(batch: dict, rank: int, sp: int) -> dict:
-    """This SP rank's contiguous slice of every ``[b, s]`` tensor; doc_ids stay whole."""
-    out = {}
-    for key, value in batch.items():
-        if value is None or key == "doc_ids" or sp == 1:
-            out[key] = value
-            continue
-        n = value.shape[1] // sp
-        out[key] = value[:, rank * n : (rank + 1) * n]
-    return out
 
 
 def config_for(row: Row, device_type: str, reference: bool = False) -> ModelConfig:
@@ -293,7 +282,7 @@ class Checker:
         if self.model_hook is not None:
             self.model_hook(model)
         sp_rank = 0 if sp_group is None else dist.get_rank(sp_group)
-        local = [_sp_slice(b, sp_rank, row.sp) for b in batches]
+        local = [slice_batch_for_sequence_parallel(b, sp_rank, row.sp) for b in batches]
         autocast = torch.bfloat16 if self.device.type == "cuda" else None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
