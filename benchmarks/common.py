@@ -6,6 +6,7 @@ with gloo at tiny sizes so the code path can be checked without a GPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +26,14 @@ if str(REPO) not in sys.path:
 
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
+
+
+def add_model_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The GPT's shape flags, the 1.3B anchor by default (end-to-end and max-seqlen runs)."""
+    parser.add_argument("--num-layers", type=int, default=24)
+    parser.add_argument("--hidden-size", type=int, default=2048)
+    parser.add_argument("--num-attention-heads", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=50256, help="NullTokenizer ids (+EOD)")
 
 
 def init_distributed(
