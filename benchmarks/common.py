@@ -234,8 +234,8 @@ class ABResult:
         lo, hi = min(self.base_values), max(self.base_values)
         if self.verdict == "no change":
             why = (
-                f"head's median {self.head_median:g} lies inside the base runs' spread "
-                f"{lo:g}-{hi:g}; this is noise: do not re-run to chase it"
+                f"(head's median {self.head_median:g} lies inside the base runs' spread "
+                f"{lo:g}-{hi:g}): noise; do not re-run to chase it"
             )
         else:
             why = (
