@@ -1,15 +1,14 @@
-"""Raw all-to-all rates on one node: NCCL vs copy engines (symmetric memory), alone and under compute.
+"""NCCL collective rates on one node, alone and beside matmuls (the attention's and ZeRO's).
 
 For each per-rank buffer size (MiB; 96 and 32 are the Q/K/V and context all-to-alls of the
 attention core at 32K tokens, SP 4, 16 heads x 128, bf16): the median time of an equal-block
-all-to-all, its algorithm bandwidth (bytes each rank sends to others / time) and NCCL's
-"bus bandwidth" convention (the same here); then the same all-to-all on a side stream while
-the compute stream runs bf16 matmuls: how much each transport slows compute down. ``rs`` and
-``ag`` time NCCL's fp32 reduce-scatter (that many MiB in per rank) and bf16 all-gather (that
-many MiB out), ZeRO's gradient and weight collectives, the same way. ``--carveouts`` repeats the runs beside
-matmuls with cuBLAS told to leave that many SMs free (PyTorch's experimental SM carveout; it
-reaches cuBLASLt, ``--blas cublaslt``) so that a persistent GEMM need not wait for the SMs
-the NCCL kernel holds.
+all-to-all and its algorithm bandwidth (bytes each rank sends to others / time); then the
+same collective on a side stream while the compute stream runs bf16 matmuls: how much of it
+the matmuls hide. ``rs`` and ``ag`` time NCCL's fp32 reduce-scatter (that many MiB in per
+rank) and bf16 all-gather (that many MiB out), ZeRO's gradient and weight collectives, the
+same way. ``--carveouts`` repeats the runs beside matmuls with cuBLAS told to leave that many
+SMs free (PyTorch's experimental SM carveout; it reaches cuBLASLt, ``--blas cublaslt``) so
+that a persistent GEMM need not wait for the SMs the NCCL kernel holds.
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_all_to_all.py --json results/a2a.json
 
@@ -21,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from ce_all_to_all import copy_engine_all_to_all_for
 from common import init_distributed, log0, markdown_table, median, time_ms, write_json
 
 NCCL_KNOBS = (
@@ -45,8 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes-mib", default="32,96", help="per-rank buffer sizes, comma list")
     p.add_argument(
         "--impls",
-        default="nccl,ce,ce3,symm",
-        help="nccl, ce (1 stream), ce3 (3 streams), symm[:BLOCK:WARPS] (SM pulls, Triton), symmraw (without the pack copy); rs, ag: NCCL's fp32 reduce-scatter, bf16 all-gather",
+        default="nccl,rs,ag",
+        help="nccl (all-to-all), rs (fp32 reduce-scatter), ag (bf16 all-gather); comma list",
     )
     p.add_argument(
         "--matmul", default="8192,8192,8192", help="m,k,n of the bf16 matmuls beside the exchange"
@@ -64,47 +63,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.impls = [s for s in args.impls.split(",") if s]
     args.matmul = [int(x) for x in args.matmul.split(",")]
     args.carveouts = [int(x) for x in args.carveouts.split(",") if x]
+    if not set(args.impls) <= {"nccl", "rs", "ag"}:
+        p.error(f"--impls takes nccl, rs, ag; got {args.impls}")
     if len(args.matmul) != 3 or args.matmuls < 1 or min(args.carveouts + args.matmul) < 0:
         p.error("--matmul takes m,k,n; --matmuls >= 1; --carveouts >= 0")
     return args
 
 
-def make_exchange(impl: str, send_src: torch.Tensor, group):
-    """A no-argument callable that runs one all-to-all of ``send_src`` ([p, n] blocks)."""
-    recv = torch.empty_like(send_src)
+def make_exchange(impl: str, send_src: torch.Tensor, group) -> Callable[[], object]:
+    """A no-argument callable that runs one ``impl`` collective of ``send_src`` ([p, n])."""
+    if impl == "nccl":
+        recv = torch.empty_like(send_src)
+        return lambda: dist.all_to_all_single(recv, send_src, group=group)
     if impl == "rs":  # the same bytes per rank in fp32, one block of the sum back
         grads = send_src[:, : send_src.shape[1] // 2].float()  # as many bytes
         out = grads.new_empty(grads.shape[1:])
-        return lambda: dist.reduce_scatter_tensor(out, grads, group=group), None
+        return lambda: dist.reduce_scatter_tensor(out, grads, group=group)
     if impl == "ag":  # one block of bf16 weights in, every rank's back
-        return lambda: dist.all_gather_into_tensor(recv, send_src[0], group=group), None
-    if impl == "nccl":
-        return lambda: dist.all_to_all_single(recv, send_src, group=group), recv
-    if impl.startswith("symm"):
-        from sm_all_to_all import SymmMemAllToAll
-
-        block, warps = (int(x) for x in (impl.split(":") + ["4096", "4"])[1:3])
-        a2a = SymmMemAllToAll(group, block=block, warps=warps)
-        calls = [0]
-
-        def run_symm():  # "symmraw": the pack copy only while both workspaces are new
-            send = a2a.send_buffer(tuple(send_src.shape), send_src.dtype)
-            if not impl.startswith("symmraw") or calls[0] < 2:
-                send.copy_(send_src)
-            calls[0] += 1
-            a2a.exchange(send, recv)
-
-        return run_symm, recv
-    a2a = copy_engine_all_to_all_for(group, streams=3 if impl == "ce3" else 1)
-    if a2a is None:
-        return None, recv
-
-    def run():
-        send = a2a.send_buffer(tuple(send_src.shape), send_src.dtype)
-        send.copy_(send_src)  # the pack copy that the attention core does anyway
-        a2a.exchange(send, recv)
-
-    return run, recv
+        gathered = torch.empty_like(send_src)
+        return lambda: dist.all_gather_into_tensor(gathered, send_src[0], group=group)
+    raise ValueError(f"unknown impl {impl!r} (nccl, rs, ag)")
 
 
 def main(argv=None) -> int:
@@ -132,35 +110,23 @@ def main(argv=None) -> int:
         for cv in args.carveouts
     }
     side = torch.cuda.Stream()
-    reference = {}
     for size in args.sizes_mib:
         n = int(size * 2**20) // 2 // world  # bf16 elements per block
         g = torch.Generator(device=device).manual_seed(rank)
         src = torch.randn(world, n, device=device, dtype=torch.bfloat16, generator=g)
         for impl in args.impls:
-            run, recv = make_exchange(impl, src, group)
-            if run is None:
-                log0(f"{impl}: not available here")
-                continue
+            run = make_exchange(impl, src, group)
             ms = median(time_ms(run, device, args.warmup, args.iters))
-            run()
-            torch.cuda.synchronize()
-            if impl == "nccl":
-                reference[size] = recv.clone()
-            same = None
-            if recv is not None and size in reference:
-                same = bool(torch.equal(recv, reference[size]))
             sent = n * 2 * (world - 1)
             row = {
                 "impl": impl,
                 "mib_per_rank": size,
                 "ms": ms,
                 "algbw_gbs": sent / ms / 1e6,
-                "equal_to_nccl": same,
             }
             if args.no_overlap:
                 results.append(row)
-                rows.append([impl, size, ms, row["algbw_gbs"], "-", "-", "-", "-", str(same)])
+                rows.append([impl, size, ms, row["algbw_gbs"], "-", "-", "-", "-"])
                 continue
 
             for cv in args.carveouts:
@@ -178,11 +144,9 @@ def main(argv=None) -> int:
                     row | {"carveout": cv, "compute_alone_ms": alone, "both_ms": both_ms}
                 )
                 hidden = ms + alone - both_ms  # of the exchange's time, what the overlap saved
-                rows.append(
-                    [impl, size, ms, row["algbw_gbs"], cv, alone, both_ms, hidden, str(same)]
-                )
+                rows.append([impl, size, ms, row["algbw_gbs"], cv, alone, both_ms, hidden])
     log0(
-        f"\nall-to-all, {world} ranks, NCCL settings: {label}; beside {args.matmuls} x {m}x{k}x{n_cols} bf16 matmuls, BLAS {args.blas}"
+        f"\nNCCL collectives, {world} ranks, NCCL settings: {label}; beside {args.matmuls} x {m}x{k}x{n_cols} bf16 matmuls, BLAS {args.blas}"
     )
     log0(
         markdown_table(
@@ -193,9 +157,8 @@ def main(argv=None) -> int:
                 "GB/s/rank",
                 "SM carveout",
                 "matmuls alone ms",
-                "a2a + matmuls ms",
+                "both ms",
                 "hidden ms",
-                "= NCCL",
             ],
             rows,
         )

@@ -14,8 +14,8 @@ next to ``megatron.memory_model``'s prediction, and with ``--profile`` a kernel-
 breakdown (GEMM, attention, all-to-all, other collectives, norms/elementwise, optimizer).
 
 Modes: default (one configuration); ``--weak-scaling``: SP 1, 2, 4... on the same GPUs with
-the same tokens per GPU (``--seq-length`` x SP; the rest is data parallel); ``--max-seqlen``:
-see ``benchmarks/bench_max_seqlen.py`` (run it with ``python``, it launches torchrun).
+the same tokens per GPU (``--seq-length`` x SP; the rest is data parallel). The longest
+sequence that fits: ``benchmarks/bench_max_seqlen.py``, which launches this script per length.
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 4 benchmarks/bench_end_to_end.py --json e2e.json
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/bench_end_to_end.py --cpu-smoke
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from common import (
     H100_BF16_PEAK_FLOPS,
+    add_model_shape_args,
     init_distributed,
     is_oom,
     log0,
@@ -52,10 +53,7 @@ GIB = 2**30
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-layers", type=int, default=24)
-    p.add_argument("--hidden-size", type=int, default=2048)
-    p.add_argument("--num-attention-heads", type=int, default=16)
-    p.add_argument("--vocab-size", type=int, default=50256, help="NullTokenizer ids (+EOD)")
+    add_model_shape_args(p)
     p.add_argument("--seq-length", type=int, default=32768)
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument(
@@ -168,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
     p.add_argument("--trace", type=str, default=None, help="with --profile: write its trace here")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
-    p.add_argument("--max-seqlen", action="store_true", help="see bench_max_seqlen.py")
     p.add_argument("--timeout-minutes", type=float, default=10.0, help="process-group timeout")
     p.add_argument("--json", type=str, default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on CPU with a tiny model")
@@ -555,13 +552,6 @@ def report(results: list[dict], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--max-seqlen" in argv:  # a driver of its own (it takes --seqlens, --nproc, ...)
-        if "RANK" in os.environ:
-            sys.exit("error: --max-seqlen launches torchrun per attempt; run it with python")
-        import bench_max_seqlen
-
-        return bench_max_seqlen.main([a for a in argv if a != "--max-seqlen"])
     args = parse_args(argv)
     rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes)
     if args.weak_scaling:

@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import markdown_table  # noqa: E402
+from common import add_model_shape_args, markdown_table  # noqa: E402
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                 "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")  # fmt: skip
@@ -109,11 +109,11 @@ def run_attempt(cmd: list[str], timeout_s: float, log_path: Path) -> tuple[str, 
 
 def flops_per_iter(seq: int, extra: list[str]) -> float:
     """Model FLOPs of one iteration at ``seq`` (the time predictor's yardstick)."""
-    import bench_end_to_end as e2e
-
     from megatron.model import ModelConfig, model_flops_per_token
 
-    a = e2e.build_parser().parse_known_args(extra)[0]
+    shape = argparse.ArgumentParser(add_help=False)
+    add_model_shape_args(shape)
+    a = shape.parse_known_args(extra)[0]
     cfg = ModelConfig(
         num_layers=a.num_layers, hidden_size=a.hidden_size,
         num_attention_heads=a.num_attention_heads, padded_vocab_size=a.vocab_size + 1,

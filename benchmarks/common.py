@@ -1,4 +1,4 @@
-"""Shared helpers of the distributed benchmarks: process group, timing, tables, JSON.
+"""Shared helpers of the benchmarks: process group, timing, tables, JSON, A/B comparison.
 
 Every benchmark runs under ``torchrun`` on GPUs (NCCL) or, with ``--cpu-smoke``, on CPU
 with gloo at tiny sizes so the code path can be checked without a GPU.
@@ -6,13 +6,18 @@ with gloo at tiny sizes so the code path can be checked without a GPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +30,14 @@ if str(REPO) not in sys.path:
 
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
+
+
+def add_model_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The GPT's shape flags, the 1.3B anchor by default (end-to-end and max-seqlen runs)."""
+    parser.add_argument("--num-layers", type=int, default=24)
+    parser.add_argument("--hidden-size", type=int, default=2048)
+    parser.add_argument("--num-attention-heads", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=50256, help="NullTokenizer ids (+EOD)")
 
 
 def init_distributed(
@@ -167,3 +180,160 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+# A/B comparison of two commits: the rule every speed comparison follows.
+
+
+@dataclass
+class ABResult:
+    """The runs of one A/B comparison and its verdict (see :func:`ab_compare`)."""
+
+    base: str
+    head: str
+    base_values: list[float]
+    head_values: list[float]
+    higher_is_better: bool = False
+
+    @property
+    def base_median(self) -> float:
+        return median(self.base_values)
+
+    @property
+    def head_median(self) -> float:
+        return median(self.head_values)
+
+    @property
+    def ratio(self) -> float:
+        """head median / base median."""
+        return self.head_median / self.base_median
+
+    @property
+    def verdict(self) -> str:
+        """``no change`` when head's median lies inside the base runs' spread (min-max),
+        else ``faster`` or ``slower``."""
+        lo, hi = min(self.base_values), max(self.base_values)
+        if lo <= self.head_median <= hi:
+            return "no change"
+        better = (self.head_median > hi) if self.higher_is_better else (self.head_median < lo)
+        return "faster" if better else "slower"
+
+    @property
+    def change_percent(self) -> float:
+        return abs(self.ratio - 1.0) * 100.0
+
+    def report(self) -> str:
+        rows = [
+            [side, rev[:10], median(vals), min(vals), max(vals), ", ".join(f"{v:g}" for v in vals)]
+            for side, rev, vals in (
+                ("base (A)", self.base, self.base_values),
+                ("head (B)", self.head, self.head_values),
+            )
+        ]
+        table = markdown_table(["side", "commit", "median", "min", "max", "runs"], rows)
+        lo, hi = min(self.base_values), max(self.base_values)
+        if self.verdict == "no change":
+            why = (
+                f"(head's median {self.head_median:g} lies inside the base runs' spread "
+                f"{lo:g}-{hi:g}): noise; do not re-run to chase it"
+            )
+        else:
+            why = (
+                f"by {self.change_percent:.1f}% (head's median {self.head_median:g} is outside "
+                f"the base runs' spread {lo:g}-{hi:g})"
+            )
+        better = "higher" if self.higher_is_better else "lower"
+        return (
+            f"{table}\n\nhead/base median: {self.ratio:.4f} ({better} is better)\n"
+            f"verdict: {self.verdict} {why}"
+        )
+
+
+def read_metric(
+    output: str,
+    metric: str | None = None,
+    json_file: Path | None = None,
+    json_key: str | None = None,
+) -> float:
+    """One number from a run: the last match of the regex ``metric`` in its output (its first
+    group if it has one), or ``json_key`` (dotted, list indices as numbers, e.g.
+    ``results.0.ms_per_iter``) of the JSON file the run wrote."""
+    if json_key is not None:
+        if json_file is None or not json_file.exists():
+            raise ValueError(f"the run wrote no JSON file ({json_file}); pass {{json}} to it")
+        value = json.loads(json_file.read_text(encoding="utf-8"))
+        for part in json_key.split("."):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        return float(value)
+    if metric is None:
+        raise ValueError("give a metric regex or a JSON key")
+    matches = list(re.finditer(metric, output, flags=re.MULTILINE))
+    if not matches:
+        raise ValueError(f"no match of {metric!r} in the run's output")
+    last = matches[-1]
+    return float(last.group(1) if last.re.groups else last.group(0))
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def ab_compare(
+    command: Sequence[str],
+    base: str,
+    head: str = "HEAD",
+    repo: Path = REPO,
+    pairs: int = 5,
+    metric: str | None = None,
+    json_key: str | None = None,
+    higher_is_better: bool = False,
+    timeout_s: float | None = None,
+    log: Callable[[str], None] = print,
+) -> ABResult:
+    """Run ``command`` in a fresh worktree of ``base`` (A) and of ``head`` (B), interleaved
+    A B A B ... ``pairs`` times, and read one number per run (:func:`read_metric`).
+
+    Each run starts in its worktree's root with that root first on ``PYTHONPATH``; an
+    argument ``{json}`` in ``command`` becomes a fresh JSON path for the run (``json_key``
+    reads it). A run that fails or yields no number stops the comparison."""
+    if pairs < 1:
+        raise ValueError("pairs must be >= 1")
+    repo = Path(repo).resolve()
+    revs = {side: _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
+            for side, rev in (("A", base), ("B", head))}  # fmt: skip
+    values: dict[str, list[float]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory(prefix="ab_") as tmp:
+        trees = {side: Path(tmp) / side for side in revs}
+        try:
+            for side, rev in revs.items():
+                _git(repo, "worktree", "add", "--detach", "--quiet", str(trees[side]), rev)
+            for i in range(pairs):
+                for side in ("A", "B"):
+                    out_json = Path(tmp) / f"run_{i}_{side}.json"
+                    argv = [a.replace("{json}", str(out_json)) for a in command]
+                    env = dict(os.environ)
+                    env["PYTHONPATH"] = os.pathsep.join(
+                        p for p in (str(trees[side]), env.get("PYTHONPATH")) if p
+                    )
+                    done = subprocess.run(
+                        argv, cwd=trees[side], env=env, capture_output=True, text=True,
+                        timeout=timeout_s,
+                    )  # fmt: skip
+                    output = done.stdout + done.stderr
+                    if done.returncode != 0:
+                        tail = "\n".join(output.splitlines()[-30:])
+                        raise RuntimeError(
+                            f"run {i + 1} of {side} exited {done.returncode}:\n{tail}"
+                        )
+                    value = read_metric(output, metric, out_json, json_key)
+                    values[side].append(value)
+                    log(f"  pair {i + 1}/{pairs} {side} {revs[side][:10]}: {value:g}")
+        finally:
+            for tree in trees.values():
+                if tree.exists():
+                    _git(repo, "worktree", "remove", "--force", str(tree))
+            _git(repo, "worktree", "prune")
+    return ABResult(revs["A"], revs["B"], values["A"], values["B"], higher_is_better)

@@ -8,8 +8,8 @@ numbers, non-ASCII text and paragraph breaks mixed in.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,4 +42,8 @@ def main(out: str, megabytes: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", help="the JSONL file to write")
+    p.add_argument("megabytes", type=float, help="about this many MB of text")
+    args = p.parse_args()
+    main(args.out, args.megabytes)

@@ -50,7 +50,7 @@ stage_attention() {
 }
 
 stage_a2a() {
-    # Raw all-to-all: NCCL (under a few tuning settings, one process each) vs copy engines.
+    # NCCL's collectives, then the all-to-all under a few tuning settings (one process each).
     timeout 90 "${RUN[@]}" "$NPROC" benchmarks/bench_all_to_all.py --json "$RES/a2a_defaults.json"
     local i=0 knobs
     for knobs in "NCCL_MIN_NCHANNELS=32" "NCCL_MIN_P2P_NCHANNELS=32 NCCL_MAX_P2P_NCHANNELS=32" \
