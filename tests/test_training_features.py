@@ -232,6 +232,79 @@ def test_clipping_in_the_fused_step_matches_clipping_first(max_norm):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_step_matches_torch_and_skips_on_found_inf(fused):
+    """``megatron.optimizer.AdamW`` updates exactly as ``torch.optim.AdamW``; given
+    ``found_inf`` 1 its fused step changes no parameter."""
+    import torch
+
+    from megatron.optimizer import AdamW
+
+    torch.manual_seed(0)
+    base = [torch.randn(5, 3), torch.randn(3)]
+    params = [[torch.nn.Parameter(b.clone()) for b in base] for _ in range(2)]
+    opts = [
+        cls([{"params": p[:1]}, {"params": p[1:], "weight_decay": 0.0}], lr=1e-2, fused=fused)
+        for cls, p in zip((torch.optim.AdamW, AdamW), params)
+    ]
+    for _ in range(3):
+        grads = [torch.randn_like(b) for b in base]
+        for opt, ps in zip(opts, params):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
+    if fused:
+        before = [p.detach().clone() for p in params[1]]
+        opts[1].step(found_inf=torch.tensor(1.0))
+        assert all(torch.equal(a, b) for a, b in zip(before, params[1]))
+    else:
+        with pytest.raises(ValueError, match="fused"):
+            opts[1].step(found_inf=torch.tensor(1.0))
+
+
+def _megatron_call_with_callbacks():
+    """Megatron's positional call (a model type, no effect); a callback sees every iteration."""
+    import shlex
+
+    import pretrain_gpt
+    from megatron.callbacks import TrainingCallback
+    from megatron.training import pretrain
+
+    class Recorder(TrainingCallback):
+        def __init__(self):
+            self.calls = []
+
+        def after_backward(self, iteration, model):
+            grads = [p.grad for p in model.parameters()]
+            self.calls.append(("after_backward", iteration, all(g is not None for g in grads)))
+
+        def on_step_end(self, iteration, model):
+            self.calls.append(("on_step_end", iteration))
+
+    recorder = Recorder()
+    pretrain_gpt._TOKENIZER = None
+    losses = pretrain(
+        pretrain_gpt.train_valid_test_datasets_provider,
+        pretrain_gpt.model_provider,
+        "encoder_or_decoder",
+        pretrain_gpt.forward_step,
+        None,
+        None,
+        shlex.split(TINY_TRAIN + " --train-iters 3"),
+        callbacks=[recorder],
+    )
+    return losses, recorder.calls, run_training("--train-iters 3")
+
+
+def test_megatron_positional_call_and_callbacks():
+    losses, calls, reference = get_world(1).run(_megatron_call_with_callbacks)[0]
+    assert losses == reference
+    expected = [(("after_backward", i, True), ("on_step_end", i)) for i in (1, 2, 3)]
+    assert calls == [call for pair in expected for call in pair]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
