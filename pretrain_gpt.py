@@ -5,10 +5,12 @@ Launch: ``torchrun --nproc-per-node N pretrain_gpt.py --ds-sequence-parallel-siz
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 
+from megatron.callbacks import TrainingCallback
 from megatron.core import parallel_state
 from megatron.global_vars import get_args
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
@@ -27,7 +29,8 @@ def get_tokenizer():
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTModel:
-    """Build the GPT model from the arguments."""
+    """Build the GPT model from the arguments (Megatron's signature; ``pre_process`` and
+    ``post_process`` have no effect: see ``megatron.training.pretrain``)."""
     args = get_args()
     get_tokenizer()  # sets args.padded_vocab_size
     state = parallel_state.get_parallel_state()
@@ -95,11 +98,18 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     return build_train_valid_test_datasets(get_args(), train_val_test_num_samples, get_tokenizer())
 
 
-def main(args_list=None) -> list[float]:
+def main(
+    args_list: list[str] | None = None, callbacks: Sequence[TrainingCallback] = ()
+) -> list[float]:
+    """Train; ``args_list`` instead of the command line, ``callbacks`` as in ``pretrain``."""
     global _TOKENIZER
     _TOKENIZER = None
     return pretrain(
-        train_valid_test_datasets_provider, model_provider, None, forward_step, args_list=args_list
+        train_valid_test_datasets_provider,
+        model_provider,
+        forward_step_func=forward_step,
+        args_list=args_list,
+        callbacks=callbacks,
     )
 
 

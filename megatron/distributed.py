@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -98,26 +99,29 @@ def set_micro_batch_sync(
         set_fp32_grads(model, fp32_wgrad)
 
 
-def step_and_gather_next(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-    """``optimizer.step()`` that starts the next forward's first all-gathers during it (ZeRO).
+def step_and_gather_next(model: torch.nn.Module, step: Callable[[], object]) -> None:
+    """``step()`` (an optimizer step) that starts the next forward's first all-gathers during
+    it (ZeRO).
 
     A ZeRO forward begins with the root module's all-gather (embeddings and final norm, in
-    fp32) and the first layer's, with nothing to hide them behind. Here the optimizer updates
-    those shards first, their all-gathers are launched (FSDP2's pre-forward waits for them),
-    and the other parameters' update runs meanwhile, on a side stream on the GPU. Each
-    parameter gets the update one ``step()`` gives it; without ZeRO this is ``step()``.
+    fp32) and the first layer's, with nothing to hide them behind. Here ``step()`` runs twice:
+    first over those shards, their all-gathers are launched (FSDP2's pre-forward waits for
+    them), then over the other parameters, meanwhile, on a side stream on the GPU. Each run
+    sees only its own parameters' gradients (optimizers skip a parameter whose ``.grad`` is
+    None; the others are set aside and put back after), so each parameter gets the update one
+    ``step()`` gives it. Without ZeRO this is ``step()``.
     """
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
-        optimizer.step()
+        step()
         return
     blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
-    later = {id(p) for block in blocks[1:] for p in block.parameters()}
-    groups = optimizer.param_groups
-    first_groups = [{**g, "params": [p for p in g["params"] if id(p) not in later]} for g in groups]
-    later_groups = [{**g, "params": [p for p in g["params"] if id(p) in later]} for g in groups]
-    _step_groups(optimizer, first_groups)
+    later = [p for block in blocks[1:] for p in block.parameters()]
+    later_ids = {id(p) for p in later}
+    first = [p for p in model.parameters() if id(p) not in later_ids]
+    with _grads_set_aside(later):
+        step()
     device = next(model.parameters()).device
     side = _side_stream(device) if device.type == "cuda" else None
     if side is not None:  # the later update starts after the first, not after the gathers
@@ -125,7 +129,8 @@ def step_and_gather_next(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     for module in (model, *blocks[:1]):
         module.unshard(async_op=True)  # on the current stream: gathers in the updated shards
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _step_groups(optimizer, later_groups)
+        with _grads_set_aside(first):
+            step()
     if side is not None:  # later all-gathers read these shards; freed tensors stay ordered
         torch.cuda.current_stream(device).wait_stream(side)
 
@@ -139,18 +144,17 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def _step_groups(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
-    """``optimizer.step()`` over these copies of its groups (same hyper-parameters, a subset
-    of the parameters); its state is per parameter, so the rest are left as they are."""
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        return
-    saved = optimizer.param_groups
-    optimizer.param_groups = groups
+@contextlib.contextmanager
+def _grads_set_aside(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """These parameters have no gradient inside (an optimizer step leaves them alone)."""
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
     try:
-        optimizer.step()
+        yield
     finally:
-        optimizer.param_groups = saved
+        for p, g in zip(params, grads):
+            p.grad = g
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing, fault_injection
+from megatron import checkpointing
+from megatron.callbacks import TrainingCallback
 from megatron.core.parallel_state import ParallelState, get_parallel_state
 from megatron.distributed import (
     any_nonfinite,
@@ -35,10 +37,11 @@ from megatron.initialize import (
     set_random_seed,
 )
 from megatron.microbatches import build_num_microbatches_calculator
+from megatron.optimizer.adamw import AdamW
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.optimizer import get_megatron_optimizer
 from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
-from megatron.step_result import PendingStep, StepValues
+from megatron.step_result import PendingStep
 from megatron.training_log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
 
 logger = logging.getLogger("megatron")
@@ -144,10 +147,8 @@ def build_data_iterators(
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """True for PyTorch's fused Adam/AdamW, which skip a step on the GPU given ``found_inf``."""
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
-        optimizer.defaults.get("fused")
-    )
+    """True for the fused AdamW, whose step skips on the device given ``found_inf``."""
+    return isinstance(optimizer, AdamW) and bool(optimizer.defaults["fused"])
 
 
 def train_step_async(
@@ -162,6 +163,7 @@ def train_step_async(
     iteration: int,
     before_optimizer_step: Callable[[], None] | None = None,
     gather_next: bool = True,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> PendingStep:
     """Launch one optimizer step over ``num_micro`` micro-batches without waiting for the GPU.
 
@@ -171,17 +173,20 @@ def train_step_async(
     LR scheduler's step), so this step's update uses the same LR as with an immediate read.
     ``gather_next``: a training forward follows, so under ZeRO its first all-gathers may start
     during the optimizer step (unless ``--no-overlap-param-gather-with-optimizer-step``).
+    ``callbacks``: their ``after_backward`` runs once the gradients are reduced.
     """
     state = get_parallel_state()
     early = gather_next and not (
         args.no_overlap_param_gather or args.no_overlap_param_gather_with_optimizer_step
     )
 
-    def step() -> None:
+    def step(**fused_args: torch.Tensor | None) -> None:
+        """The optimizer step; ``fused_args``: ``found_inf``/``grad_scale`` of the fused AdamW."""
+        run = functools.partial(optimizer.step, **fused_args)
         if early:
-            step_and_gather_next(optimizer, model)
+            step_and_gather_next(model, run)
         else:
-            optimizer.step()
+            run()
 
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
@@ -198,7 +203,8 @@ def train_step_async(
         for name, value in reported.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / num_micro
     reduce_gradients(model, state)
-    fault_injection.maybe_poison_grads(model, iteration)
+    for callback in callbacks:
+        callback.after_backward(iteration, model)
     names = sorted(totals)
     device_flags: list[torch.Tensor] = []  # [grad norm, found_inf], read with the losses
     known: tuple[float | None, bool] | None = None
@@ -224,14 +230,8 @@ def train_step_async(
         if before_optimizer_step is not None:
             before_optimizer_step()
         if fused:
-            optimizer.found_inf = found
-            if fold_clip:
-                optimizer.grad_scale = clip_divisor(norm, args.clip_grad)
-            try:
-                step()
-            finally:
-                del optimizer.found_inf
-                optimizer.__dict__.pop("grad_scale", None)
+            divisor = clip_divisor(norm, args.clip_grad) if fold_clip else None
+            step(found_inf=found, grad_scale=divisor)
         elif found.item() == 0:
             step()
         device_flags = [norm, found]
@@ -243,11 +243,6 @@ def train_step_async(
         reported = list(stacked / state.dims.dp)
     values = torch.stack(reported + device_flags) if reported or device_flags else None
     return PendingStep(iteration, names, values, known)
-
-
-def train_step(*args, **kwargs) -> StepValues:
-    """``train_step_async`` (same arguments), read at once: (losses, grad_norm, skipped)."""
-    return train_step_async(*args, **kwargs).read()
 
 
 @torch.no_grad()
@@ -276,19 +271,29 @@ def evaluate(forward_step_func, data_iterator, model, args, eval_iters: int) -> 
 
 def pretrain(
     train_valid_test_datasets_provider: Callable,
-    model_provider: Callable,
-    model_type=None,
+    model_provider: Callable[[], torch.nn.Module],
+    model_type: object = None,
     forward_step_func: Callable | None = None,
     extra_args_provider: Callable | None = None,
     args_defaults: dict | None = None,
-    args_list=None,
+    args_list: list[str] | None = None,
+    *,
+    callbacks: Sequence[TrainingCallback] = (),
 ) -> list[float]:
-    """Train a model: Megatron's entry point. Returns the per-iteration losses of this run."""
+    """Train a model: Megatron's entry point. Returns the per-iteration losses of this run.
+
+    Megatron's positional order is kept, so its scripts' calls work. Two of its parameters
+    have no effect here, as there is no pipeline parallelism and one model type:
+    ``model_type`` (e.g. ``ModelType.encoder_or_decoder``) is accepted and ignored, and
+    ``model_provider`` is called with no arguments, so the ``pre_process``/``post_process``
+    parameters of Megatron's ``model_provider(pre_process=True, post_process=True)`` keep
+    their defaults. ``callbacks``: hooks into every iteration (``megatron.callbacks``).
+    """
     initialize_megatron(extra_args_provider, args_defaults, args_list)
     args = get_args()
     try:
         return _pretrain(
-            train_valid_test_datasets_provider, model_provider, forward_step_func, args
+            train_valid_test_datasets_provider, model_provider, forward_step_func, args, callbacks
         )
     except UsageError as err:
         exit_with_usage_error(err, args.rank)
@@ -310,7 +315,13 @@ def build_grad_scaler(args: argparse.Namespace) -> ConstantGradScaler:
     )
 
 
-def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> list[float]:
+def _pretrain(
+    datasets_provider: Callable,
+    model_provider: Callable[[], torch.nn.Module],
+    forward_step_func: Callable,
+    args: argparse.Namespace,
+    callbacks: Sequence[TrainingCallback],
+) -> list[float]:
     state = get_parallel_state()
     device = args.device_obj
     start = time.time()
@@ -326,7 +337,7 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
 
     # Same initial weights on every rank; then each shard gets its own dropout stream.
     set_random_seed(args.seed)
-    model = model_provider(pre_process=True, post_process=True).to(device)
+    model = model_provider().to(device)
     from megatron.model import ParallelTransformerLayer
 
     model = shard_model_for_zero(
@@ -399,9 +410,10 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
         pending = train_step_async(
             forward_step_func, train_it, model, optimizer, scheduler, scaler, args, num_micro,
             ts.iteration + 1, before_optimizer_step=finish,
-            gather_next=ts.iteration + 1 < train_iters,
+            gather_next=ts.iteration + 1 < train_iters, callbacks=callbacks,
         )  # fmt: skip
-        fault_injection.maybe_kill(args.rank, ts.iteration + 1)
+        for callback in callbacks:
+            callback.on_step_end(ts.iteration + 1, model)
         ts.iteration += 1
         ts.consumed_train_samples += gbs
         ts.consumed_train_tokens += gbs * args.seq_length

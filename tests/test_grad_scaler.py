@@ -12,8 +12,12 @@ from megatron.optimizer.grad_scaler import (
     ConstantGradScaler,
     DynamicGradScaler,
     non_finite_check_and_unscale_,
-    unscale_and_check_,
 )
+
+
+def unscale_and_check_(grads, inv_scale) -> bool:
+    """Bool form of ``non_finite_check_and_unscale_`` (syncs with the device once)."""
+    return bool(non_finite_check_and_unscale_(grads, inv_scale).item() > 0)
 
 
 def dynamic(initial=2.0**16, min_scale=1.0, window=3, hysteresis=2) -> DynamicGradScaler:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from dist_helper import get_world
+from fault_injection import faults
 from train_utils import TINY_TRAIN, run_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,20 +34,17 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _run_captured(extra, env=None):
+def _run_captured(extra, fault=""):
+    """Train with the faults of ``fault`` (``tests/fault_injection.py``); capture the log."""
     cap = _Capture()
     logging.getLogger("megatron").addHandler(cap)
-    old = dict(os.environ)
-    os.environ.update(env or {})
     try:
         try:
-            losses = run_training(extra)
+            losses = run_training(extra, callbacks=faults(fault))
             code = 0
         except SystemExit as e:
             losses, code = None, e.code
     finally:
-        os.environ.clear()
-        os.environ.update(old)
         logging.getLogger("megatron").removeHandler(cap)
     return losses, code, cap.lines
 
@@ -57,28 +55,24 @@ def _features(tmp):
         f"--train-iters 6 --eval-interval 3 --eval-iters 1 --tensorboard-dir {tmp}/tb --log-timers-to-tensorboard "
         "--log-validation-ppl-to-tensorboard --log-batch-size-to-tensorboard"
     )
-    out["nan"] = _run_captured(
-        f"--train-iters 4 --save {tmp}/nan --save-interval 1", {"MEGATRON_FAULT": "nan_grad@3"}
-    )
-    out["nan_stop"] = _run_captured(
-        "--train-iters 6 --max-nan-iterations 2", {"MEGATRON_FAULT": "nan_grad@2-3"}
-    )
+    out["nan"] = _run_captured(f"--train-iters 4 --save {tmp}/nan --save-interval 1", "nan_grad@3")
+    out["nan_stop"] = _run_captured("--train-iters 6 --max-nan-iterations 2", "nan_grad@2-3")
     out["tokens"] = _run_captured("--train-iters 100 --train-tokens 1000")
     for defer in (True, False):
         out[f"defer={defer}"] = _run_recording_lr(
             f"--train-iters 7 --log-interval 3 --save {tmp}/defer{defer} --save-interval 100",
-            {"MEGATRON_FAULT": "nan_grad@4-5"},
+            "nan_grad@4-5",
             defer,
         )
         out[f"defer={defer} stop"] = _run_recording_lr(
             "--train-iters 6 --log-interval 5 --max-nan-iterations 2",
-            {"MEGATRON_FAULT": "nan_grad@2-3"},
+            "nan_grad@2-3",
             defer,
         )
     return out
 
 
-def _run_recording_lr(extra, env, defer):
+def _run_recording_lr(extra, fault, defer):
     """``_run_captured`` with the step's host bookkeeping deferred (the default) or done at
     once (``defer=False``); also returns the LR of every optimizer step as it was launched."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -91,7 +85,7 @@ def _run_recording_lr(extra, env, defer):
     )
     training.DEFER_STEP_SYNC = defer
     try:
-        return (*_run_captured(extra, env), lrs)
+        return (*_run_captured(extra, fault), lrs)
     finally:
         training.DEFER_STEP_SYNC = True
         handle.remove()
@@ -214,6 +208,7 @@ def test_clipping_in_the_fused_step_matches_clipping_first(max_norm):
     import torch
 
     from megatron.distributed import clip_divisor
+    from megatron.optimizer.adamw import AdamW
 
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (3, 2)]
@@ -222,19 +217,92 @@ def test_clipping_in_the_fused_step_matches_clipping_first(max_norm):
     results = []
     for fold in (False, True):
         params = [torch.nn.Parameter(b.clone()) for b in base]
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        opt = AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
         for _ in range(2):
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             if fold:
-                opt.grad_scale = clip_divisor(norm, max_norm)
+                opt.step(grad_scale=clip_divisor(norm, max_norm))
             else:
                 torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-            opt.step()
+                opt.step()
         results.append(([p.detach() for p in params], [p.grad for p in params]))
     for a, b in zip(*(r[0] + r[1] for r in results)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_step_matches_torch_and_skips_on_found_inf(fused):
+    """``megatron.optimizer.AdamW`` updates exactly as ``torch.optim.AdamW``; given
+    ``found_inf`` 1 its fused step changes no parameter."""
+    import torch
+
+    from megatron.optimizer import AdamW
+
+    torch.manual_seed(0)
+    base = [torch.randn(5, 3), torch.randn(3)]
+    params = [[torch.nn.Parameter(b.clone()) for b in base] for _ in range(2)]
+    opts = [
+        cls([{"params": p[:1]}, {"params": p[1:], "weight_decay": 0.0}], lr=1e-2, fused=fused)
+        for cls, p in zip((torch.optim.AdamW, AdamW), params)
+    ]
+    for _ in range(3):
+        grads = [torch.randn_like(b) for b in base]
+        for opt, ps in zip(opts, params):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
+    if fused:
+        before = [p.detach().clone() for p in params[1]]
+        opts[1].step(found_inf=torch.tensor(1.0))
+        assert all(torch.equal(a, b) for a, b in zip(before, params[1]))
+    else:
+        with pytest.raises(ValueError, match="fused"):
+            opts[1].step(found_inf=torch.tensor(1.0))
+
+
+def _megatron_call_with_callbacks():
+    """Megatron's positional call (a model type, no effect); a callback sees every iteration."""
+    import shlex
+
+    import pretrain_gpt
+    from megatron.callbacks import TrainingCallback
+    from megatron.training import pretrain
+
+    class Recorder(TrainingCallback):
+        def __init__(self):
+            self.calls = []
+
+        def after_backward(self, iteration, model):
+            grads = [p.grad for p in model.parameters()]
+            self.calls.append(("after_backward", iteration, all(g is not None for g in grads)))
+
+        def on_step_end(self, iteration, model):
+            self.calls.append(("on_step_end", iteration))
+
+    recorder = Recorder()
+    pretrain_gpt._TOKENIZER = None
+    losses = pretrain(
+        pretrain_gpt.train_valid_test_datasets_provider,
+        pretrain_gpt.model_provider,
+        "encoder_or_decoder",
+        pretrain_gpt.forward_step,
+        None,
+        None,
+        shlex.split(TINY_TRAIN + " --train-iters 3"),
+        callbacks=[recorder],
+    )
+    return losses, recorder.calls, run_training("--train-iters 3")
+
+
+def test_megatron_positional_call_and_callbacks():
+    losses, calls, reference = get_world(1).run(_megatron_call_with_callbacks)[0]
+    assert losses == reference
+    expected = [(("after_backward", i, True), ("on_step_end", i)) for i in (1, 2, 3)]
+    assert calls == [call for pair in expected for call in pair]
 
 
 def _free_port():
@@ -304,7 +372,7 @@ def test_rank_failure_restarts_from_checkpoint(tmp_path):
     ref = get_world(2).run(run_training, "--train-iters 8 --ds-sequence-parallel-size 2")[0]
     ck = str(tmp_path / "ck")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3",
-           "pretrain_gpt.py", *TINY_TRAIN.split(), "--train-iters", "8", "--ds-sequence-parallel-size", "2",
+           "tests/fault_injection.py", *TINY_TRAIN.split(), "--train-iters", "8", "--ds-sequence-parallel-size", "2",
            "--save", ck, "--load", ck, "--save-interval", "2",
            # A restarted gloo group that cannot connect fails in a minute and torchrun tries again.
            "--distributed-timeout-minutes", "1"]  # fmt: skip

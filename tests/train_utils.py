@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 
 TINY_TRAIN = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 8 --seq-length 64 --max-position-embeddings 64 "
@@ -13,11 +14,11 @@ TINY_TRAIN = (
 )
 
 
-def run_training(extra: str = "", base: str = TINY_TRAIN) -> list[float]:
+def run_training(extra: str = "", base: str = TINY_TRAIN, callbacks: Sequence = ()) -> list[float]:
     """Run pretrain_gpt in this (already initialised) process group; return its losses."""
     import pretrain_gpt
 
-    return pretrain_gpt.main(shlex.split(base + " " + extra))
+    return pretrain_gpt.main(shlex.split(base + " " + extra), callbacks)
 
 
 def run_many(runs: list[str]) -> list[list[float]]:

@@ -1,15 +1,15 @@
-"""Optimizer pieces: loss scaling and the gradient unscale / overflow check."""
+"""Optimizer pieces: AdamW with explicit fused-step arguments, loss scaling, the unscale check."""
 
+from megatron.optimizer.adamw import AdamW
 from megatron.optimizer.grad_scaler import (
     ConstantGradScaler,
     DynamicGradScaler,
     non_finite_check_and_unscale_,
-    unscale_and_check_,
 )
 
 __all__ = [
+    "AdamW",
     "ConstantGradScaler",
     "DynamicGradScaler",
     "non_finite_check_and_unscale_",
-    "unscale_and_check_",
 ]

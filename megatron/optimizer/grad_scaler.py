@@ -2,9 +2,8 @@
 
 ``scale`` and ``inv_scale`` are python floats (not tensors as in Megatron): the loss is multiplied
 by a number, the state dict is JSON-safe, and no device is pinned. The training loop calls
-:func:`non_finite_check_and_unscale_` (or the bool form :func:`unscale_and_check_`) on the local
-gradients, all-reduces the flag across ranks, skips the optimizer step on overflow and then calls
-``scaler.update(found_inf)``.
+:func:`non_finite_check_and_unscale_` on the local gradients, all-reduces the flag across ranks,
+skips the optimizer step on overflow and then calls ``scaler.update(found_inf)``.
 """
 
 from __future__ import annotations
@@ -172,10 +171,3 @@ def non_finite_check_and_unscale_(
     for device in devices[1:]:
         total = torch.maximum(total, found_by_device[device].to(total.device))
     return total
-
-
-def unscale_and_check_(
-    grads: Iterable[torch.Tensor | None], inv_scale: float | torch.Tensor
-) -> bool:
-    """Bool form of :func:`non_finite_check_and_unscale_` (syncs with the device once)."""
-    return bool(non_finite_check_and_unscale_(grads, inv_scale).item() > 0)

@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from megatron.optimizer.adamw import AdamW
+
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
     """Two groups: decayed weights, and biases/norm weights (``wd_mult`` 0, as in Megatron)."""
@@ -26,12 +28,12 @@ def get_megatron_optimizer(
     groups = param_groups(model)
     # Fused AdamW (GPU and CPU), also on FSDP2's DTensor shards: one pass instead of the
     # foreach path's many (~8 ms less per iteration for 1.3B over 4 H100s, docs/performance.md),
-    # and it can skip a non-finite step on the device (train_step: no host sync before it).
+    # and it can skip a non-finite step on the device (its step's found_inf: no host sync).
     if args.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.sgd_momentum
         )
-    return torch.optim.AdamW(
+    return AdamW(
         groups,
         lr=args.lr,
         weight_decay=args.weight_decay,
