@@ -12,6 +12,10 @@ document ids of packed sequences: a query attends only to earlier keys of its ow
   causal sequence of at least two ``sdpa_block_size`` blocks runs blockwise (cuDNN on CUDA,
   the fused CPU kernel on CPU; ``megatron.model.blockwise_attention``).
 * ``triton``: this project's Triton FlashAttention (imported lazily; no dropout).
+
+Every backend also exposes ``attn.step``, its local attention step (one query block against
+one key block, returning the log-sum-exp, with a backward from the merged result;
+``megatron.model.attention_step``), on which blockwise and ring attention are built.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from megatron.model.attention_step import CLASSIC_STEP, SDPA_STEP, AttentionStep
 from megatron.model.blockwise_attention import (
     blockwise_causal_attention,
     blockwise_causal_usable,
@@ -42,6 +47,8 @@ def causal_doc_mask(s: int, doc_ids: torch.Tensor | None, device: torch.device) 
 
 class LocalAttention(torch.nn.Module):
     """Common state: dropout probability and softmax scale, fixed at construction."""
+
+    step: AttentionStep = CLASSIC_STEP  # the backend's block step (no dropout)
 
     def __init__(self, attention_dropout: float, softmax_scale: float) -> None:
         super().__init__()
@@ -116,6 +123,8 @@ def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 class SDPAAttention(LocalAttention):
     """``--use-flash-attn``: flash_attn v2 if importable, else torch SDPA."""
 
+    step = SDPA_STEP
+
     def __init__(
         self, attention_dropout: float, softmax_scale: float, sdpa_block_size: int = 0
     ) -> None:
@@ -178,6 +187,10 @@ class SDPAAttention(LocalAttention):
 
 class TritonAttention(LocalAttention):
     """``--use-flash-attn-triton``: megatron.ops.flash_attn_triton (attention dropout unsupported)."""
+
+    # The Triton kernel's own step (an AttentionStep subclass with separate q/k document ids
+    # and offsets) replaces this; until then its blocks run the classic step.
+    step = CLASSIC_STEP
 
     def __init__(self, attention_dropout: float, softmax_scale: float) -> None:
         super().__init__(attention_dropout, softmax_scale)

@@ -9,7 +9,8 @@ log-sum-exps. The backward is one call of the kernel's backward over the whole s
 the merged output and log-sum-exp: the gradients of a single forward call, and that
 backward does not slow down with the length.
 
-CUDA uses cuDNN's SDPA operators, CPU the fused CPU kernel (for tests). No dropout, no
+Each block is one step of the SDPA backend (megatron.model.attention_step: cuDNN on CUDA, the
+fused CPU kernel on CPU, for tests), merged by its log-sum-exp merge. No dropout, no
 document mask, equal query and key/value heads: the caller falls back to one call otherwise.
 """
 
@@ -17,39 +18,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _cudnn_fwd(q, k, v, causal: bool, scale: float):
-    out, lse, cum_q, cum_k, _, _, seed, offset, _ = (
-        torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale
-        )
-    )
-    return out, lse, (seed, offset, cum_q, cum_k)  # what the backward call needs besides
+from megatron.model.attention_step import SDPA_STEP, merge
 
 
-def _cudnn_bwd(dout, q, k, v, out, lse, causal: bool, scale: float, extra):
-    seed, offset, cum_q, cum_k = extra
-    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, q.shape[2], k.shape[2],
-        0.0, causal, scale=scale,
-    )  # fmt: skip
-
-
-def _cpu_fwd(q, k, v, causal: bool, scale: float):
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, scale=scale
-    )
-    return out, lse, None
-
-
-def _cpu_bwd(dout, q, k, v, out, lse, causal: bool, scale: float, extra):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale
-    )
-
-
-def _kernels(device: torch.device):
-    return (_cudnn_fwd, _cudnn_bwd) if device.type == "cuda" else (_cpu_fwd, _cpu_bwd)
+def _sbhd(t_bhsd: torch.Tensor) -> torch.Tensor:
+    """The [s, b, h, d] view of a [b, h, s, d] tensor (the step's layout; no copy)."""
+    return t_bhsd.permute(2, 0, 1, 3)
 
 
 class _BlockwiseCausal(torch.autograd.Function):
@@ -57,29 +31,31 @@ class _BlockwiseCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_bhsd, k_bhsd, v_bhsd, block: int, scale: float):
-        fwd, _ = _kernels(q_bhsd.device)
-        n = q_bhsd.shape[2] // block
-        blk = [slice(i * block, (i + 1) * block) for i in range(n)]
-        acc_dtype = torch.promote_types(q_bhsd.dtype, torch.float32)
+        q_sbhd, k_sbhd, v_sbhd = (_sbhd(t) for t in (q_bhsd, k_bhsd, v_bhsd))
         out_bhsd = torch.empty_like(q_bhsd)  # keeps q's memory layout (e.g. [s, b, h, d])
         lses = []
-        for i in range(n):
-            q_i = q_bhsd[:, :, blk[i]]
-            acc = lse = None  # running output and log-sum-exp of query block i
+        for i in range(q_sbhd.shape[0] // block):
+            q_i = q_sbhd[i * block : (i + 1) * block]
+            acc_sbhd = lse_bhs = None  # running output and log-sum-exp of query block i
             for j in range(i + 1):
-                o, l_ij, extra = fwd(q_i, k_bhsd[:, :, blk[j]], v_bhsd[:, :, blk[j]], i == j, scale)
-                l4 = l_ij.reshape(*l_ij.shape[:3], 1).to(acc_dtype)  # [b, h, block, 1]
-                if acc is None:
-                    acc, lse = o.to(acc_dtype), l4
+                kv_j = (t[j * block : (j + 1) * block] for t in (k_sbhd, v_sbhd))
+                o_sbhd, l_bhs = SDPA_STEP(
+                    q_i,
+                    *kv_j,
+                    causal="diagonal" if i == j else "none",
+                    q_offset=i * block,
+                    k_offset=j * block,
+                    softmax_scale=scale,
+                )
+                if acc_sbhd is None:
+                    acc_sbhd, lse_bhs = o_sbhd.to(l_bhs.dtype), l_bhs
                 else:
-                    merged = torch.logaddexp(lse, l4)
-                    acc = acc.mul_(torch.exp(lse - merged)).add_(o * torch.exp(l4 - merged))
-                    lse = merged
-            out_bhsd[:, :, blk[i]] = acc
-            lses.append(lse.reshape(l_ij.shape).to(l_ij.dtype))
-        # The whole sequence's log-sum-exp, as one kernel call would have returned it.
+                    acc_sbhd, lse_bhs = merge(acc_sbhd, lse_bhs, o_sbhd, l_bhs)
+            out_bhsd[:, :, i * block : (i + 1) * block] = acc_sbhd.permute(1, 2, 0, 3)
+            lses.append(lse_bhs)
+        # The whole sequence's log-sum-exp [b, h, s], as one kernel call would have returned it.
         lse_full = torch.cat(lses, dim=2)
-        ctx.scale, ctx.extra = scale, extra
+        ctx.scale = scale
         ctx.save_for_backward(q_bhsd, k_bhsd, v_bhsd, out_bhsd, lse_full)
         return out_bhsd
 
@@ -88,13 +64,11 @@ class _BlockwiseCausal(torch.autograd.Function):
         # One backward call over the whole sequence: with the merged output and log-sum-exp
         # it is exactly the single call's backward, and the kernel's backward does not slow
         # down with the length as its forward does.
-        q, k, v, out, lse = ctx.saved_tensors
-        _, bwd = _kernels(q.device)
-        # cuDNN's backward (torch 2.11) returns wrong gradients for a dout laid out
-        # [s, b, h, d], whatever b (megatron.ops.contiguous_grad); contiguous is right.
-        dout_bhsd = dout_bhsd.contiguous()
-        dq, dk, dv = bwd(dout_bhsd, q, k, v, out, lse, True, ctx.scale, ctx.extra)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse = (_sbhd(t) if t.dim() == 4 else t for t in ctx.saved_tensors)
+        dq, dk, dv = SDPA_STEP.backward(
+            _sbhd(dout_bhsd), q, k, v, out, lse, causal="diagonal", softmax_scale=ctx.scale
+        )
+        return (*(g.permute(1, 2, 0, 3) for g in (dq, dk, dv)), None, None)
 
 
 def blockwise_causal_usable(q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, block: int) -> bool:
