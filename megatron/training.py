@@ -23,7 +23,6 @@ from megatron.distributed import (
     grad_norm_and_clip,
     reduce_gradients,
     set_micro_batch_sync,
-    shard_model_for_zero,
     step_and_gather_next,
 )
 from megatron.errors import UsageError
@@ -38,6 +37,7 @@ from megatron.microbatches import build_num_microbatches_calculator
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.optimizer import get_megatron_optimizer
 from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
+from megatron.parallelize import apply_zero
 from megatron.step_result import PendingStep, StepValues
 from megatron.training_log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
 
@@ -327,13 +327,10 @@ def _pretrain(datasets_provider, model_provider, forward_step_func, args) -> lis
     # Same initial weights on every rank; then each shard gets its own dropout stream.
     set_random_seed(args.seed)
     model = model_provider(pre_process=True, post_process=True).to(device)
-    from megatron.model import ParallelTransformerLayer
-
-    model = shard_model_for_zero(
+    model = apply_zero(
         model,
-        args.zero_stage,
         state,
-        (ParallelTransformerLayer,),
+        args.zero_stage,
         zero_param_dtype(args),
         forward_prefetch=not args.no_overlap_param_gather,
     )
