@@ -25,7 +25,6 @@ from megatron.distributed import (
     grad_norm_and_clip,
     reduce_gradients,
     set_micro_batch_sync,
-    shard_model_for_zero,
     step_and_gather_next,
 )
 from megatron.errors import UsageError
@@ -41,6 +40,7 @@ from megatron.optimizer.adamw import AdamW
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.optimizer import get_megatron_optimizer
 from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
+from megatron.parallelize import apply_zero
 from megatron.step_result import PendingStep
 from megatron.training_log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
 
@@ -338,13 +338,10 @@ def _pretrain(
     # Same initial weights on every rank; then each shard gets its own dropout stream.
     set_random_seed(args.seed)
     model = model_provider().to(device)
-    from megatron.model import ParallelTransformerLayer
-
-    model = shard_model_for_zero(
+    model = apply_zero(
         model,
-        args.zero_stage,
         state,
-        (ParallelTransformerLayer,),
+        args.zero_stage,
         zero_param_dtype(args),
         forward_prefetch=not args.no_overlap_param_gather,
     )

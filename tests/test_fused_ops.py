@@ -339,3 +339,70 @@ def test_chunked_loss_in_the_model():
     for key in out:
         assert out[key][0] == pytest.approx(out[0, False][0], rel=1e-6)
         mu.assert_grads_close(out[key][1], out[0, False][1])
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_add_norm_implementations_agree(rms):
+    """The two implementations of the layers' add + norm seam (megatron.model.residual): a
+    layer-like chain of adds and norms, each add pending (a ``Residual``) until the next norm.
+    The Triton one adds and normalises in one pass and, without dropout, takes the output
+    bias; the plain one uses PyTorch's ops. Same values and gradients in fp32."""
+    if not triton_kernels_can_run(torch.device("cpu")):
+        pytest.skip("the fused kernels need CUDA or TRITON_INTERPRET=1")
+    from megatron.model.norms import build_norm
+    from megatron.model.residual import AddNorm, Residual, TritonAddNorm
+
+    config = tiny_config(hidden_size=16, normalization="RMSNorm" if rms else "LayerNorm")
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 2, 16)
+    ys = [torch.randn(6, 2, 16) for _ in range(2)]
+    bias = torch.randn(16)
+    out = {}
+    for seam in (AddNorm(config), TritonAddNorm(config)):
+        torch.manual_seed(1)
+        norms = [build_norm(config) for _ in range(3)]
+        for n in norms:
+            n.weight.data.uniform_(0.5, 1.5)
+        x = x0.clone().requires_grad_()
+        leaves = [y.clone().requires_grad_() for y in ys] + [bias.clone().requires_grad_()]
+        fused_bias = seam.fuses_bias(x.device)
+        assert fused_bias == isinstance(seam, TritonAddNorm)
+        stream, h = seam.norm(x, norms[0], norms[0].weight)
+        for y, norm in zip(leaves[:2], norms[1:]):
+            y = y * h  # the block's output depends on the normed input
+            if fused_bias:
+                stream = seam.add(stream, y, leaves[2])
+            else:
+                stream = seam.add(stream, y + leaves[2])
+            assert isinstance(stream, Residual)
+            stream, h = seam.norm(stream, norm, norm.weight)
+        h.square().sum().backward()
+        grads = [t.grad for t in leaves] + [n.weight.grad for n in norms]
+        out[type(seam)] = [h, x.grad, *grads]
+    for got, want in zip(out[TritonAddNorm], out[AddNorm]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_deferrable_linear_is_nn_linear_until_queued():
+    """``DeferrableLinear`` without a queue is ``nn.Linear`` (same values, gradients at once);
+    with one, the weight gradient waits for the queue and then equals the plain one."""
+    from megatron.model.deferred_wgrad import DeferrableLinear, WgradQueue
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(16, 8)
+    lin = DeferrableLinear(16, 8)
+    lin.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 2, 16)
+    plain(x).square().sum().backward()
+    for queue in (None, WgradQueue()):
+        lin.zero_grad(set_to_none=True)
+        lin.wgrad_queue = queue
+        out = lin(x)
+        torch.testing.assert_close(out, plain(x), rtol=0, atol=0)
+        out.square().sum().backward()
+        if queue is not None:
+            assert lin.weight.grad is None and queue.pending == 1
+            queue.run()
+        torch.testing.assert_close(lin.weight.grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lin.bias.grad, plain.bias.grad, rtol=1e-6, atol=1e-6)
+    assert torch.equal(lin(x, add_bias=False), F.linear(x, plain.weight))

@@ -599,3 +599,34 @@ def test_embedding_grads_in_place_match_autograd(untie, monkeypatch):
         grads.append(grads_of(model))
     assert_grads_close(grads[1], grads[0], rtol=1e-6)
     assert calls == [True, True]  # the second micro-batch adds to the first's .grad
+
+
+@pytest.mark.parametrize(
+    "recompute, segments",
+    [
+        ({}, [(0, 3, False)]),
+        (
+            {"recompute_granularity": "full", "recompute_num_layers": 2},
+            [(0, 2, True), (2, 3, True)],
+        ),
+        (
+            {
+                "recompute_granularity": "full",
+                "recompute_method": "block",
+                "recompute_num_layers": 2,
+            },
+            [(0, 1, True), (1, 2, True), (2, 3, False)],
+        ),
+    ],
+    ids=["none", "uniform2", "block2"],
+)
+def test_parallelize_sets_the_recompute_segments(recompute, segments):
+    """``parallelize`` (called by GPTModel's constructor) turns the recompute settings into the
+    stack's checkpointed runs of layers; without SP the core attention stays local."""
+    from megatron.model.attention import CoreAttention
+
+    model = GPTModel(tiny_config(num_layers=3, **recompute))
+    assert [tuple(s) for s in model.transformer.segments] == segments
+    for layer in model.transformer.layers:
+        assert isinstance(layer.self_attention.core_attention, CoreAttention)
+        assert layer.self_attention.send_order_qkv is None

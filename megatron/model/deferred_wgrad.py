@@ -5,7 +5,8 @@ In a Ulysses layer's backward the all-to-alls are on the critical path: the grad
 attention output goes to the head-sharded layout before the local attention's backward, and
 dQ/dK/dV come back before the QKV projection's. The weight-gradient GEMMs of the linears met
 just before each exchange (the attention's output projection; the MLP's two projections)
-feed nothing that follows, so :func:`linear` computes only the input and bias gradients when
+feed nothing that follows, so :func:`linear` (the forward of :class:`DeferrableLinear`, whose
+queue the parallelisation step sets) computes only the input and bias gradients when
 autograd reaches it and queues the weight's; the all-to-all's backward starts its exchange,
 runs the queue, then waits (see :mod:`megatron.core.comm`).
 
@@ -118,3 +119,14 @@ def linear(
         return F.linear(x, module.weight, bias)
     dtype = linear_compute_dtype(x, module.weight)
     return _LinearDeferredWgrad.apply(x, module.weight, bias, dtype, queue)
+
+
+class DeferrableLinear(torch.nn.Linear):
+    """``torch.nn.Linear`` whose weight gradient waits in ``wgrad_queue`` when one is set
+    (:func:`megatron.parallelize.parallelize` sets it; None: ``F.linear``, as nn.Linear).
+    ``forward(x, add_bias=False)`` skips the bias (a fused op adds it)."""
+
+    wgrad_queue: WgradQueue | None = None
+
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        return linear(x, self, self.wgrad_queue, add_bias)

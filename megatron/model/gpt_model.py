@@ -3,8 +3,9 @@
 Under Ulysses sequence parallelism every SP rank holds a contiguous ``s/p`` slice of the
 tokens, position ids and labels (``[b, s/p]``). Position ids are the GLOBAL positions of
 those tokens (learned embeddings look them up, RoPE rotates with them), so the model's
-math is the single-device math; the only parallel pieces are the DistributedAttention
-inside each attention layer and the loss normalisation (:func:`masked_lm_loss`).
+math is the single-device math. The parallel pieces, the DistributedAttention inside each
+attention layer, are applied by :func:`megatron.parallelize.parallelize`, with recomputation
+and compile; the loss normalises over the SP group itself (:func:`masked_lm_loss`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megatron.model.inplace_grad import embedding_lookup
 from megatron.model.loss import TokenLosses, output_layer_cross_entropy
 from megatron.model.rotary import rotary_cos_sin
 from megatron.model.transformer import ParallelTransformer
+from megatron.parallelize import parallelize
 
 
 class Embedding(torch.nn.Module):
@@ -62,6 +64,10 @@ class GPTModel(torch.nn.Module):
         sp_group: the sequence-parallel process group; ``None`` or size 1 means no SP.
         device: where to create the parameters (default: torch's current default device).
             Parameters are created empty and initialised once by :meth:`reset_parameters`.
+
+    The constructor builds the single-device model, then applies ``config``'s sequence
+    parallelism over ``sp_group``, recomputation and compile with
+    :func:`megatron.parallelize.parallelize` (the one place that does).
     """
 
     def __init__(
@@ -72,13 +78,12 @@ class GPTModel(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.sp_group = sp_group
         if device is None:
             device = torch.get_default_device()
         # Build on the meta device (no throw-away default init), then materialise once.
         with torch.device("meta"):
             self.embedding = Embedding(config)
-            self.transformer = ParallelTransformer(config, sp_group)
+            self.transformer = ParallelTransformer(config)
             self.output_layer = None
             if config.untie_embeddings_and_output_weights:
                 self.output_layer = torch.nn.Parameter(
@@ -89,6 +94,7 @@ class GPTModel(torch.nn.Module):
         self.to_empty(device=device)
         if torch.device(device).type != "meta":
             self.reset_parameters()
+        parallelize(self, config, sp_group)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

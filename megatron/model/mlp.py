@@ -2,7 +2,10 @@
 
 With ``bias_gelu_fusion`` (Megatron's default; ``--no-bias-gelu-fusion`` turns it off) the
 first projection's bias is added inside the GeLU kernel, whose backward also sums the bias
-gradient (:func:`megatron.ops.bias_gelu`: Triton on CUDA, else PyTorch's ops, same function)."""
+gradient (:func:`megatron.ops.bias_gelu`: Triton on CUDA, else PyTorch's ops, same function).
+
+Both projections are :class:`~megatron.model.deferred_wgrad.DeferrableLinear`: plain linears
+unless the parallelisation step queues their weight gradients (``--delay-wgrad-compute``)."""
 
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ class ParallelMLP(torch.nn.Module):
         """``wgrad_queue``: where the two projections' weight gradients wait (see
         :mod:`megatron.model.deferred_wgrad`); None computes them in place."""
         super().__init__()
-        self.wgrad_queue = wgrad_queue
         self.swiglu = config.swiglu
         self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         self.bias_gelu_fusion = (
@@ -34,19 +36,24 @@ class ParallelMLP(torch.nn.Module):
         )
         factory = {"device": device, "dtype": config.params_dtype}
         up_width = 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size
-        self.dense_h_to_4h = torch.nn.Linear(
+        self.dense_h_to_4h = deferred_wgrad.DeferrableLinear(
             config.hidden_size, up_width, bias=config.add_bias_linear, **factory
         )
-        self.dense_4h_to_h = torch.nn.Linear(
+        self.dense_4h_to_h = deferred_wgrad.DeferrableLinear(
             config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, **factory
         )
         self.dense_4h_to_h.is_output_projection = True  # scaled init
+        self.set_wgrad_queue(wgrad_queue)
+
+    def set_wgrad_queue(self, queue: deferred_wgrad.WgradQueue | None) -> None:
+        """Where both projections' weight gradients wait (None: computed in place)."""
+        self.dense_h_to_4h.wgrad_queue = self.dense_4h_to_h.wgrad_queue = queue
 
     def forward(self, hidden_sbh: torch.Tensor, add_output_bias: bool = True) -> torch.Tensor:
         """``add_output_bias`` False: the second projection skips its bias (the caller's
         fused add + norm adds it)."""
         fuse_bias = self.bias_gelu_fusion  # then the GeLU op adds the first linear's bias
-        x = deferred_wgrad.linear(hidden_sbh, self.dense_h_to_4h, self.wgrad_queue, not fuse_bias)
+        x = self.dense_h_to_4h(hidden_sbh, add_bias=not fuse_bias)  # [s, b, ffn or 2 ffn]
         if fuse_bias:
             x = bias_gelu(x, self.dense_h_to_4h.bias, self.gelu_approximate)
         elif self.swiglu:
@@ -54,4 +61,4 @@ class ParallelMLP(torch.nn.Module):
             x = F.silu(gate) * up
         else:
             x = F.gelu(x, approximate=self.gelu_approximate)
-        return deferred_wgrad.linear(x, self.dense_4h_to_h, self.wgrad_queue, add_output_bias)
+        return self.dense_4h_to_h(x, add_bias=add_output_bias)  # [s, b, h]

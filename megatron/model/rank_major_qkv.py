@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core.sequence.heads import kv_heads_of_rank, kv_heads_replicated
 from megatron.model.matmul import linear_compute_dtype
 
 
@@ -23,17 +24,14 @@ def rank_major_rows(
 ) -> torch.Tensor:
     """Weight rows in send order: for each rank r, its q heads, then its k and v heads.
 
-    With fewer K/V heads than ranks, rank r uses K/V head ``r * hkv // sp`` (as
-    :func:`~megatron.core.sequence.layer.replicate_kv_heads` does), so rows repeat.
+    Rank r's K/V heads are :func:`~megatron.core.sequence.heads.kv_heads_of_rank`'s (as
+    for the plain all-to-all); with fewer K/V heads than ranks, rows repeat.
     """
     q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
     hq = num_heads // sp
     rows = []
     for r in range(sp):
-        if num_kv_heads % sp == 0:
-            kv_heads = range(r * num_kv_heads // sp, (r + 1) * num_kv_heads // sp)
-        else:
-            kv_heads = [r * num_kv_heads // sp]
+        kv_heads = kv_heads_of_rank(r, num_kv_heads, sp)
         q = torch.arange(r * hq * head_dim, (r + 1) * hq * head_dim)
         kv = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kv_heads])
         rows += [q, q_width + kv, q_width + kv_width + kv]
@@ -138,3 +136,40 @@ def rank_major_linear(
     x_nh = x_sbh.reshape(s * b, h)
     out = _RankMajorLinear.apply(x_nh, module.weight, module.bias, rows, sp, widths, dtype)
     return out.view(sp, s, b, -1)
+
+
+class RankMajorQKV:
+    """The attention's Q/K/V projection and Ulysses attention through the send layout.
+
+    Set on :class:`~megatron.model.attention.ParallelAttention` by the parallelisation step
+    (SP without RoPE, head-group pipelining or compile); ``core_attention`` is then a
+    :class:`~megatron.core.sequence.layer.DistributedAttention`."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sp: int) -> None:
+        self.num_heads, self.num_kv_heads, self.head_dim, self.sp = (
+            num_heads, num_kv_heads, head_dim, sp,
+        )  # fmt: skip
+        self._rows: dict[torch.device, torch.Tensor] = {}  # rank_major_rows, per device
+        self.kv_repeats = kv_heads_replicated(num_kv_heads, sp)
+        kv_local = len(kv_heads_of_rank(0, num_kv_heads, sp))
+        # Columns of rank r's q, k and v blocks in the send buffer.
+        self.rank_widths = (num_heads * head_dim // sp, *(2 * (kv_local * head_dim,)))
+
+    def attend(
+        self,
+        hidden_sbh: torch.Tensor,
+        projection: torch.nn.Linear,
+        core_attention: torch.nn.Module,
+        doc_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``[s/p, b, h]`` -> the context ``[s/p, b, hq, d]``: Q/K/V projected straight into
+        the all-to-all's send order, then ``core_attention.attend_rank_major``."""
+        device = hidden_sbh.device
+        if device not in self._rows:
+            self._rows[device] = rank_major_rows(
+                self.num_heads, self.num_kv_heads, self.head_dim, self.sp, device
+            )
+        widths = None if self.kv_repeats else self.rank_widths
+        qkv_pnc = rank_major_linear(hidden_sbh, projection, self._rows[device], self.sp, widths)
+        kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
+        return core_attention.attend_rank_major(qkv_pnc, self.rank_widths, self.head_dim, **kwargs)

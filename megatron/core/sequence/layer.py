@@ -3,6 +3,8 @@
 Each rank holds a contiguous slice of the sequence and every head. One all-to-all turns
 Q, K and V into "whole sequence, this rank's block of heads"; the local attention runs on
 that; a second all-to-all turns the context back to "this rank's tokens, every head".
+The head counts must split over the group: :func:`~megatron.core.sequence.heads.check_heads_for_sp`
+runs once, at start-up and where the attention is wrapped, not on every call.
 """
 
 from __future__ import annotations
@@ -19,40 +21,11 @@ from megatron.core.comm import (
     SeqToHeadAllToAll,
     fused_qkv_source,
 )
+from megatron.core.sequence.heads import check_heads_for_sp, replicate_kv_heads
 from megatron.core.sequence.pipelined import PipelinedUlyssesAttention, effective_chunks
-from megatron.errors import UsageError
 
-
-def check_heads_for_sp(num_heads: int, num_kv_heads: int, sp: int) -> None:
-    """Raise a UsageError unless these head counts can be split over ``sp`` ranks."""
-    if num_heads % sp != 0:
-        raise UsageError(
-            f"--num-attention-heads {num_heads} is not divisible by --ds-sequence-parallel-size {sp}: "
-            "Ulysses gives every sequence-parallel rank the same number of heads; choose a "
-            "sequence-parallel size that divides the head count"
-        )
-    if num_heads % num_kv_heads != 0:
-        raise UsageError(
-            f"--num-key-value-heads {num_kv_heads} does not divide --num-attention-heads {num_heads}"
-        )
-    if num_kv_heads % sp != 0 and sp % num_kv_heads != 0:
-        raise UsageError(
-            f"--num-key-value-heads {num_kv_heads} and --ds-sequence-parallel-size {sp}: one must "
-            "divide the other so each rank receives whole key/value heads"
-        )
-
-
-def replicate_kv_heads(kv: torch.Tensor, sp: int, head_dim: int) -> torch.Tensor:
-    """When K/V heads are fewer than ``sp``, give rank r its own copy of the head it uses.
-
-    Rank r owns query heads [r*h/p, (r+1)*h/p), which all share K/V head r*h_kv//p.
-    The gradient of the copies sums back into the one head (index_select's backward).
-    """
-    h_kv = kv.shape[head_dim]
-    if h_kv % sp == 0:
-        return kv
-    index = torch.arange(sp, device=kv.device) * h_kv // sp
-    return kv.index_select(head_dim, index)
+# check_heads_for_sp: imported from here by the start-up checks
+__all__ = ["DistributedAttention", "check_heads_for_sp", "replicate_kv_heads"]
 
 
 class DistributedAttention(torch.nn.Module):
@@ -98,7 +71,6 @@ class DistributedAttention(torch.nn.Module):
         if sp == 1:
             return self.local_attn(query, key, value, *args, **kwargs)
         head, seq = self.scatter_idx, self.gather_idx
-        check_heads_for_sp(query.shape[head], key.shape[head], sp)
         key = replicate_kv_heads(key, sp, head)
         value = replicate_kv_heads(value, sp, head)
         chunks = effective_chunks(self.num_chunks, query.shape[head] // sp, key.shape[head] // sp)

@@ -1,0 +1,148 @@
+"""Parallelism and the execution fast paths, applied to a single-device GPTModel in one place.
+
+:class:`~megatron.model.GPTModel` builds the math only (its kernel fusions, such as the fused
+add + norm, are submodules chosen at construction). :func:`parallelize` then applies, in
+this order, what changes how that math runs on several ranks and in memory:
+
+1. Ulysses sequence parallelism (:func:`apply_sequence_parallel`): each layer's core
+   attention wrapped in :class:`~megatron.core.sequence.layer.DistributedAttention`, the
+   Q/K/V projection routed through the all-to-all's send order where it can be, and with
+   ``--delay-wgrad-compute`` the weight gradients queued behind the backward all-to-alls;
+2. activation recomputation and its CPU offload (:func:`apply_recompute`);
+3. ``torch.compile`` of each layer (:func:`apply_compile`).
+
+ZeRO through FSDP2 (:func:`apply_zero`) comes last, once the model is on its device (the
+training loop calls it). A new parallelism or fast path is one more ``apply_*`` here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.parallel_state import ParallelState
+from megatron.core.sequence.heads import check_heads_for_sp
+from megatron.core.sequence.layer import DistributedAttention
+from megatron.model.config import ModelConfig
+from megatron.model.deferred_wgrad import WgradQueue
+from megatron.model.rank_major_qkv import RankMajorQKV
+from megatron.model.transformer import ParallelTransformer, ParallelTransformerLayer, Segment
+
+
+def parallelize(
+    model: torch.nn.Module, config: ModelConfig, sp_group: dist.ProcessGroup | None = None
+) -> torch.nn.Module:
+    """Apply ``config``'s sequence parallelism over ``sp_group`` (None or size 1: none),
+    recomputation and compile to ``model`` (a GPTModel) in place; returns it."""
+    stack: ParallelTransformer = model.transformer
+    sp = 1 if sp_group is None else dist.get_world_size(sp_group)
+    if sp > 1:
+        apply_sequence_parallel(stack, config, sp_group)
+    apply_recompute(stack, config)
+    if config.torch_compile:
+        apply_compile(stack)
+    return model
+
+
+def send_order_qkv_applies(config: ModelConfig, sp: int) -> bool:
+    """SP without head-group pipelining: the projection writes the all-to-all's send layout
+    (:mod:`megatron.model.rank_major_qkv`); with RoPE the rotation comes first, on the
+    plain layout, and compile keeps the plain layout."""
+    return (
+        sp > 1
+        and config.sp_rank_major_qkv
+        and config.position_embedding_type != "rope"
+        and config.sp_overlap_chunks == 1
+        and not config.torch_compile
+    )
+
+
+def apply_sequence_parallel(
+    stack: ParallelTransformer, config: ModelConfig, sp_group: dist.ProcessGroup
+) -> None:
+    """Ulysses attention in every layer: ``[s/p, b, h, d]`` in and out, the local attention
+    on ``[s, b, h/p, d]``."""
+    sp = dist.get_world_size(sp_group)
+    check_heads_for_sp(config.num_attention_heads, config.num_key_value_heads, sp)
+    for layer in stack.layers:
+        attn = layer.self_attention
+        # --delay-wgrad-compute: the MLP's weight gradients wait for dQ/dK/dV's all-to-all,
+        # the output projection's for the output all-to-all's backward.
+        mlp_wgrad = dense_wgrad = None
+        if config.delay_wgrad_compute:
+            mlp_wgrad, dense_wgrad = WgradQueue(), WgradQueue()
+            layer.mlp.set_wgrad_queue(mlp_wgrad)
+            attn.dense.wgrad_queue = dense_wgrad
+        attn.core_attention = DistributedAttention(
+            attn.core_attention,
+            sp_group,
+            scatter_idx=2,
+            gather_idx=0,
+            num_chunks=config.sp_overlap_chunks,
+            output_backward_overlap=None if dense_wgrad is None else dense_wgrad.run,
+            qkv_backward_overlap=None if mlp_wgrad is None else mlp_wgrad.run,
+        )
+        if send_order_qkv_applies(config, sp):
+            attn.send_order_qkv = RankMajorQKV(
+                config.num_attention_heads, config.num_key_value_heads, config.head_dim, sp
+            )
+
+
+def apply_recompute(stack: ParallelTransformer, config: ModelConfig) -> None:
+    """Megatron's activation recomputation:
+
+    * ``full`` + ``uniform``: checkpoint consecutive groups of ``recompute_num_layers``;
+    * ``full`` + ``block``: checkpoint each of the first ``recompute_num_layers`` layers;
+    * ``selective``: checkpoint only the core attention;
+
+    with ``checkpoint_in_cpu`` (full only) the checkpoints' inputs wait in host memory."""
+    n = len(stack.layers)
+    if config.recompute_granularity == "selective":
+        for layer in stack.layers:
+            core = layer.self_attention.core_attention
+            getattr(core, "local_attn", core).recompute = True  # inside DistributedAttention
+        return
+    if config.recompute_granularity != "full":
+        return
+    k = config.recompute_num_layers
+    if config.recompute_method == "uniform":
+        stack.segments = [Segment(i, min(i + k, n), True) for i in range(0, n, k)]
+    else:  # block: the first k layers, each on its own
+        k = min(k, n)
+        stack.segments = [Segment(i, i + 1, True) for i in range(k)] + [Segment(k, n)]
+    stack.checkpoint_in_cpu = config.checkpoint_in_cpu
+
+
+def compile_backend() -> str:
+    """torch.compile backend of ``--torch-compile``: inductor; tests may pick a cheaper one."""
+    return os.environ.get("MEGATRON_COMPILE_BACKEND", "inductor")
+
+
+def apply_compile(stack: ParallelTransformer) -> None:
+    """Compile each layer's forward (norms, projections, activation, residual adds: fused
+    pointwise work around the matmuls); the core attention stays eager, so each layer
+    compiles to two graphs shared by all layers. Instance attributes, set only here (so
+    importing the model stays free of dynamo and triton): the module's ``__call__`` and
+    FSDP's hooks stay eager."""
+    for layer in stack.layers:
+        attn = layer.self_attention
+        attn._attend = torch.compiler.disable(attn._attend)
+        layer.forward = torch.compile(layer.forward, backend=compile_backend(), dynamic=False)
+
+
+def apply_zero(
+    model: torch.nn.Module,
+    state: ParallelState,
+    stage: int,
+    param_dtype: torch.dtype | None = None,
+    forward_prefetch: bool = True,
+) -> torch.nn.Module:
+    """ZeRO ``stage`` through FSDP2 over the SP x DP mesh, each transformer layer one unit
+    (:func:`megatron.distributed.shard_model_for_zero`); stage 0 leaves the model alone."""
+    from megatron.distributed import shard_model_for_zero
+
+    return shard_model_for_zero(
+        model, stage, state, (ParallelTransformerLayer,), param_dtype, forward_prefetch
+    )
