@@ -10,11 +10,11 @@ from functools import partial
 
 import torch
 
-from megatron.callbacks import TrainingCallback
+from megatron import get_args
 from megatron.core import parallel_state
-from megatron.global_vars import get_args
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
 from megatron.training import pretrain
+from megatron.training.callbacks import TrainingCallback
 
 _TOKENIZER = None
 

@@ -2,7 +2,7 @@
 
 Runs ``pretrain_gpt.py``'s own machinery in-process: ``initialize_megatron`` on a built
 argument list, the same model provider, ZeRO sharding, optimizer, scheduler and
-``megatron.training.train_step_async``; random tokens stand in for data. After ``--warmup``
+``megatron.training.training.train_step_async``; random tokens stand in for data. After ``--warmup``
 iterations, ``--iters`` are timed. By default they run as the training loop runs them: each
 step's values are read (and the LR scheduler stepped) during the next step, just before its
 optimizer step, so the CPU runs ahead; CUDA events around each call time it back to back.
@@ -10,7 +10,7 @@ optimizer step, so the CPU runs ahead; CUDA events around each call time it back
 a host sync (the timing before deferred reads). Reported: tokens/s
 per GPU, model TFLOP/s per GPU and MFU (``model_flops_per_token`` x tokens / time / 989e12
 per GPU; recomputation not counted), ``torch.cuda.max_memory_allocated`` (max over ranks)
-next to ``megatron.memory_model``'s prediction, and with ``--profile`` a kernel-time
+next to ``megatron.planning.memory_model``'s prediction, and with ``--profile`` a kernel-time
 breakdown (GEMM, attention, all-to-all, other collectives, norms/elementwise, optimizer).
 
 Modes: default (one configuration); ``--weak-scaling``: SP 1, 2, 4... on the same GPUs with
@@ -46,7 +46,7 @@ from common import (
     write_json,
 )
 
-from megatron.memory_tracker import LiveBytes  # noqa: E402  (common put the repo on sys.path)
+from megatron.planning.memory_tracker import LiveBytes  # noqa: E402  (common put the repo on sys.path)
 
 GIB = 2**30
 
@@ -294,14 +294,20 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     """Build the run for ``seq``/``sp``, time it and return its metrics (all ranks agree)."""
     import pretrain_gpt
     from megatron.core import parallel_state
-    from megatron.distributed import shard_model_for_zero
-    from megatron.initialize import initialize_megatron, set_random_seed
-    from megatron.memory_model import RunSetup, estimate_memory
+    from megatron.core.distributed.fsdp import shard_model_for_zero
+    from megatron.core.random import set_random_seed
+    from megatron.initialize import initialize_megatron
     from megatron.model import ModelConfig, ParallelTransformerLayer, model_flops_per_token
     from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
     from megatron.optimizer.optimizer import get_megatron_optimizer
-    from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
-    from megatron.training import TrainState, finalize_step, train_step_async, zero_param_dtype
+    from megatron.optimizer.optimizer_param_scheduler import get_optimizer_param_scheduler
+    from megatron.planning.memory_model import RunSetup, estimate_memory
+    from megatron.training.training import (
+        TrainState,
+        finalize_step,
+        train_step_async,
+        zero_param_dtype,
+    )
 
     parallel_state.destroy_model_parallel()
     pretrain_gpt._TOKENIZER = None

@@ -4,7 +4,7 @@ For each ``--seqlens`` entry (ascending) this driver launches ``bench_end_to_end
 ``torchrun --standalone`` (RoPE, full recompute, ZeRO 3, chunked loss by default; extra
 flags after ``--`` go to it) with ``--warmup`` + ``--iters`` iterations, and records
 whether it ran, ran out of memory, failed or timed out, with its MFU and peak memory next
-to ``megatron.memory_model``'s prediction. Attempts run in separate processes so an
+to ``megatron.planning.memory_model``'s prediction. Attempts run in separate processes so an
 out-of-memory rank cannot wedge the next attempt.
 
 Time budget: after the first success the time of each further attempt is predicted from

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron.callbacks import TrainingCallback
+from megatron.training.callbacks import TrainingCallback
 
 
 class NanGrad(TrainingCallback):

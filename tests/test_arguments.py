@@ -6,9 +6,9 @@ import shlex
 import pytest
 import torch
 
-from megatron.argument_checks import validate_args
-from megatron.arguments import parse_args
 from megatron.errors import UsageError
+from megatron.initialize.argument_checks import validate_args
+from megatron.initialize.arguments import parse_args
 
 # The flag set of Megatron-DeepSpeed's ds_pretrain_gpt_1.3B_seq_parallel_32k.sh (values as there).
 ANCHOR_1_3B = """
@@ -213,7 +213,7 @@ def test_deepspeed_config_fills_batch(ds_config):
 
 
 def test_launcher_environments(monkeypatch):
-    from megatron.arguments import launch_env
+    from megatron.initialize.arguments import launch_env
 
     for var in (
         "RANK",
@@ -237,7 +237,7 @@ def test_launcher_environments(monkeypatch):
 
 
 def test_zero_param_dtype():
-    from megatron.training import zero_param_dtype
+    from megatron.training.training import zero_param_dtype
 
     assert zero_param_dtype(args_for(TINY + " --bf16 --zero-stage 1")) == torch.bfloat16
     assert zero_param_dtype(args_for(TINY + " --fp16 --zero-stage 3")) == torch.float16

@@ -196,7 +196,7 @@ class _Evil:
 
 
 def _rewrite_metadata(path: str, relative_path: str) -> None:
-    from megatron.checkpoint_safety import SafeFileSystemReader
+    from megatron.checkpointing.safety import SafeFileSystemReader
 
     metadata = SafeFileSystemReader(path).read_metadata()
     for info in metadata.storage_data.values():
@@ -254,7 +254,7 @@ def test_data_outside_or_damaged_is_refused_with_one_line(ckpt, tmp_path):
 
 
 def test_refused_global_imports_nothing(tmp_path):
-    from megatron.checkpoint_safety import SafeFileSystemReader
+    from megatron.checkpointing.safety import SafeFileSystemReader
     from megatron.errors import UsageError
 
     assert "torchgen.gen" not in sys.modules

@@ -67,8 +67,8 @@ def _make_checkpoint(tmp, iters=4, interval=2, extra=""):
 
 
 def _half_written_and_truncated(tmp):
-    from megatron import checkpointing
-    from megatron.checkpointing import find_checkpoint
+    from megatron.checkpointing import checkpointing
+    from megatron.checkpointing.checkpointing import find_checkpoint
 
     root = _make_checkpoint(tmp)
     # A save that crashed half-way leaves only an .inprogress directory: never loaded.
@@ -111,7 +111,7 @@ class _Evil:
 
 
 def test_malicious_metadata_is_refused(tmp_path):
-    from megatron.checkpoint_safety import SafeFileSystemReader
+    from megatron.checkpointing.safety import SafeFileSystemReader
 
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(UsageError, match="refused to load checkpoint metadata"):
@@ -123,7 +123,7 @@ def test_malicious_non_tensor_item_is_refused(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron.checkpoint_safety import SafeFileSystemReader, SafeLoadPlanner
+    from megatron.checkpointing.safety import SafeFileSystemReader, SafeLoadPlanner
 
     dcp.save({"w": torch.ones(2), "extra": _Evil()}, checkpoint_id=str(tmp_path), no_dist=True)
     target = {"w": torch.zeros(2), "extra": None}

@@ -1,4 +1,4 @@
-"""megatron.memory_model against tensor-level measurements of tiny CPU runs.
+"""megatron.planning.memory_model against tensor-level measurements of tiny CPU runs.
 
 A TorchDispatchMode records every storage created while a model is built, run forward and
 backward and stepped by AdamW, and sums the live ones (at their current size: FSDP2 frees
@@ -19,11 +19,11 @@ import torch
 from model_utils import LLAMA, make_batch, slice_batch, tiny_config
 from torch.distributed.tensor import DTensor
 
-from megatron import memory_model as mm
 from megatron.errors import UsageError
-from megatron.memory_tracker import LiveBytes
 from megatron.model import GPTModel, parameter_counts
 from megatron.optimizer.optimizer import param_groups
+from megatron.planning import memory_model as mm
+from megatron.planning.memory_tracker import LiveBytes
 
 
 def _autocast(bf16: bool):
@@ -241,8 +241,9 @@ def _two_rank_case(
     The saved bytes are measured on the unsharded model (ZeRO 0); the peak on the sharded one,
     whose layers all-gather bf16 weights under bf16 unless ``fp32_gather``."""
     from megatron.core import parallel_state
-    from megatron.distributed import set_micro_batch_sync, shard_model_for_zero
+    from megatron.core.distributed.fsdp import shard_model_for_zero
     from megatron.model import ParallelTransformerLayer
+    from megatron.model.parallelize import set_micro_batch_sync
 
     config = tiny_config(**overrides)
     state = parallel_state.initialize_model_parallel(sequence_parallel_size=sp, device_type="cpu")

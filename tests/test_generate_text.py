@@ -1,4 +1,4 @@
-"""tools/generate_text.py and megatron.text_generation: sampling from a saved checkpoint.
+"""tools/generate_text.py and megatron.inference.text_generation: sampling from a saved checkpoint.
 
 A tiny GPT (NullTokenizer, vocabulary 121 padded to 128) is trained for two iterations and
 saved; generation then runs in the session's one-rank gloo world (as a single process).
@@ -15,7 +15,7 @@ from dist_helper import get_world
 from train_utils import run_training
 
 from megatron.errors import UsageError
-from megatron.text_generation import SamplingParams, filter_logits, generate, sample_next
+from megatron.inference.text_generation import SamplingParams, filter_logits, generate, sample_next
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "generate_text.py")

@@ -15,9 +15,13 @@ from megatron.data.batch import (
     slice_batch_for_sequence_parallel,
 )
 from megatron.data.blendable_dataset import BlendableDataset
-from megatron.data.builder import build_train_valid_test_datasets
 from megatron.data.dataset_utils import parse_blend, split_boundaries
-from megatron.data.gpt_dataset import GPTDataset, MockGPTDataset, build_index_maps
+from megatron.data.gpt_dataset import (
+    GPTDataset,
+    MockGPTDataset,
+    build_index_maps,
+    build_train_valid_test_datasets,
+)
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.samplers import (
     MegatronPretrainingRandomSampler,

@@ -15,14 +15,14 @@ transformers = pytest.importorskip("transformers")
 
 from model_utils import LLAMA, tiny_config  # noqa: E402
 
-from megatron.checkpointing import load_checkpoint  # noqa: E402
-from megatron.errors import UsageError  # noqa: E402
-from megatron.hf_conversion import args_from_config  # noqa: E402
-from megatron.hf_conversion_io import (  # noqa: E402
+from megatron.checkpointing.checkpointing import load_checkpoint  # noqa: E402
+from megatron.checkpointing.hf_conversion import args_from_config  # noqa: E402
+from megatron.checkpointing.hf_conversion_io import (  # noqa: E402
     export_checkpoint,
     load_model_state,
     save_model_checkpoint,
 )
+from megatron.errors import UsageError  # noqa: E402
 from megatron.model import GPTModel, ModelConfig  # noqa: E402
 
 SEQ = 16
@@ -88,8 +88,8 @@ def _hf_model(kind: str, directory: str):
 
 def _model_from_flags(flags: list[str]) -> ModelConfig:
     """What pretrain_gpt.py builds from the printed flags (through parse and validate)."""
-    from megatron.argument_checks import validate_args
-    from megatron.arguments import parse_args
+    from megatron.initialize.argument_checks import validate_args
+    from megatron.initialize.arguments import parse_args
     from megatron.tokenizer import vocab_size_with_padding
 
     args = parse_args(args_list=flags + ["--micro-batch-size", "1"])
@@ -205,7 +205,7 @@ def test_refused_architecture_is_one_line(tmp_path, capsys):
 
 
 def test_import_refuses_bad_directories(tmp_path):
-    from megatron.hf_conversion_io import import_hf
+    from megatron.checkpointing.hf_conversion_io import import_hf
 
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -240,7 +240,7 @@ def test_gpt2_tokenizer_files_exported(tmp_path):
     assert hf_tok.eos_token == "<|endoftext|>"
     assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] is None  # 50256 > 128
     # Importing it back pads to what the tokenizer needs: 50257 ids -> 50304 rows.
-    from megatron.hf_conversion_io import import_hf
+    from megatron.checkpointing.hf_conversion_io import import_hf
 
     _, flags = import_hf(out, str(tmp_path / "back"))
     assert f"--tokenizer-model {os.path.abspath(out)}" in flags

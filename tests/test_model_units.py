@@ -512,8 +512,8 @@ def test_model_flops_per_token():
 
 
 def _parse(extra: list[str]):
-    from megatron.argument_checks import validate_args
-    from megatron.arguments import parse_args
+    from megatron.initialize.argument_checks import validate_args
+    from megatron.initialize.arguments import parse_args
 
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "8",
             "--seq-length", "64", "--micro-batch-size", "1"]  # fmt: skip

@@ -16,8 +16,8 @@ import sys
 import pytest
 from dist_helper import get_world
 
-from megatron.argument_checks import validate_args
-from megatron.arguments import build_parser
+from megatron.initialize.argument_checks import validate_args
+from megatron.initialize.arguments import build_parser
 
 pytestmark = pytest.mark.quickstart
 

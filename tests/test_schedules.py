@@ -7,16 +7,16 @@ import shlex
 import pytest
 import torch
 
-from megatron.arguments import parse_args
 from megatron.errors import UsageError
-from megatron.microbatches import (
+from megatron.initialize.arguments import parse_args
+from megatron.optimizer.optimizer_param_scheduler import (
+    OptimizerParamScheduler,
+    get_optimizer_param_scheduler,
+)
+from megatron.training.microbatches import (
     ConstantNumMicroBatches,
     RampupBatchsizeNumMicroBatches,
     build_num_microbatches_calculator,
-)
-from megatron.optimizer_param_scheduler import (
-    OptimizerParamScheduler,
-    get_optimizer_param_scheduler,
 )
 
 MAX_LR, MIN_LR = 1e-3, 1e-5

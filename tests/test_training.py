@@ -105,7 +105,7 @@ def _zero_dtypes(zero: int, param_dtype) -> dict:
     from torch.distributed.tensor import DTensor
 
     from megatron.core import parallel_state
-    from megatron.distributed import shard_model_for_zero
+    from megatron.core.distributed.fsdp import shard_model_for_zero
     from megatron.model import GPTModel, ParallelTransformerLayer
 
     state = parallel_state.initialize_model_parallel(device_type="cpu")
@@ -156,7 +156,7 @@ def _fused_norm_under_zero(zero: int, fused: bool) -> tuple[float, dict]:
     from model_utils import make_batch, slice_batch, tiny_config
 
     from megatron.core import parallel_state
-    from megatron.distributed import shard_model_for_zero
+    from megatron.core.distributed.fsdp import shard_model_for_zero
     from megatron.model import GPTModel, ParallelTransformerLayer
 
     state = parallel_state.initialize_model_parallel(device_type="cpu")
@@ -189,8 +189,9 @@ def _zero1_two_micro_batches(fp32_wgrad: bool, param_dtype) -> tuple[list, dict]
     from model_utils import forward_loss, make_batch, slice_batch, tiny_config
 
     from megatron.core import parallel_state
-    from megatron.distributed import set_micro_batch_sync, shard_model_for_zero
+    from megatron.core.distributed.fsdp import shard_model_for_zero
     from megatron.model import GPTModel, ParallelTransformerLayer
+    from megatron.model.parallelize import set_micro_batch_sync
 
     state = parallel_state.initialize_model_parallel(sequence_parallel_size=2, device_type="cpu")
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def _run_recording_lr(extra, fault, defer):
     once (``defer=False``); also returns the LR of every optimizer step as it was launched."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from megatron import training
+    from megatron.training import training
 
     lrs = []
     handle = register_optimizer_step_pre_hook(
@@ -187,7 +187,7 @@ def test_deferred_step_sync_matches_immediate(features):
 def test_pending_step_reads_once():
     import torch
 
-    from megatron.step_result import PendingStep
+    from megatron.training.step_result import PendingStep
 
     values = torch.tensor([2.5, 1.0, 0.0])  # [lm loss, grad norm, found_inf]
     step = PendingStep(3, ["lm loss"], values)
@@ -207,7 +207,7 @@ def test_clipping_in_the_fused_step_matches_clipping_first(max_norm):
     update and clipped gradients as ``clip_grads_with_norm_`` before a plain fused step."""
     import torch
 
-    from megatron.distributed import clip_divisor
+    from megatron.core.distributed.fsdp import clip_divisor
     from megatron.optimizer.adamw import AdamW
 
     torch.manual_seed(0)
@@ -269,8 +269,8 @@ def _megatron_call_with_callbacks():
     import shlex
 
     import pretrain_gpt
-    from megatron.callbacks import TrainingCallback
-    from megatron.training import pretrain
+    from megatron.training.callbacks import TrainingCallback
+    from megatron.training.training import pretrain
 
     class Recorder(TrainingCallback):
         def __init__(self):

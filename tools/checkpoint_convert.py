@@ -83,7 +83,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from megatron.hf_conversion_io import export_checkpoint, import_hf
+    from megatron.checkpointing.hf_conversion_io import export_checkpoint, import_hf
 
     try:
         if args.command == "export":

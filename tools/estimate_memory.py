@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Predict per-GPU training memory for a Megatron command line (see megatron/memory_model.py).
+"""Predict per-GPU training memory for a Megatron command line (see megatron/planning/memory_model.py).
 
 Takes the same model/parallelism flags as ``pretrain_gpt.py`` plus ``--num-gpus`` and
 ``--gpu-memory-gb``, prints the peak broken down by component, and with ``--find-sp`` the
@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.errors import UsageError  # noqa: E402
-from megatron.memory_model import (  # noqa: E402
+from megatron.planning.memory_model import (  # noqa: E402
     GIB,
     MemoryEstimate,
     RunSetup,
@@ -64,8 +64,8 @@ def _extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Megatron's parser and checks, with the world size taken from ``--num-gpus``."""
-    from megatron.argument_checks import validate_args
-    from megatron.arguments import parse_args
+    from megatron.initialize.argument_checks import validate_args
+    from megatron.initialize.arguments import parse_args
     from megatron.tokenizer.tokenizer import vocab_size_with_padding
 
     argv = list(sys.argv[1:] if argv is None else argv)

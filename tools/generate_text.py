@@ -27,19 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron import checkpointing  # noqa: E402
-from megatron.argument_checks import validate_args  # noqa: E402
-from megatron.arguments import parse_args  # noqa: E402
+from megatron.checkpointing import checkpointing  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.random import set_random_seed  # noqa: E402
 from megatron.errors import UsageError  # noqa: E402
 from megatron.global_vars import set_args  # noqa: E402
-from megatron.initialize import (  # noqa: E402
+from megatron.inference.text_generation import SamplingParams, generate  # noqa: E402
+from megatron.initialize.argument_checks import validate_args  # noqa: E402
+from megatron.initialize.arguments import parse_args  # noqa: E402
+from megatron.initialize.initialize import (  # noqa: E402
     exit_with_usage_error,
     resolve_device,
-    set_random_seed,
     setup_logging,
 )
-from megatron.text_generation import SamplingParams, generate  # noqa: E402
 
 logger = logging.getLogger("megatron")
 
@@ -142,7 +142,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def generate_all(args: argparse.Namespace, model, tokenizer, prompts: Sequence[str]) -> list[str]:
     """Each prompt followed by its continuation, as text (decoded in one piece, so the
     tokenizer's spacing at the seam is right)."""
-    from megatron.training import autocast_context
+    from megatron.training.training import autocast_context
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p)
     generator = torch.Generator(device=args.device_obj).manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """Self-attention: fused QKV projection, core attention, output projection.
 
 The math is single-device code. Sequence parallelism is applied from outside
-(:func:`megatron.parallelize.parallelize`): it wraps ``core_attention`` in
+(:func:`megatron.model.parallelize.parallelize`): it wraps ``core_attention`` in
 :class:`~megatron.core.sequence.layer.DistributedAttention`, whose all-to-alls give the local
 attention the whole sequence for this rank's block of heads, and may route the projection
 through the all-to-all's send layout (``send_order_qkv``, :mod:`megatron.model.rank_major_qkv`).

@@ -2,7 +2,7 @@
 
 The parsed command line is the one source of truth (:meth:`ModelConfig.from_args`); tests
 build the dataclass directly. Derived values (head size, FFN size, K/V heads) are filled in
-by :func:`derive_shape`, which :mod:`megatron.argument_checks` uses too.
+by :func:`derive_shape`, which :mod:`megatron.initialize.argument_checks` uses too.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def linear(
 
 class DeferrableLinear(torch.nn.Linear):
     """``torch.nn.Linear`` whose weight gradient waits in ``wgrad_queue`` when one is set
-    (:func:`megatron.parallelize.parallelize` sets it; None: ``F.linear``, as nn.Linear).
+    (:func:`megatron.model.parallelize.parallelize` sets it; None: ``F.linear``, as nn.Linear).
     ``forward(x, add_bias=False)`` skips the bias (a fused op adds it)."""
 
     wgrad_queue: WgradQueue | None = None

@@ -4,7 +4,7 @@ Under Ulysses sequence parallelism every SP rank holds a contiguous ``s/p`` slic
 tokens, position ids and labels (``[b, s/p]``). Position ids are the GLOBAL positions of
 those tokens (learned embeddings look them up, RoPE rotates with them), so the model's
 math is the single-device math. The parallel pieces, the DistributedAttention inside each
-attention layer, are applied by :func:`megatron.parallelize.parallelize`, with recomputation
+attention layer, are applied by :func:`megatron.model.parallelize.parallelize`, with recomputation
 and compile; the loss normalises over the SP group itself (:func:`masked_lm_loss`).
 """
 
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from megatron.model.config import ModelConfig
 from megatron.model.inplace_grad import embedding_lookup
 from megatron.model.loss import TokenLosses, output_layer_cross_entropy
+from megatron.model.parallelize import parallelize
 from megatron.model.rotary import rotary_cos_sin
 from megatron.model.transformer import ParallelTransformer
-from megatron.parallelize import parallelize
 
 
 class Embedding(torch.nn.Module):
@@ -67,7 +67,7 @@ class GPTModel(torch.nn.Module):
 
     The constructor builds the single-device model, then applies ``config``'s sequence
     parallelism over ``sp_group``, recomputation and compile with
-    :func:`megatron.parallelize.parallelize` (the one place that does).
+    :func:`megatron.model.parallelize.parallelize` (the one place that does).
     """
 
     def __init__(

@@ -8,7 +8,7 @@ final norm): with ``--fused-residual-norm`` in one Triton pass, else PyTorch's a
 
 The layers are single-device math (``s`` is this rank's slice under SP). Sequence
 parallelism, recomputation and ``torch.compile`` are applied from outside
-(:func:`megatron.parallelize.parallelize`); the stack only runs what it is given:
+(:func:`megatron.model.parallelize.parallelize`); the stack only runs what it is given:
 
 * ``segments``: consecutive runs of layers; a checkpointed run (``torch.utils.checkpoint``,
   non-reentrant, RNG state preserved so dropout replays the same mask) keeps only its input

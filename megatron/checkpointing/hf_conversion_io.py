@@ -2,7 +2,7 @@
 
 Our checkpoints are read on one CPU process whatever layout (SP, DP, ZeRO sharding) wrote
 them: torch.distributed.checkpoint reassembles every tensor from the global shapes in its
-metadata (``no_dist``), through the allow-listed reader of :mod:`megatron.checkpoint_safety`.
+metadata (``no_dist``), through the allow-listed reader of :mod:`megatron.checkpointing.safety`.
 Tokenizer files are exported from the checkpoint's ``tokenizer/`` copy or from flags, never
 from a path in ``meta.json``. HF weights are read only from safetensors files inside the HF
 directory (pickled ``pytorch_model.bin`` is refused).
@@ -27,14 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.checkpoint_checks import probe_writable, save_failure
-from megatron.checkpoint_safety import (
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    check_storage_files,
-    load_failure,
-)
-from megatron.checkpointing import (
+from megatron.checkpointing.checkpointing import (
     FORMAT_VERSION,
     META,
     TRACKER,
@@ -44,8 +37,8 @@ from megatron.checkpointing import (
     publish_checkpoint,
     read_meta,
 )
-from megatron.errors import UsageError
-from megatron.hf_conversion import (
+from megatron.checkpointing.checks import probe_writable, save_failure
+from megatron.checkpointing.hf_conversion import (
     MODEL_ARG_KEYS,
     Tensors,
     args_from_config,
@@ -54,7 +47,14 @@ from megatron.hf_conversion import (
     model_flags,
     to_hf,
 )
-from megatron.hf_conversion_import import from_hf, resize_vocab
+from megatron.checkpointing.hf_conversion_import import from_hf, resize_vocab
+from megatron.checkpointing.safety import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    check_storage_files,
+    load_failure,
+)
+from megatron.errors import UsageError
 from megatron.model.config import ModelConfig
 from megatron.tokenizer.files import (
     FILE_ARGS,
@@ -126,7 +126,7 @@ def checkpoint_config(sd: Tensors, meta: dict, path: str) -> ModelConfig:
 def save_model_checkpoint(sd: Tensors, save: str, args: dict[str, Any], iteration: int = 0) -> str:
     """Write ``sd`` as a weights-only checkpoint of our format (load it with --finetune).
 
-    Same layout and atomic publish as :func:`megatron.checkpointing.save_checkpoint`:
+    Same layout and atomic publish as :func:`megatron.checkpointing.checkpointing.save_checkpoint`:
     DCP tensors under ``model``, the tokenizer files that ``args`` name, then meta.json,
     rename, then the tracker.
     """

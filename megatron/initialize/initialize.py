@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.argument_checks import validate_args
-from megatron.arguments import parse_args
 from megatron.core import parallel_state
+from megatron.core.random import set_random_seed
 from megatron.errors import UsageError
 from megatron.global_vars import set_args
+from megatron.initialize.argument_checks import validate_args
+from megatron.initialize.arguments import parse_args
 
 logger = logging.getLogger("megatron")
 
@@ -90,19 +89,6 @@ def _elastic_store(args: argparse.Namespace, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"megatron/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
-def set_random_seed(seed: int, rank_offset: int = 0) -> None:
-    """Seed python, numpy and torch (and CUDA); ``rank_offset`` gives ranks their own streams."""
-    s = seed + rank_offset
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
-def dropout_seed_offset(state: parallel_state.ParallelState) -> int:
-    """Independent dropout streams for every rank that computes a different shard."""
-    return 100 * state.pp_rank + 1009 * state.sdp_rank
-
-
 def initialize_megatron(
     extra_args_provider: Callable | None = None,
     args_defaults: dict | None = None,
@@ -117,7 +103,7 @@ def initialize_megatron(
             setattr(args, key, value)
     try:
         if args.use_checkpoint_args:
-            from megatron.checkpointing import load_args_from_checkpoint
+            from megatron.checkpointing.checkpointing import load_args_from_checkpoint
 
             load_args_from_checkpoint(args)
         validate_args(args)

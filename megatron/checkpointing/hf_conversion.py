@@ -15,8 +15,8 @@ Our layout (FQNs of ``GPTModel.state_dict()``)::
 
 GPT-2 keeps Conv1D weights as [in, out] (transposed). Our RoPE rotates halves exactly like
 HF Llama's ``rotate_half``, so q/k weights need no permutation. File reading and writing
-live in :mod:`megatron.hf_conversion_io`; the import direction in
-:mod:`megatron.hf_conversion_import`.
+live in :mod:`megatron.checkpointing.hf_conversion_io`; the import direction in
+:mod:`megatron.checkpointing.hf_conversion_import`.
 """
 
 from __future__ import annotations

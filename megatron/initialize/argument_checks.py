@@ -12,10 +12,10 @@ import logging
 
 import torch
 
-from megatron.arguments import COMPAT_ONLY
 from megatron.core.parallel_state import ParallelDims
 from megatron.core.sequence.layer import check_heads_for_sp
 from megatron.errors import UsageError
+from megatron.initialize.arguments import COMPAT_ONLY
 from megatron.model.config import derive_shape
 
 logger = logging.getLogger(__name__)

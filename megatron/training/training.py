@@ -15,34 +15,29 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing
-from megatron.callbacks import TrainingCallback
-from megatron.core.parallel_state import ParallelState, get_parallel_state
-from megatron.distributed import (
+from megatron.checkpointing import checkpointing
+from megatron.core.distributed.fsdp import (
     any_nonfinite,
     clip_divisor,
     clip_grad_norm,
     grad_norm_and_clip,
     reduce_gradients,
-    set_micro_batch_sync,
     step_and_gather_next,
 )
+from megatron.core.parallel_state import ParallelState, get_parallel_state
+from megatron.core.random import dropout_seed_offset, set_random_seed
 from megatron.errors import UsageError
 from megatron.global_vars import get_args
-from megatron.initialize import (
-    dropout_seed_offset,
-    exit_with_usage_error,
-    initialize_megatron,
-    set_random_seed,
-)
-from megatron.microbatches import build_num_microbatches_calculator
+from megatron.initialize.initialize import exit_with_usage_error, initialize_megatron
+from megatron.model.parallelize import apply_zero, set_micro_batch_sync
 from megatron.optimizer.adamw import AdamW
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.optimizer import get_megatron_optimizer
-from megatron.optimizer_param_scheduler import get_optimizer_param_scheduler
-from megatron.parallelize import apply_zero
-from megatron.step_result import PendingStep
-from megatron.training_log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
+from megatron.optimizer.optimizer_param_scheduler import get_optimizer_param_scheduler
+from megatron.training.callbacks import TrainingCallback
+from megatron.training.log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
+from megatron.training.microbatches import build_num_microbatches_calculator
+from megatron.training.step_result import PendingStep
 
 logger = logging.getLogger("megatron")
 
@@ -287,7 +282,7 @@ def pretrain(
     ``model_type`` (e.g. ``ModelType.encoder_or_decoder``) is accepted and ignored, and
     ``model_provider`` is called with no arguments, so the ``pre_process``/``post_process``
     parameters of Megatron's ``model_provider(pre_process=True, post_process=True)`` keep
-    their defaults. ``callbacks``: hooks into every iteration (``megatron.callbacks``).
+    their defaults. ``callbacks``: hooks into every iteration (``megatron.training.callbacks``).
     """
     initialize_megatron(extra_args_provider, args_defaults, args_list)
     args = get_args()

@@ -1,6 +1,6 @@
 """Map Hugging Face GPT-2 and Llama weights onto GPTModel's parameters (pure tensors).
 
-The inverse of :func:`megatron.hf_conversion.to_hf` (see its module docstring for both
+The inverse of :func:`megatron.checkpointing.hf_conversion.to_hf` (see its module docstring for both
 layouts). Every tensor of the HF file must be used: a leftover means another architecture.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from megatron.checkpointing.hf_conversion import Tensors
 from megatron.errors import UsageError
-from megatron.hf_conversion import Tensors
 from megatron.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)

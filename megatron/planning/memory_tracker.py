@@ -2,7 +2,7 @@
 
 Counts the bytes of the storages created while the mode is active, at their current size
 (FSDP2 frees by resizing storages; a DTensor counts its local shard), with the peak since
-``reset_peak``. Used to hold ``megatron.memory_model`` against real runs on CPU.
+``reset_peak``. Used to hold ``megatron.planning.memory_model`` against real runs on CPU.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from megatron.checkpoint_checks import (
+from megatron.checkpointing.checks import (
     apply_json_state,
     directory_iteration,
     parse_meta,
@@ -45,15 +45,15 @@ from megatron.checkpoint_checks import (
     read_tracker,
     save_failure,
 )
-from megatron.checkpoint_safety import (
+from megatron.checkpointing.safety import (
     SafeFileSystemReader,
     SafeLoadPlanner,
     check_storage_files,
     load_failure,
 )
 from megatron.core.parallel_state import ParallelState
+from megatron.core.random import dropout_seed_offset, set_random_seed
 from megatron.errors import UsageError
-from megatron.initialize import dropout_seed_offset, set_random_seed
 from megatron.tokenizer.files import (
     FILE_ARGS,
     checkpoint_tokenizer_args,

@@ -22,11 +22,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron.core.distributed.fsdp import shard_model_for_zero
 from megatron.core.parallel_state import ParallelState
 from megatron.core.sequence.heads import check_heads_for_sp
 from megatron.core.sequence.layer import DistributedAttention
 from megatron.model.config import ModelConfig
-from megatron.model.deferred_wgrad import WgradQueue
+from megatron.model.deferred_wgrad import WgradQueue, set_fp32_grads
 from megatron.model.rank_major_qkv import RankMajorQKV
 from megatron.model.transformer import ParallelTransformer, ParallelTransformerLayer, Segment
 
@@ -140,9 +141,25 @@ def apply_zero(
     forward_prefetch: bool = True,
 ) -> torch.nn.Module:
     """ZeRO ``stage`` through FSDP2 over the SP x DP mesh, each transformer layer one unit
-    (:func:`megatron.distributed.shard_model_for_zero`); stage 0 leaves the model alone."""
-    from megatron.distributed import shard_model_for_zero
-
+    (:func:`megatron.core.distributed.fsdp.shard_model_for_zero`); stage 0 leaves the model alone."""
     return shard_model_for_zero(
         model, stage, state, (ParallelTransformerLayer,), param_dtype, forward_prefetch
     )
+
+
+def set_micro_batch_sync(
+    model: torch.nn.Module, zero_stage: int, last: bool, fp32_wgrad: bool = True
+) -> None:
+    """Call before each micro-batch's backward of a step with several. ZeRO 1 shards only the
+    optimizer state: until the step's last micro-batch the gradients accumulate unsharded
+    (in fp32) and the layers stay gathered, so a step reduce-scatters and all-gathers once,
+    not per micro-batch. With ``fp32_wgrad`` (``--no-gradient-accumulation-fusion`` turns it
+    off) the deferred weight-gradient GEMMs write and accumulate those fp32 gradients
+    themselves; else FSDP2 casts and adds each micro-batch's low-precision ones. Stages 2
+    and 3 shard the gradients and reduce every micro-batch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if zero_stage == 1 and isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
+        set_fp32_grads(model, fp32_wgrad)

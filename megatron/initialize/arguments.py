@@ -2,7 +2,7 @@
 
 Flag names and defaults follow Megatron-LM / Megatron-DeepSpeed so existing launch scripts
 run unchanged. Flags accepted only for compatibility are listed in ``COMPAT_ONLY`` and get
-one warning at start-up; consistency checks live in :mod:`megatron.argument_checks`.
+one warning at start-up; consistency checks live in :mod:`megatron.initialize.argument_checks`.
 """
 
 from __future__ import annotations

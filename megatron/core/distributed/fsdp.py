@@ -79,26 +79,6 @@ def shard_model_for_zero(
     return model
 
 
-def set_micro_batch_sync(
-    model: torch.nn.Module, zero_stage: int, last: bool, fp32_wgrad: bool = True
-) -> None:
-    """Call before each micro-batch's backward of a step with several. ZeRO 1 shards only the
-    optimizer state: until the step's last micro-batch the gradients accumulate unsharded
-    (in fp32) and the layers stay gathered, so a step reduce-scatters and all-gathers once,
-    not per micro-batch. With ``fp32_wgrad`` (``--no-gradient-accumulation-fusion`` turns it
-    off) the deferred weight-gradient GEMMs write and accumulate those fp32 gradients
-    themselves; else FSDP2 casts and adds each micro-batch's low-precision ones. Stages 2
-    and 3 shard the gradients and reduce every micro-batch."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from megatron.model.deferred_wgrad import set_fp32_grads
-
-    if zero_stage == 1 and isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(last)
-        model.set_reshard_after_backward(last)
-        set_fp32_grads(model, fp32_wgrad)
-
-
 def step_and_gather_next(model: torch.nn.Module, step: Callable[[], object]) -> None:
     """``step()`` (an optimizer step) that starts the next forward's first all-gathers during
     it (ZeRO).
