@@ -123,6 +123,12 @@ def test_scanner_sees_megatron():
     assert "megatron.core.parallel_state" in graph["megatron.model.parallelize"]
 
 
+def test_scanner_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
 def test_no_import_cycle():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles in megatron/:\n" + "\n".join(" -> ".join(c) for c in cycles)
