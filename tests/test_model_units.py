@@ -541,8 +541,11 @@ def test_config_from_args():
         embedding_grads_in_place=True,  # training's .backward(); tests call autograd.grad
     )  # fmt: skip
     assert not ModelConfig.from_args(
-        _parse(["--no-gradient-accumulation-fusion"])
+        _parse(["--no-embedding-grads-in-place"])
     ).embedding_grads_in_place
+    assert ModelConfig.from_args(
+        _parse(["--no-gradient-accumulation-fusion"])
+    ).embedding_grads_in_place  # the fp32 GEMM accumulation only
     assert not ModelConfig.from_args(_parse(["--no-bias-gelu-fusion"])).bias_gelu_fusion
     on = ("fp32_residual_connection", "sp_rank_major_qkv", "bias_dropout_fusion")
     assert [getattr(default, name) for name in on] == [False, True, True]

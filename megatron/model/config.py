@@ -216,7 +216,7 @@ class ModelConfig:
             loss_chunk_size=args.loss_chunk_size,
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
             loss_grad_in_forward=not args.no_loss_grad_in_forward,
-            embedding_grads_in_place=not args.no_gradient_accumulation_fusion,
+            embedding_grads_in_place=not args.no_embedding_grads_in_place,
             # --torch-compile fuses the layer's pointwise work itself.
             bias_gelu_fusion=not (args.no_bias_gelu_fusion or args.torch_compile),
             fused_residual_norm=args.fused_residual_norm,
