@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "come out of the forward pass by default)",
     )
     p.add_argument(
+        "--no-embedding-grads-in-place",
+        action="store_true",
+        help="model flag: the embedding and output-layer weight gradients go through autograd",
+    )
+    p.add_argument(
         "--no-gradient-accumulation-fusion",
         action="store_true",
         help="model flag: ZeRO 1 over micro-batches, FSDP2 casts and sums the delayed weight "
@@ -200,13 +205,15 @@ SWITCH_TOKENS = {
     "packqkv": "no_sp_rank_major_qkv", "fp32res": "fp32_residual_connection",
     "noprefetch": "no_overlap_param_gather", "nobdf": "no_bias_dropout_fusion",
     "nolgf": "no_loss_grad_in_forward", "nogaf": "no_gradient_accumulation_fusion",
+    "noegip": "no_embedding_grads_in_place",
     "nooptag": "no_overlap_param_gather_with_optimizer_step",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
                   "no_sp_rank_major_qkv", "fp32_residual_connection",
                   "no_bias_dropout_fusion", "no_loss_grad_in_forward",
-                  "no_gradient_accumulation_fusion", "no_overlap_param_gather",
+                  "no_gradient_accumulation_fusion", "no_embedding_grads_in_place",
+                  "no_overlap_param_gather",
                   "no_overlap_param_gather_with_optimizer_step")  # fmt: skip
 
 
@@ -221,7 +228,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (``--no-bias-gelu-fusion``), ``packqkv`` (``--no-sp-rank-major-qkv``), ``fp32res``
     (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
     (``--no-bias-dropout-fusion``), ``nolgf`` (``--no-loss-grad-in-forward``), ``nogaf``
-    (``--no-gradient-accumulation-fusion``), ``nooptag``
+    (``--no-gradient-accumulation-fusion``), ``noegip`` (``--no-embedding-grads-in-place``),
+    ``nooptag``
     (``--no-overlap-param-gather-with-optimizer-step``), ``ga<N>`` (``--grad-accum``), ``mb<N>``
     (``--micro-batch-size``); unnamed settings keep their flag values.
     """
@@ -396,6 +404,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "fp32_residual": args.fp32_residual_connection,
         "loss_grad_in_forward": not args.no_loss_grad_in_forward,
         "grad_accum_fusion": not args.no_gradient_accumulation_fusion,
+        "embedding_grads_in_place": not args.no_embedding_grads_in_place,
         "param_gather_prefetch": not args.no_overlap_param_gather,
         "param_gather_in_step": not (
             args.no_overlap_param_gather or args.no_overlap_param_gather_with_optimizer_step

@@ -530,9 +530,9 @@ def test_config_from_args():
     config = ModelConfig.from_args(args)
     assert (config.normalization, config.position_embedding_type) == ("RMSNorm", "rope")
     assert (config.swiglu, config.add_bias_linear, config.num_key_value_heads) == (True, False, 2)
-    assert config.attention_backend == "sdpa" and config.rotary_theta == 500000.0
-    assert (config.recompute_method, config.recompute_num_layers) == ("block", 1)
-    assert config.params_dtype == torch.float32 and config.loss_chunk_size == 0  # autocast
+    assert config.impl.attention_backend == "sdpa" and config.rotary_theta == 500000.0
+    assert (config.impl.recompute_method, config.impl.recompute_num_layers) == ("block", 1)
+    assert config.params_dtype == torch.float32 and config.impl.loss_chunk_size == 0  # autocast
     assert config.ffn_hidden_size == 192 and config.kv_channels == 8
     default = ModelConfig.from_args(_parse([]))
     assert default == dataclasses.replace(
@@ -541,16 +541,22 @@ def test_config_from_args():
         embedding_grads_in_place=True,  # training's .backward(); tests call autograd.grad
     )  # fmt: skip
     assert not ModelConfig.from_args(
+        _parse(["--no-embedding-grads-in-place"])
+    ).impl.embedding_grads_in_place
+    assert ModelConfig.from_args(
         _parse(["--no-gradient-accumulation-fusion"])
-    ).embedding_grads_in_place
-    assert not ModelConfig.from_args(_parse(["--no-bias-gelu-fusion"])).bias_gelu_fusion
+    ).impl.embedding_grads_in_place  # the fp32 GEMM accumulation only
+    assert not ModelConfig.from_args(_parse(["--no-bias-gelu-fusion"])).impl.bias_gelu_fusion
     on = ("fp32_residual_connection", "sp_rank_major_qkv", "bias_dropout_fusion")
-    assert [getattr(default, name) for name in on] == [False, True, True]
+    assert [getattr(default.impl, name) for name in on] == [False, True, True]
     switched = ModelConfig.from_args(
         _parse(["--fp32-residual-connection", "--no-sp-rank-major-qkv", "--no-bias-dropout-fusion"])
     )
-    assert [getattr(switched, name) for name in on] == [True, False, False]
-    assert ModelConfig.from_args(_parse(["--use-flash-attn-triton"])).attention_backend == "triton"
+    assert [getattr(switched.impl, name) for name in on] == [True, False, False]
+    assert (
+        ModelConfig.from_args(_parse(["--use-flash-attn-triton"])).impl.attention_backend
+        == "triton"
+    )
 
 
 @pytest.mark.parametrize(

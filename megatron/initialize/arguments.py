@@ -174,6 +174,12 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "instead of written and accumulated in fp32 by the GEMMs themselves",
     )
     g.add_argument(
+        "--no-embedding-grads-in-place",
+        action="store_true",
+        help="the embedding's and the output layer's weight gradients go through autograd, "
+        "instead of being added into .grad in place",
+    )
+    g.add_argument(
         "--use-flash-attn",
         "--use-flash-attn-v2",
         dest="use_flash_attn",

@@ -32,10 +32,10 @@ class CoreAttention(torch.nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.backend = build_local_attention(
-            config.attention_backend,
+            config.impl.attention_backend,
             attention_dropout=config.attention_dropout,
             softmax_scale=1.0 / math.sqrt(config.head_dim),
-            sdpa_block_size=config.sdpa_block_size,
+            sdpa_block_size=config.impl.sdpa_block_size,
         )
         self.recompute = False
 

@@ -39,8 +39,8 @@ class Embedding(torch.nn.Module):
                 config.max_position_embeddings, config.hidden_size, **factory
             )
         self.dropout = config.hidden_dropout
-        self.fp32_residual_connection = config.fp32_residual_connection
-        self.grads_in_place = config.embedding_grads_in_place
+        self.fp32_residual_connection = config.impl.fp32_residual_connection
+        self.grads_in_place = config.impl.embedding_grads_in_place
 
     def forward(self, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor) -> torch.Tensor:
         x_bsh = embedding_lookup(tokens_bs, self.word_embeddings, self.grads_in_place)
@@ -153,9 +153,9 @@ class GPTModel(torch.nn.Module):
             hidden_sbh,
             weight,
             labels,
-            self.config.loss_chunk_size,
-            self.config.cross_entropy_fusion,
+            self.config.impl.loss_chunk_size,
+            self.config.impl.cross_entropy_fusion,
             loss_mask,
-            self.config.loss_grad_in_forward,
-            self.config.embedding_grads_in_place,
+            self.config.impl.loss_grad_in_forward,
+            self.config.impl.embedding_grads_in_place,
         )

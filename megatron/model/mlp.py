@@ -32,7 +32,7 @@ class ParallelMLP(torch.nn.Module):
         self.swiglu = config.swiglu
         self.gelu_approximate = "tanh" if config.openai_gelu else "none"
         self.bias_gelu_fusion = (
-            config.bias_gelu_fusion and config.add_bias_linear and not config.swiglu
+            config.impl.bias_gelu_fusion and config.add_bias_linear and not config.swiglu
         )
         factory = {"device": device, "dtype": config.params_dtype}
         up_width = 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size

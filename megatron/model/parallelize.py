@@ -42,7 +42,7 @@ def parallelize(
     if sp > 1:
         apply_sequence_parallel(stack, config, sp_group)
     apply_recompute(stack, config)
-    if config.torch_compile:
+    if config.impl.torch_compile:
         apply_compile(stack)
     return model
 
@@ -53,10 +53,10 @@ def send_order_qkv_applies(config: ModelConfig, sp: int) -> bool:
     plain layout, and compile keeps the plain layout."""
     return (
         sp > 1
-        and config.sp_rank_major_qkv
+        and config.impl.sp_rank_major_qkv
         and config.position_embedding_type != "rope"
-        and config.sp_overlap_chunks == 1
-        and not config.torch_compile
+        and config.impl.sp_overlap_chunks == 1
+        and not config.impl.torch_compile
     )
 
 
@@ -72,7 +72,7 @@ def apply_sequence_parallel(
         # --delay-wgrad-compute: the MLP's weight gradients wait for dQ/dK/dV's all-to-all,
         # the output projection's for the output all-to-all's backward.
         mlp_wgrad = dense_wgrad = None
-        if config.delay_wgrad_compute:
+        if config.impl.delay_wgrad_compute:
             mlp_wgrad, dense_wgrad = WgradQueue(), WgradQueue()
             layer.mlp.set_wgrad_queue(mlp_wgrad)
             attn.dense.wgrad_queue = dense_wgrad
@@ -81,7 +81,7 @@ def apply_sequence_parallel(
             sp_group,
             scatter_idx=2,
             gather_idx=0,
-            num_chunks=config.sp_overlap_chunks,
+            num_chunks=config.impl.sp_overlap_chunks,
             output_backward_overlap=None if dense_wgrad is None else dense_wgrad.run,
             qkv_backward_overlap=None if mlp_wgrad is None else mlp_wgrad.run,
         )
@@ -100,20 +100,20 @@ def apply_recompute(stack: ParallelTransformer, config: ModelConfig) -> None:
 
     with ``checkpoint_in_cpu`` (full only) the checkpoints' inputs wait in host memory."""
     n = len(stack.layers)
-    if config.recompute_granularity == "selective":
+    if config.impl.recompute_granularity == "selective":
         for layer in stack.layers:
             core = layer.self_attention.core_attention
             getattr(core, "local_attn", core).recompute = True  # inside DistributedAttention
         return
-    if config.recompute_granularity != "full":
+    if config.impl.recompute_granularity != "full":
         return
-    k = config.recompute_num_layers
-    if config.recompute_method == "uniform":
+    k = config.impl.recompute_num_layers
+    if config.impl.recompute_method == "uniform":
         stack.segments = [Segment(i, min(i + k, n), True) for i in range(0, n, k)]
     else:  # block: the first k layers, each on its own
         k = min(k, n)
         stack.segments = [Segment(i, i + 1, True) for i in range(k)] + [Segment(k, n)]
-    stack.checkpoint_in_cpu = config.checkpoint_in_cpu
+    stack.checkpoint_in_cpu = config.impl.checkpoint_in_cpu
 
 
 def compile_backend() -> str:

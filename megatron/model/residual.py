@@ -98,7 +98,7 @@ class TritonAddNorm(AddNorm):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.bias_in_add = config.bias_dropout_fusion and config.add_bias_linear
+        self.bias_in_add = config.impl.bias_dropout_fusion and config.add_bias_linear
 
     def fuses_bias(self, device: torch.device) -> bool:
         no_dropout = self.hidden_dropout == 0 or not self.training
@@ -120,4 +120,4 @@ class TritonAddNorm(AddNorm):
 
 def build_add_norm(config: ModelConfig) -> AddNorm:
     """The add + norm of ``config``: Triton-fused with ``fused_residual_norm``, else plain."""
-    return TritonAddNorm(config) if config.fused_residual_norm else AddNorm(config)
+    return TritonAddNorm(config) if config.impl.fused_residual_norm else AddNorm(config)

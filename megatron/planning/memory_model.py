@@ -196,14 +196,14 @@ def _dims(config: ModelConfig, setup: RunSetup) -> dict:
 
 def residual_bytes(config: ModelConfig, setup: RunSetup) -> int:
     """Bytes per element of the residual stream (and of recomputed groups' inputs)."""
-    if config.fp32_residual_connection or setup.compute_bytes == 4:
+    if config.impl.fp32_residual_connection or setup.compute_bytes == 4:
         return 4
     return setup.compute_bytes
 
 
 def _fused_norm_runs(config: ModelConfig, setup: RunSetup) -> bool:
     """The fused add + norm runs on CUDA (on CPU only in the Triton interpreter: unfused)."""
-    return config.fused_residual_norm and setup.device == "cuda"
+    return config.impl.fused_residual_norm and setup.device == "cuda"
 
 
 def final_hidden_bytes(config: ModelConfig, setup: RunSetup) -> int:
@@ -244,11 +244,11 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     backward runs; the others to the attention half."""
     g = _dims(config, setup)
     n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
-    selective = config.recompute_granularity == "selective"
+    selective = config.impl.recompute_granularity == "selective"
     rope_copies = config.position_embedding_type == "rope" and p == 1
     norm = n * _norm_bytes_per_token(config, setup)
     out: dict[str, int] = {"attn_norm": norm, "qkv_input": n * a * h}
-    if config.attention_backend == "classic" and not selective:
+    if config.impl.attention_backend == "classic" and not selective:
         # q and k upcast to fp32 (k expanded over the GQA group), v expanded, context copy.
         out["attention_inputs"] = n * (8 * hd + a * hd)
         out["attention_scores"] = _classic_square_bytes(config, setup, a)
@@ -281,11 +281,11 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
     n, a, h = g["n"], g["a"], g["h"]
     per_layer = sum(layer_saved_bytes(config, setup).values())
     L = config.num_layers
-    if config.recompute_granularity == "full":
-        k = config.recompute_num_layers
+    if config.impl.recompute_granularity == "full":
+        k = config.impl.recompute_num_layers
         # each group's input (the residual stream)
         kept = 0 if inputs_on_host(config, setup) else residual_bytes(config, setup) * n * h
-        if config.recompute_method == "block":
+        if config.impl.recompute_method == "block":
             layers = k * kept + (L - k) * per_layer
         else:
             layers = math.ceil(L / k) * kept
@@ -295,7 +295,7 @@ def saved_activation_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, in
     final = n * _norm_bytes_per_token(config, setup)
     if loss_grads_in_forward(config):
         final += 4 * config.padded_vocab_size * h + 4 * n * h
-    elif config.loss_chunk_size > 0:
+    elif config.impl.loss_chunk_size > 0:
         final += final_hidden_bytes(config, setup) * n * h
     else:
         final += n * a * h + 4 * n * config.padded_vocab_size  # + fp32 log-softmax
@@ -330,8 +330,8 @@ def output_weight_copy_bytes(config: ModelConfig, setup: RunSetup) -> int:
 
 def lowp_saved_bytes(config: ModelConfig, setup: RunSetup) -> int:
     """Low-precision weight copies still referenced once forward (and autocast) has ended."""
-    layers = 0 if config.recompute_granularity == "full" else config.num_layers
-    unchunked = output_weight_copy_bytes(config, setup) if config.loss_chunk_size <= 0 else 0
+    layers = 0 if config.impl.recompute_granularity == "full" else config.num_layers
+    unchunked = output_weight_copy_bytes(config, setup) if config.impl.loss_chunk_size <= 0 else 0
     return lowp_weight_bytes(config, setup, layers) + unchunked
 
 
@@ -340,7 +340,7 @@ def lowp_saved_bytes(config: ModelConfig, setup: RunSetup) -> int:
 
 def loss_grads_in_forward(config: ModelConfig) -> bool:
     """Whether the chunked loss computes its gradients in forward (training passes the mask)."""
-    return config.loss_chunk_size > 0 and config.loss_grad_in_forward
+    return config.impl.loss_chunk_size > 0 and config.impl.loss_grad_in_forward
 
 
 def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int]:
@@ -354,8 +354,8 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
     n, a, h = g["n"], g["a"], g["h"]
     vocab = config.padded_vocab_size
     weight_copy = output_weight_copy_bytes(config, setup)
-    if config.loss_chunk_size > 0:
-        c = min(config.loss_chunk_size, n)
+    if config.impl.loss_chunk_size > 0:
+        c = min(config.impl.loss_chunk_size, n)
         # Per chunk on CPU: (grad^T @ hidden).float(); CUDA accumulates the low-precision
         # product straight into the fp32 gradient (one GEMM, fp32 output).
         grad_w_tmp = (a + 4) * vocab * h if a < 4 and setup.device != "cuda" else 0
@@ -367,13 +367,13 @@ def loss_transient_bytes(config: ModelConfig, setup: RunSetup) -> tuple[int, int
             # gradient's cast to its dtype (the weight's is scaled in place).
             dh = c * h * a if a < 4 and setup.device != "cuda" else 0
             to_hid = hid * n * h if hid < 4 else 0
-            if config.cross_entropy_fusion and setup.device == "cuda":
+            if config.impl.cross_entropy_fusion and setup.device == "cuda":
                 return weight_copy + c * vocab * a + dh + 4 * n, to_hid
             fwd = weight_copy + c * vocab * (a + (4 if a < 4 else 0) + 4) + dh + grad_w_tmp
             return fwd, to_hid
         # Fused (CUDA; on CPU the kernels run only in the Triton interpreter, so the model
         # follows the unfused path there): logits only, gradient in place; the saved lse.
-        if config.cross_entropy_fusion and setup.device == "cuda":
+        if config.impl.cross_entropy_fusion and setup.device == "cuda":
             fwd = weight_copy + c * vocab * a + c * h * a + 4 * n
             bwd = weight_copy + 4 * vocab * h + hid * n * h + c * vocab * a + grad_w_tmp + 4 * n
             return fwd, bwd
@@ -397,7 +397,7 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     activation gradients around them (the fp32 residual-stream gradient included)."""
     g = _dims(config, setup)
     n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
-    if config.attention_backend == "classic":
+    if config.impl.attention_backend == "classic":
         s, b = config.seq_length, setup.micro_batch_size
         # fp32 gradients of the probabilities and of the scores, after the value gradient.
         squares = b * (config.num_attention_heads // p) * s * s * 8
@@ -416,7 +416,7 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     mlp = stream + n * a * up + weight_grad_tmp
     # --delay-wgrad-compute (SP): the MLP's output gradients and its two linears' inputs
     # wait for dQ/dK/dV's exchange, which computes the weight gradients from them.
-    delayed = n * a * (up + h + h + ffn) if config.delay_wgrad_compute and p > 1 else 0
+    delayed = n * a * (up + h + h + ffn) if config.impl.delay_wgrad_compute and p > 1 else 0
     return {
         "attention_workspace": workspace,
         "all_to_all": 2 * n * a * x if p > 1 else 0,
@@ -465,7 +465,7 @@ def _zero_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
 def inputs_on_host(config: ModelConfig, setup: RunSetup) -> bool:
     """--checkpoint-in-cpu on a GPU: recomputed groups' inputs wait in host memory (on a CPU
     run "host" is the device, so nothing moves)."""
-    return config.checkpoint_in_cpu and setup.device != "cpu"
+    return config.impl.checkpoint_in_cpu and setup.device != "cpu"
 
 
 def _backward_saved(
@@ -480,10 +480,10 @@ def _backward_saved(
     ``L - done`` runs, ``done`` layers after the last one finished; ``group_input``: the
     bytes of a checkpointed group's input."""
     left = config.num_layers - done
-    if config.recompute_granularity != "full":
+    if config.impl.recompute_granularity != "full":
         return left * act["per_layer"], left * per_layer_lowp
-    k = config.recompute_num_layers
-    if config.recompute_method == "uniform":
+    k = config.impl.recompute_num_layers
+    if config.impl.recompute_method == "uniform":
         in_group = (left - 1) % k + 1  # layers of the recomputed group not yet back-propagated
         # --checkpoint-in-cpu: only the group being recomputed has its input back on the GPU
         groups_kept = 1 if on_host else math.ceil(left / k)
@@ -513,7 +513,7 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
     L, zero, n_gpus = config.num_layers, setup.zero_stage, setup.num_gpus
     saved_total = act["layers"] + act["final"] + act["shared"]
     per_layer_lowp = lowp_weight_bytes(config, setup, 1)
-    out_copy = output_weight_copy_bytes(config, setup) if config.loss_chunk_size <= 0 else 0
+    out_copy = output_weight_copy_bytes(config, setup) if config.impl.loss_chunk_size <= 0 else 0
     n, h = _dims(config, setup)["n"], config.hidden_size
 
     pb = setup.layer_param_bytes  # a layer's unsharded weights and gradients (root: fp32)

@@ -81,7 +81,8 @@ LLAMA_CONFIG = {  # the ModelConfig of STYLE["llama"]
 }
 PRECISION = {
     "fp32": ["--no-bias-gelu-fusion", "--no-bias-dropout-fusion",
-             "--no-gradient-accumulation-fusion", "--no-loss-grad-in-forward"],
+             "--no-gradient-accumulation-fusion", "--no-embedding-grads-in-place",
+             "--no-loss-grad-in-forward"],
     "bf16": ["--bf16", "--use-flash-attn", "--fused-residual-norm",
              "--cross-entropy-loss-fusion"],
 }  # fmt: skip
