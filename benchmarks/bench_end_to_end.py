@@ -1,4 +1,4 @@
-"""End-to-end training throughput: the GPT-3 1.3B anchor with Ulysses SP, mock data.
+"""End-to-end training throughput: the GPT-3 1.3B example with Ulysses SP, mock data.
 
 Runs ``pretrain_gpt.py``'s own machinery in-process: ``initialize_megatron`` on a built
 argument list, the same model provider, ZeRO sharding, optimizer, scheduler and
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-accum",
         type=int,
         default=1,
-        help="micro-batches per step (global batch = micro x DP x this); the anchor script's "
+        help="micro-batches per step (global batch = micro x DP x this); Megatron-DeepSpeed's example script's "
         "global batch 2 at SP 4 on 4 GPUs is 2",
     )
     p.add_argument("--sp", type=int, default=None, help="Ulysses degree (default: all GPUs)")

@@ -33,7 +33,7 @@ H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 
 
 def add_model_shape_args(parser: argparse.ArgumentParser) -> None:
-    """The GPT's shape flags, the 1.3B anchor by default (end-to-end and max-seqlen runs)."""
+    """The GPT's shape flags, the GPT-3 1.3B example by default (end-to-end and max-seqlen runs)."""
     parser.add_argument("--num-layers", type=int, default=24)
     parser.add_argument("--hidden-size", type=int, default=2048)
     parser.add_argument("--num-attention-heads", type=int, default=16)

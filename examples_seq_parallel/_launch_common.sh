@@ -11,7 +11,7 @@
 #   GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR MASTER_PORT   launch layout
 #   SP_SIZE         Ulysses degree [GPUS_PER_NODE]; data parallel = world / SP_SIZE
 #   MICRO_BATCH [1]  GLOBAL_BATCH [MICRO_BATCH x data-parallel size]
-#   TRAIN_ITERS     stop after this many iterations (else --train-samples as the anchor)
+#   TRAIN_ITERS     stop after this many iterations (else --train-samples as in Megatron-DeepSpeed's example)
 #   TRAIN_TOKENS LR_WARMUP_TOKENS LR_DECAY_TOKENS   token-based schedule
 #   ZERO_STAGE  CHECKPOINT_ACTIVATIONS (1/0)  ATTN (flash | triton | classic)
 #   PRECISION       bf16 | fp16 | fp32 [bf16 where the GPU has it, else fp16]
@@ -153,7 +153,7 @@ LOG_DIR=$OUTPUT_DIR/log
 DS_CONFIG=$OUTPUT_DIR/ds_config_gbs${GLOBAL_BATCH}_mbs${MICRO_BATCH}_log${LOG_INTERVAL}_zero${ZERO_STAGE}_${PRECISION:-fp32}.json
 mkdir -p "$LOG_DIR" "$CHECKPOINT_PATH" "$TENSORBOARD_DIR"
 
-# The DeepSpeed JSON the anchor scripts generate; pretrain_gpt.py reads the batch sizes,
+# The DeepSpeed JSON Megatron-DeepSpeed's example scripts generate; pretrain_gpt.py reads the batch sizes,
 # ZeRO stage, clipping and precision from it and refuses any that contradict the flags.
 cat >"$DS_CONFIG" <<EOF
 {

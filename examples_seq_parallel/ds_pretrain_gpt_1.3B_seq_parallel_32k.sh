@@ -6,7 +6,7 @@
 #   bash examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh          # all GPUs here
 #   MOCK_DATA=1 TRAIN_ITERS=20 bash examples_seq_parallel/ds_pretrain_gpt_1.3B_seq_parallel_32k.sh
 #   SP_SIZE=4 bash ...            # 8 GPUs as SP 4 x DP 2
-#   PRECISION=fp16 bash ...       # the anchor's precision (default: bf16 where supported)
+#   PRECISION=fp16 bash ...       # Megatron-DeepSpeed's example precision (default: bf16 where supported)
 #   CPU_SMOKE=1 bash ...          # tiny model on 2 CPU processes: checks the flag set
 #
 # Real data: DATA_PATH (prefix written by tools/preprocess_data.py), VOCAB_FILE and

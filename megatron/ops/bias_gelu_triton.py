@@ -17,7 +17,7 @@ import triton.language as tl
 
 # Tiles (rows x features) and warps per program; the backward's programs per feature block
 # each sum their rows' dx. The fastest of benchmarks/bench_bias_gelu.py's sweep on H100 at
-# [8192, 8192] bf16 (docs/performance.md).
+# [8192, 8192] bf16 (benchmarks/results/end_to_end_1p3b_h100x4_2026-11-28.md).
 FWD_TILE = {"BLOCK_R": 16, "BLOCK_F": 256, "num_warps": 4}
 BWD_TILE = {"BLOCK_R": 32, "BLOCK_F": 128, "num_warps": 8}
 BWD_ROW_PROGRAMS = 64
