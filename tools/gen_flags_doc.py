@@ -94,7 +94,7 @@ NOTES: dict[str, tuple[str, str]] = {
     ),
     "--no-gradient-accumulation-fusion": (
         "changed",
-        "ZeRO 1: let FSDP2 cast and add weight gradients per micro-batch; plain embedding gradients",
+        "ZeRO 1: let FSDP2 cast and add weight gradients per micro-batch",
     ),
     "--delay-wgrad-compute": (
         "changed",
