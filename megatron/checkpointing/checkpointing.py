@@ -339,8 +339,10 @@ def find_checkpoint(root: str, announce: bool = False) -> str | None:
         if announce:
             logger.warning(
                 "WARNING: --load %s has no %s; resuming from the newest complete checkpoint, %s",
-                root, TRACKER, path,
-            )  # fmt: skip
+                root,
+                TRACKER,
+                path,
+            )
         return path
     path = checkpoint_dir(root, read_tracker(tracker))
     if is_complete(path):
@@ -402,12 +404,13 @@ def load_checkpoint(
     if load_optim:
         optim_sd = {"state": tensors["optim_state"], "param_groups": meta["param_groups"]}
         apply_json_state(
-            "'param_groups'", meta_path,
+            "'param_groups'",
+            meta_path,
             lambda: set_state_dict(
                 model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd
             ),
             "load another checkpoint or pass --no-load-optim",
-        )  # fmt: skip
+        )
     else:
         set_model_state_dict(model, tensors["model"])
     if args.finetune:
@@ -463,8 +466,11 @@ def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
     set_random_seed(args.seed + 7919 * meta["iteration"], dropout_seed_offset(state))
     logger.info(
         "  the layout changed (%s -> world %d, SP %d, DP %d): per-rank RNG states re-derived from --seed and the iteration",
-        meta["layout"], state.dims.world_size, state.dims.sp, state.dims.dp,
-    )  # fmt: skip
+        meta["layout"],
+        state.dims.world_size,
+        state.dims.sp,
+        state.dims.dp,
+    )
 
 
 def load_args_from_checkpoint(args: argparse.Namespace) -> None:
@@ -475,12 +481,25 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> None:
         raise UsageError("--use-checkpoint-args needs --load pointing at a checkpoint")
     saved = read_meta(path)["args"]
     for key in (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-        "num_key_value_heads", "max_position_embeddings", "position_embedding_type", "rotary_percent",
-        "rotary_position_embeddings_theta", "normalization", "layernorm_epsilon", "swiglu", "openai_gelu",
-        "add_bias_linear", "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "kv_channels",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "position_embedding_type",
+        "rotary_percent",
+        "rotary_position_embeddings_theta",
+        "normalization",
+        "layernorm_epsilon",
+        "swiglu",
+        "openai_gelu",
+        "add_bias_linear",
+        "untie_embeddings_and_output_weights",
+        "make_vocab_size_divisible_by",
         "seq_length",
-    ):  # fmt: skip
+    ):
         if key in saved:
             setattr(args, key, saved[key])
     use_checkpoint_tokenizer(args, saved, path)

@@ -32,13 +32,30 @@ Tensors = dict[str, torch.Tensor]
 
 # meta.json ``args`` keys that describe the model's shape (what --use-checkpoint-args copies).
 MODEL_ARG_KEYS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-    "num_key_value_heads", "max_position_embeddings", "position_embedding_type",
-    "use_rotary_position_embeddings", "rotary_percent", "rotary_position_embeddings_theta",
-    "normalization", "layernorm_epsilon", "swiglu", "openai_gelu", "add_bias_linear",
-    "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "seq_length",
-    "padded_vocab_size", "attention_dropout", "hidden_dropout", "init_method_std",
-)  # fmt: skip
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "kv_channels",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "use_rotary_position_embeddings",
+    "rotary_percent",
+    "rotary_position_embeddings_theta",
+    "normalization",
+    "layernorm_epsilon",
+    "swiglu",
+    "openai_gelu",
+    "add_bias_linear",
+    "untie_embeddings_and_output_weights",
+    "make_vocab_size_divisible_by",
+    "seq_length",
+    "padded_vocab_size",
+    "attention_dropout",
+    "hidden_dropout",
+    "init_method_std",
+)
 
 
 # ---- our model arguments <-> ModelConfig ----

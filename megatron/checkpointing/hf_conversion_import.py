@@ -180,8 +180,10 @@ def _from_llama(hf: Tensors, c: dict[str, Any], source: str) -> tuple[Tensors, M
         logger.warning(
             "WARNING: %s has attention_bias=%s but mlp_bias=%s; --add-bias-linear covers both, "
             "so the missing biases are imported as zeros",
-            source, attn_bias, mlp_bias,
-        )  # fmt: skip
+            source,
+            attn_bias,
+            mlp_bias,
+        )
     p = _prefix(hf, "embed_tokens.weight", "model.")
     sd = {
         "embedding.word_embeddings.weight": _take(hf, p + "embed_tokens.weight", source),
@@ -201,11 +203,15 @@ def _from_llama(hf: Tensors, c: dict[str, Any], source: str) -> tuple[Tensors, M
         for norm in ("input_layernorm", "post_attention_layernorm"):
             sd[ours + norm + ".weight"] = _take(hf, src + norm + ".weight", source)
         parts = {
-            "self_attention.query_key_value": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            "self_attention.query_key_value": [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+            ],
             "self_attention.dense": ["self_attn.o_proj"],
             "mlp.dense_h_to_4h": ["mlp.gate_proj", "mlp.up_proj"],
             "mlp.dense_4h_to_h": ["mlp.down_proj"],
-        }  # fmt: skip
+        }
         for ours_name, hf_names in parts.items():
             sd[ours + ours_name + ".weight"] = torch.cat(
                 [_take(hf, src + n + ".weight", source) for n in hf_names], dim=0

@@ -416,8 +416,11 @@ def import_hf(
     if rows < config.padded_vocab_size:
         logger.warning(
             "WARNING: %s: embedding rows %d..%d lie beyond the tokenizer's %d ids; dropped",
-            hf_dir, rows, config.padded_vocab_size - 1, vocab,
-        )  # fmt: skip
+            hf_dir,
+            rows,
+            config.padded_vocab_size - 1,
+            vocab,
+        )
     sd = resize_vocab(sd, rows)
     config = dataclasses.replace(config, padded_vocab_size=rows)
     if seq_length is not None:

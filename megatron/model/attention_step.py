@@ -284,9 +284,23 @@ class SDPAStep(AttentionStep):
             k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
             no_rng = torch.zeros((), dtype=torch.long, device=q.device)  # no dropout: unused
             dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                dout, q, k, v, out, lse[..., None], no_rng, no_rng, None, None, None,
-                s_q, s_k, 0.0, blk.masked, scale=blk.scale,
-            )  # fmt: skip
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse[..., None],
+                no_rng,
+                no_rng,
+                None,
+                None,
+                None,
+                s_q,
+                s_k,
+                0.0,
+                blk.masked,
+                scale=blk.scale,
+            )
             dk, dv = _sum_heads(dk, hkv), _sum_heads(dv, hkv)
         else:
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

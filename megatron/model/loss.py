@@ -84,18 +84,36 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses_n):
         hidden_nh, weight_vh, labels_n, lse = ctx.saved_tensors
         grad_hidden, grad_weight = _chunked_grads(
-            hidden_nh, weight_vh, labels_n, lse, grad_losses_n, ctx.chunk_size,
-            ctx.compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], recompute=True,
-        )  # fmt: skip
+            hidden_nh,
+            weight_vh,
+            labels_n,
+            lse,
+            grad_losses_n,
+            ctx.chunk_size,
+            ctx.compute_dtype,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            recompute=True,
+        )
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_vh.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
 def _chunked_grads(
-    hidden_nh, weight_vh, labels_n, lse_n, grad_n, chunk_size, dtype, want_hidden, want_weight,
-    recompute: bool, losses_out=None, fused: bool = False,
-):  # fmt: skip
+    hidden_nh,
+    weight_vh,
+    labels_n,
+    lse_n,
+    grad_n,
+    chunk_size,
+    dtype,
+    want_hidden,
+    want_weight,
+    recompute: bool,
+    losses_out=None,
+    fused: bool = False,
+):
     """Gradients wrt the hidden states and W (fp32) of sum(grad_n * loss), chunk by chunk.
 
     ``recompute``: each chunk's logits are recomputed and ``lse_n`` holds the fused forward's
@@ -145,14 +163,33 @@ class ChunkedMaskedCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden_nh, weight_vh, labels_n, weights_n, chunk_size, compute_dtype, fused,
-        want_hidden, want_weight, weight_grad_in_place,
-    ):  # fmt: skip
+        ctx,
+        hidden_nh,
+        weight_vh,
+        labels_n,
+        weights_n,
+        chunk_size,
+        compute_dtype,
+        fused,
+        want_hidden,
+        want_weight,
+        weight_grad_in_place,
+    ):
         losses = torch.empty(hidden_nh.shape[0], dtype=torch.float32, device=hidden_nh.device)
         grad_hidden, grad_weight = _chunked_grads(
-            hidden_nh, weight_vh, labels_n, None, weights_n, chunk_size, compute_dtype,
-            want_hidden, want_weight, recompute=False, losses_out=losses, fused=fused,
-        )  # fmt: skip
+            hidden_nh,
+            weight_vh,
+            labels_n,
+            None,
+            weights_n,
+            chunk_size,
+            compute_dtype,
+            want_hidden,
+            want_weight,
+            recompute=False,
+            losses_out=losses,
+            fused=fused,
+        )
         ctx.grads = (grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = hidden_nh.dtype, weight_vh.dtype
         ctx.weight = weight_vh if want_weight and weight_grad_in_place else None
@@ -219,10 +256,17 @@ def output_layer_cross_entropy(
             weights_n = loss_mask_bs.t().reshape(s * b).to(torch.float32)
             grad_on = torch.is_grad_enabled()
             masked_sum, losses_n = ChunkedMaskedCrossEntropySum.apply(
-                hidden_nh, weight_vh, labels_n, weights_n, chunk_size, dtype, fused,
-                grad_on and hidden_nh.requires_grad, grad_on and weight_vh.requires_grad,
+                hidden_nh,
+                weight_vh,
+                labels_n,
+                weights_n,
+                chunk_size,
+                dtype,
+                fused,
+                grad_on and hidden_nh.requires_grad,
+                grad_on and weight_vh.requires_grad,
                 weight_grad_in_place,
-            )  # fmt: skip
+            )
             return TokenLosses(losses_n.view(s, b).t().contiguous(), masked_sum)
         losses_n = ChunkedCrossEntropy.apply(
             hidden_nh, weight_vh, labels_n, chunk_size, dtype, fused

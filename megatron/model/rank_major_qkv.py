@@ -147,8 +147,11 @@ class RankMajorQKV:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sp: int) -> None:
         self.num_heads, self.num_kv_heads, self.head_dim, self.sp = (
-            num_heads, num_kv_heads, head_dim, sp,
-        )  # fmt: skip
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            sp,
+        )
         self._rows: dict[torch.device, torch.Tensor] = {}  # rank_major_rows, per device
         self.kv_repeats = kv_heads_replicated(num_kv_heads, sp)
         kv_local = len(kv_heads_of_rank(0, num_kv_heads, sp))

@@ -112,9 +112,14 @@ class ParallelTransformer(torch.nn.Module):
                 continue
             with self._inputs_kept_on_host():
                 x = checkpoint(
-                    self._run_segment, start, end, as_tensor(x), rotary, doc_ids,
+                    self._run_segment,
+                    start,
+                    end,
+                    as_tensor(x),
+                    rotary,
+                    doc_ids,
                     use_reentrant=False,
-                )  # fmt: skip
+                )
         _, out = self.final_add_norm.norm(x, self.final_layernorm)
         return out
 

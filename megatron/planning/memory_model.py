@@ -116,9 +116,17 @@ class MemoryEstimate:
     details: dict = field(default_factory=dict)
 
     COMPONENTS = (
-        "params", "params_unsharded", "params_lowp", "grads", "optimizer", "activations",
-        "attention_workspace", "all_to_all", "logits", "working",
-    )  # fmt: skip
+        "params",
+        "params_unsharded",
+        "params_lowp",
+        "grads",
+        "optimizer",
+        "activations",
+        "attention_workspace",
+        "all_to_all",
+        "logits",
+        "working",
+    )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -456,7 +464,7 @@ def _zero_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
             _numel(s)
             for name, s in shapes.items()
             if name.startswith("transformer.layers.0.") and (".mlp." in name or "post_att" in name)
-        ),  # fmt: skip
+        ),
         "params": 4 * local,
         "optimizer": 8 * local + 4 * len(shapes),  # exp_avg, exp_avg_sq, step per tensor
     }
@@ -535,14 +543,34 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
     base = {"params": z["params"], "optimizer": z["optimizer"]}
     zeros = dict.fromkeys(MemoryEstimate.COMPONENTS, 0)
     phases: list[tuple[str, dict[str, int]]] = []
-    phases.append(("end of forward (loss)", {
-        **zeros, **base, "params_unsharded": unsharded(L), "activations": saved_total,
-        "params_lowp": per_layer_lowp * L + out_copy, "logits": loss_fwd, "grads": waiting(L),
-    }))  # fmt: skip
-    phases.append(("loss backward", {
-        **zeros, **base, "params_unsharded": unsharded(L), "activations": saved_total,
-        "params_lowp": lowp_saved_bytes(config, setup), "logits": loss_bwd, "grads": waiting(L),
-    }))  # fmt: skip
+    phases.append(
+        (
+            "end of forward (loss)",
+            {
+                **zeros,
+                **base,
+                "params_unsharded": unsharded(L),
+                "activations": saved_total,
+                "params_lowp": per_layer_lowp * L + out_copy,
+                "logits": loss_fwd,
+                "grads": waiting(L),
+            },
+        )
+    )
+    phases.append(
+        (
+            "loss backward",
+            {
+                **zeros,
+                **base,
+                "params_unsharded": unsharded(L),
+                "activations": saved_total,
+                "params_lowp": lowp_saved_bytes(config, setup),
+                "logits": loss_bwd,
+                "grads": waiting(L),
+            },
+        )
+    )
     # Layer backward, last layer first: saved tensors and low-precision copies shrink,
     # gradients grow (unsharded for the current FSDP unit, then reduce-scattered). Within a
     # layer the MLP half runs first; its saved tensors are gone when attention's runs.
@@ -566,16 +594,30 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
             grads = 4 * finished + waiting(L - done)
         common = {**zeros, **base, "params_unsharded": unsharded(L - done), "params_lowp": lowp}
         layer = L - done
-        phases.append((f"backward of layer {layer} (MLP)", {
-            **common, "grads": grads + pb * z["mlp_params"], "working": layer_bwd["mlp"],
-            "activations": saved + act["shared"],
-        }))  # fmt: skip
-        phases.append((f"backward of layer {layer} (attention)", {
-            **common, "grads": grads + pb * z["per_layer"],
-            "activations": saved + act["shared"] - mlp_saved,
-            "attention_workspace": layer_bwd["attention_workspace"],
-            "all_to_all": layer_bwd["all_to_all"], "working": layer_bwd["attention_other"],
-        }))  # fmt: skip
+        phases.append(
+            (
+                f"backward of layer {layer} (MLP)",
+                {
+                    **common,
+                    "grads": grads + pb * z["mlp_params"],
+                    "working": layer_bwd["mlp"],
+                    "activations": saved + act["shared"],
+                },
+            )
+        )
+        phases.append(
+            (
+                f"backward of layer {layer} (attention)",
+                {
+                    **common,
+                    "grads": grads + pb * z["per_layer"],
+                    "activations": saved + act["shared"] - mlp_saved,
+                    "attention_workspace": layer_bwd["attention_workspace"],
+                    "all_to_all": layer_bwd["all_to_all"],
+                    "working": layer_bwd["attention_other"],
+                },
+            )
+        )
         if zero > 0:
             # FSDP2 reshards the layer (stages 1/2: one layer fewer unsharded), then copies its
             # gradients into an fp32 reduce-scatter buffer and frees them; the reduce-scatter
@@ -583,21 +625,41 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
             rs = {**common, "activations": saved + act["shared"] - act["per_layer"]}
             if zero < 3:
                 rs["params_unsharded"] = unsharded(L - done - 1)
-            phases.append((f"gradient reduce-scatter of layer {layer}", {
-                **rs, "grads": grads + (pb + 4) * z["per_layer"],
-            }))  # fmt: skip
+            phases.append(
+                (
+                    f"gradient reduce-scatter of layer {layer}",
+                    {
+                        **rs,
+                        "grads": grads + (pb + 4) * z["per_layer"],
+                    },
+                )
+            )
             if setup.device == "cpu":
-                phases.append((f"gradient reduce-scatter of layer {layer} (gloo)", {
-                    **rs, "grads": grads + 4 * (z["per_layer"] + z["layer_local"]),
-                    "working": 4 * z["per_layer"],
-                }))  # fmt: skip
+                phases.append(
+                    (
+                        f"gradient reduce-scatter of layer {layer} (gloo)",
+                        {
+                            **rs,
+                            "grads": grads + 4 * (z["per_layer"] + z["layer_local"]),
+                            "working": 4 * z["per_layer"],
+                        },
+                    )
+                )
     # Optimizer step: all gradients; foreach AdamW (CPU) makes fp32 temporaries, fused doesn't.
     fused = setup.device == "cuda"
     step_tmp = 0 if fused else 4 * z["local"]
     bucket = min(4 * z["total"], 128 * 2**20) if zero == 0 and n_gpus > 1 else 0
-    phases.append(("optimizer step", {
-        **zeros, **base, "grads": 4 * z["local"], "working": max(step_tmp, bucket),
-    }))  # fmt: skip
+    phases.append(
+        (
+            "optimizer step",
+            {
+                **zeros,
+                **base,
+                "grads": 4 * z["local"],
+                "working": max(step_tmp, bucket),
+            },
+        )
+    )
     name, comps = max(phases, key=lambda item: sum(item[1].values()))
     return MemoryEstimate(
         **comps,

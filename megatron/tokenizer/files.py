@@ -21,9 +21,16 @@ TOKENIZER_DIR = "tokenizer"
 FILE_ARGS = ("tokenizer_model", "vocab_file", "merge_file")
 # Tokenizer files of a saved HF tokenizer (copied as they are).
 HF_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 _SENTENCEPIECE = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer")
 
 

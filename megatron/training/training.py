@@ -400,10 +400,19 @@ def _pretrain(
         # The previous step is finished inside, once this step's backward is launched and
         # before its optimizer step: the CPU runs ahead while the GPU completes that step.
         pending = train_step_async(
-            forward_step_func, train_it, model, optimizer, scheduler, scaler, args, num_micro,
-            ts.iteration + 1, before_optimizer_step=finish,
-            gather_next=ts.iteration + 1 < train_iters, callbacks=callbacks,
-        )  # fmt: skip
+            forward_step_func,
+            train_it,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            args,
+            num_micro,
+            ts.iteration + 1,
+            before_optimizer_step=finish,
+            gather_next=ts.iteration + 1 < train_iters,
+            callbacks=callbacks,
+        )
         for callback in callbacks:
             callback.on_step_end(ts.iteration + 1, model)
         ts.iteration += 1
@@ -427,10 +436,18 @@ def _pretrain(
             losses, grad_norm, _ = pending.read()
             elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
             log_training_iteration(
-                args, ts, tb, train_iters=train_iters, elapsed_ms=elapsed_ms, global_batch_size=gbs,
-                losses=losses, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
-                loss_scale=scaler.scale, flops_per_token=flops_per_token,
-            )  # fmt: skip
+                args,
+                ts,
+                tb,
+                train_iters=train_iters,
+                elapsed_ms=elapsed_ms,
+                global_batch_size=gbs,
+                losses=losses,
+                grad_norm=grad_norm,
+                lr=optimizer.param_groups[0]["lr"],
+                loss_scale=scaler.scale,
+                flops_per_token=flops_per_token,
+            )
             window_start, window_iters = time.time(), 0
 
         if eval_now:
@@ -535,10 +552,19 @@ def _nan_stop_message(count: int, iteration: int, checkpoints: list[tuple[int, s
 
 
 def log_training_iteration(
-    args, ts: TrainState, tb: TensorBoardLogger, *, train_iters: int, elapsed_ms: float,
-    global_batch_size: int, losses: dict[str, float], grad_norm: float | None, lr: float,
-    loss_scale: float, flops_per_token: float,
-) -> None:  # fmt: skip
+    args,
+    ts: TrainState,
+    tb: TensorBoardLogger,
+    *,
+    train_iters: int,
+    elapsed_ms: float,
+    global_batch_size: int,
+    losses: dict[str, float],
+    grad_norm: float | None,
+    lr: float,
+    loss_scale: float,
+    flops_per_token: float,
+) -> None:
     """Megatron's iteration line (rank 0) and the TensorBoard scalars of this iteration."""
     seconds = elapsed_ms / 1000.0
     tflops = (
@@ -547,17 +573,33 @@ def log_training_iteration(
     peak = peak_memory_gb(args.device_obj)
     logger.info(
         iteration_line(
-            iteration=ts.iteration, train_iters=train_iters,
-            consumed_samples=ts.consumed_train_samples, consumed_tokens=ts.consumed_train_tokens,
-            elapsed_ms=elapsed_ms, lr=lr, global_batch_size=global_batch_size, losses=losses,
-            loss_scale=loss_scale, grad_norm=grad_norm, seq_length=args.seq_length,
-            skipped=ts.skipped_iters, nan_iters=ts.nan_iters, world_size=args.world_size,
-            tflops=tflops, peak_mem_gb=peak, eta_s=seconds * (train_iters - ts.iteration),
+            iteration=ts.iteration,
+            train_iters=train_iters,
+            consumed_samples=ts.consumed_train_samples,
+            consumed_tokens=ts.consumed_train_tokens,
+            elapsed_ms=elapsed_ms,
+            lr=lr,
+            global_batch_size=global_batch_size,
+            losses=losses,
+            loss_scale=loss_scale,
+            grad_norm=grad_norm,
+            seq_length=args.seq_length,
+            skipped=ts.skipped_iters,
+            nan_iters=ts.nan_iters,
+            world_size=args.world_size,
+            tflops=tflops,
+            peak_mem_gb=peak,
+            eta_s=seconds * (train_iters - ts.iteration),
         )
-    )  # fmt: skip
-    scalars = {"lm loss": losses.get("lm loss", float("nan")), "learning-rate": lr,
-               "batch-size": global_batch_size, "loss-scale": loss_scale,
-               "iteration-time": seconds, "throughput/tflops": tflops}  # fmt: skip
+    )
+    scalars = {
+        "lm loss": losses.get("lm loss", float("nan")),
+        "learning-rate": lr,
+        "batch-size": global_batch_size,
+        "loss-scale": loss_scale,
+        "iteration-time": seconds,
+        "throughput/tflops": tflops,
+    }
     if grad_norm is not None:
         scalars["grad-norm"] = grad_norm
     if peak is not None:

@@ -239,10 +239,26 @@ def _line(r) -> str:
 
 
 _SHOWN = {
-    "classic", "cudnn", "flash", "efficient", "math", "cpu-flash", "triton",
-    "flash_attn", "blockwise", "add-norm", "bias-gelu", "ce-fused", "compiled", "in-place-grads",
-    "host-offload", "all-to-all", "pipelined", "rank-major", "delayed-wgrad",
-}  # fmt: skip
+    "classic",
+    "cudnn",
+    "flash",
+    "efficient",
+    "math",
+    "cpu-flash",
+    "triton",
+    "flash_attn",
+    "blockwise",
+    "add-norm",
+    "bias-gelu",
+    "ce-fused",
+    "compiled",
+    "in-place-grads",
+    "host-offload",
+    "all-to-all",
+    "pipelined",
+    "rank-major",
+    "delayed-wgrad",
+}
 
 
 def _summary(results, say) -> int:

@@ -118,10 +118,17 @@ def train_tokenizer(directory: str, text: str, vocab_size: int) -> str:
     """``train_sentencepiece.py`` on one thread (the model depends on the thread count), run
     in ``directory`` with relative names: the ``.model`` file embeds its input's path."""
     cmd = [
-        sys.executable, str(REPO / "examples_seq_parallel" / "train_sentencepiece.py"),
-        "--input", os.path.basename(text), "--model-prefix", "spm",
-        "--vocab-size", str(vocab_size), "--threads", "1",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "examples_seq_parallel" / "train_sentencepiece.py"),
+        "--input",
+        os.path.basename(text),
+        "--model-prefix",
+        "spm",
+        "--vocab-size",
+        str(vocab_size),
+        "--threads",
+        "1",
+    ]
     _run(cmd, directory, "train_sentencepiece.py")
     return os.path.join(directory, "spm.model")
 
@@ -135,11 +142,22 @@ def _run(cmd: list[str], cwd: str | Path, name: str) -> None:
 def preprocess(jsonl: str, model: str, prefix: str, workers: int) -> None:
     """``tools/preprocess_data.py`` in a child process; raises with its output on failure."""
     cmd = [
-        sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", jsonl,
-        "--output-prefix", prefix, "--tokenizer-type", "GPTSentencePieceTokenizer",
-        "--tokenizer-model", model, "--append-eod", "--workers", str(workers),
-        "--log-interval", "1000000",
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "tools" / "preprocess_data.py"),
+        "--input",
+        jsonl,
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "GPTSentencePieceTokenizer",
+        "--tokenizer-model",
+        model,
+        "--append-eod",
+        "--workers",
+        str(workers),
+        "--log-interval",
+        "1000000",
+    ]
     _run(cmd, REPO, "preprocess_data.py")
 
 

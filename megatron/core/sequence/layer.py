@@ -82,9 +82,15 @@ class DistributedAttention(torch.nn.Module):
         qkv = fused_qkv_source(query, key, value, head)
         if qkv is not None:  # slices of one projection: the gradient goes to it directly
             q_full, k_full, v_full = FusedQKVSeqToHead.apply(
-                self.spg, seq, head, self.qkv_backward_overlap,
-                qkv, query.detach(), key.detach(), value.detach(),
-            )  # fmt: skip
+                self.spg,
+                seq,
+                head,
+                self.qkv_backward_overlap,
+                qkv,
+                query.detach(),
+                key.detach(),
+                value.detach(),
+            )
         else:
             q_full, k_full, v_full = SeqToHeadAllToAll.apply(
                 self.spg, seq, head, self.qkv_backward_overlap, query, key, value
