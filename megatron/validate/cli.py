@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--self-test",
         action="store_true",
         help="remove the guard against torch 2.11's wrong cuDNN attention gradients "
-        "(megatron.ops.contiguous_grad): the sdpa rows must then FAIL",
+        "(megatron.ops.contiguous_grad) and run the cuDNN rows: at least one must FAIL",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument(
@@ -179,7 +179,7 @@ def _run(args, rows, world: int, model_hook) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"validate: {_versions(args.device)}")
     if args.self_test:
-        say("validate: self-test: the contiguous_grad guard is removed; sdpa rows must FAIL")
+        say("validate: self-test: the contiguous_grad guard is removed; a cuDNN row must FAIL")
     groups = {}
     results: list[Result] = []
     for row in rows:

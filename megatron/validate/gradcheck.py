@@ -71,7 +71,7 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ce-fused": (("~_ce_fwd_kernel", "~_ce_bwd_kernel"),),
     "compiled": (("CompiledFunctionBackward",),),
     "in-place-grads": (("_LookupAddingToGradBackward", "ChunkedMaskedCrossEntropySumBackward"),),
-    "host-offload": (("~Memcpy DtoH",),),
+    "host-offload": (("~Memcpy DtoH (Device -> Pinned)",),),  # not a pageable .item() read
     "all-to-all": (
         ("SeqToHeadAllToAllBackward",),
         ("FusedQKVSeqToHeadBackward",),
