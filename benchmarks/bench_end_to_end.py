@@ -303,6 +303,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     import pretrain_gpt
     from megatron.core import parallel_state
     from megatron.core.distributed.fsdp import shard_model_for_zero
+    from megatron.core.parallel_config import get_parallel_config
     from megatron.core.random import set_random_seed
     from megatron.initialize import initialize_megatron
     from megatron.model import ModelConfig, ParallelTransformerLayer, model_flops_per_token
@@ -310,16 +311,13 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     from megatron.optimizer.optimizer import get_megatron_optimizer
     from megatron.optimizer.optimizer_param_scheduler import get_optimizer_param_scheduler
     from megatron.planning.memory_model import RunSetup, estimate_memory
-    from megatron.training.training import (
-        TrainState,
-        finalize_step,
-        train_step_async,
-        zero_param_dtype,
-    )
+    from megatron.training.config import TrainingConfig
+    from megatron.training.training import TrainState, finalize_step, train_step_async
 
     parallel_state.destroy_model_parallel()
     pretrain_gpt._TOKENIZER = None
     margs = initialize_megatron(args_list=megatron_args(args, seq, sp, world))
+    tconfig, parallel = TrainingConfig.from_args(margs), get_parallel_config()
     state = parallel_state.get_parallel_state()
     set_random_seed(margs.seed)
     # On CPU a dispatch-mode tracker stands in for the CUDA allocator's peak statistics.
@@ -330,14 +328,14 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         config: ModelConfig = model.config
         model = shard_model_for_zero(
             model,
-            margs.zero_stage,
+            parallel.zero_stage,
             state,
             (ParallelTransformerLayer,),
-            zero_param_dtype(margs),
-            forward_prefetch=not args.no_overlap_param_gather,
+            parallel.zero_param_dtype,
+            forward_prefetch=parallel.overlap_param_gather,
         )
-        optimizer = get_megatron_optimizer(model, margs)
-        scheduler = get_optimizer_param_scheduler(optimizer, margs)
+        optimizer = get_megatron_optimizer(model, tconfig)
+        scheduler = get_optimizer_param_scheduler(optimizer, tconfig)
         scaler = (
             DynamicGradScaler(initial_scale=2.0**16, min_scale=1.0)
             if margs.fp16
@@ -351,14 +349,16 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         def finish() -> None:
             """The training loop's bookkeeping of the pending step (scheduler, counters)."""
             while pending:
-                finalize_step(pending.pop(), margs.global_batch_size, ts, scheduler, margs, history)
+                finalize_step(
+                    pending.pop(), tconfig.global_batch_size, ts, scheduler, tconfig, history
+                )
 
         def step() -> None:
             step_no[0] += 1
             pending.append(
                 train_step_async(
-                    pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler, margs,
-                    args.grad_accum, step_no[0], before_optimizer_step=finish,
+                    pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler,
+                    tconfig, parallel, args.grad_accum, step_no[0], before_optimizer_step=finish,
                 )
             )  # fmt: skip
             if args.sync_every_step:
