@@ -147,7 +147,7 @@ def _check_precision(args: argparse.Namespace) -> None:
 
 
 def _check_training(args: argparse.Namespace) -> None:
-    if args.checkpoint_activations or args.deepspeed_activation_checkpointing:
+    if args.checkpoint_activations:
         if args.recompute_granularity == "selective":
             raise UsageError(
                 "--checkpoint-activations means full recomputation; drop --recompute-granularity selective"

@@ -25,6 +25,8 @@ COMPAT_ONLY = {
     "use_distributed_optimizer": "optimizer state sharding is --zero-stage 1/2/3 through FSDP2",
     "fp16_lm_cross_entropy": "the cross entropy is always computed in fp32",
     "log_optimizer_states_to_tensorboard": "optimizer-state norms are not logged yet",
+    "tensorboard_log_interval": "TensorBoard scalars are written at every --log-interval",
+    "timing_log_level": "no per-phase timers are kept; the iteration line gives the step time",
 }
 
 
@@ -374,7 +376,9 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("validation")
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--skip-train", action="store_true")
+    g.add_argument(
+        "--skip-train", action="store_true", help="no training: validation and test only"
+    )
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -422,7 +426,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", type=str, default=None)
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-log-interval", type=int, default=None)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000)
     g.add_argument("--log-timers-to-tensorboard", action="store_true")
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true")

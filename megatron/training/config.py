@@ -40,6 +40,7 @@ class TrainingConfig:
     max_nan_iterations: int = 3
     seed: int = 1234
     finetune: bool = False
+    skip_train: bool = False  # evaluate (and test) the loaded model only
     # precision: the compute dtype (autocast; the weights stay fp32) and fp16 loss scaling
     params_dtype: torch.dtype = torch.float32
     fp16: bool = False

@@ -405,7 +405,9 @@ def _pretrain(
 
     window_start, window_iters = time.time(), 0
     model.train()
-    while ts.iteration < train_iters:
+    if config.skip_train:
+        logger.info("> skipping training (--skip-train): evaluation only")
+    while ts.iteration < train_iters and not config.skip_train:
         if config.train_tokens is not None and ts.consumed_train_tokens >= config.train_tokens:
             break
         calculator.update(ts.consumed_train_samples, True)
