@@ -145,11 +145,6 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with full recompute, keep each recomputed group's input in host memory (longest sequences)",
     )
-    g.add_argument(
-        "--torch-compile",
-        action="store_true",
-        help="torch.compile each transformer layer (fuses its pointwise work; attention stays eager)",
-    )
     g.add_argument("--distribute-checkpointed-activations", action="store_true")
     g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
     g.add_argument("--train-iters", type=int, default=None)
@@ -322,12 +317,6 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument(
         "--ds-sequence-parallel-size", type=int, default=1, help="Ulysses sequence-parallel degree"
-    )
-    g.add_argument(
-        "--sp-overlap-chunks",
-        type=int,
-        default=1,
-        help="pipeline the Ulysses all-to-alls against attention over N groups of heads",
     )
     g.add_argument(
         "--no-sp-rank-major-qkv",
