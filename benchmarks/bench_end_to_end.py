@@ -351,7 +351,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
             step_no[0] += 1
             pending.append(
                 train_step_async(
-                    pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler,
+                    pretrain_gpt.forward_step, data, model, optimizer, scaler,
                     tconfig, parallel, args.grad_accum, step_no[0], before_optimizer_step=finish,
                 )
             )  # fmt: skip
