@@ -40,31 +40,20 @@ def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTMo
 
 def get_batch(data_iterator):
     """This SP rank's slice of the next micro-batch, on the training device."""
-    from megatron.data.batch import (
-        get_ltor_masks_and_position_ids,
-        slice_batch_for_sequence_parallel,
-    )
+    from megatron.data.batch import get_batch_from_samples, slice_batch_for_sequence_parallel
 
     args = get_args()
     state = parallel_state.get_parallel_state()
     data = next(data_iterator)
-    tokens_ = torch.as_tensor(data["text"]).long()
-    tokens, labels = tokens_[:, :-1].contiguous(), tokens_[:, 1:].contiguous()
-    loss_mask, position_ids, doc_ids = get_ltor_masks_and_position_ids(
-        tokens,
+    batch = get_batch_from_samples(
+        torch.as_tensor(data["text"]).long(),
         get_tokenizer().eod,
         args.reset_position_ids,
         args.reset_attention_mask,
         args.eod_mask_loss,
     )
-    batch = {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "position_ids": position_ids,
-    }
-    if doc_ids is not None:
-        batch["doc_ids"] = doc_ids
+    if batch["doc_ids"] is None:  # no --reset-attention-mask: attention is plain causal
+        del batch["doc_ids"]
     batch = slice_batch_for_sequence_parallel(batch, state.sp_rank, state.dims.sp)
     device = args.device_obj
     if device.type == "cuda":  # from pageable memory a non_blocking copy may sync the stream

@@ -8,8 +8,7 @@ bf16, every rank holding an ``s/p`` slice of the sequence. Methods, all in the s
 * ``ulysses-sdpa`` / ``ulysses-triton``: our :class:`DistributedAttention` (all-to-alls +
   local attention on ``[s, b, h/p, d]`` views of the receive buffer) around PyTorch SDPA
   (PyTorch picks the kernel: cuDNN on H100) or our Triton FlashAttention;
-  ``ulysses-sdpa-overlap2/4`` pipeline the all-to-alls against attention over 2 or 4 groups
-  of each rank's heads (``--sp-overlap-chunks``); ``ulysses-sdpa-sendorder``: the same
+  ``ulysses-sdpa-sendorder``: the same
   from Q/K/V in the all-to-all's send order, as the model's projection writes them with
   learned positions (``DistributedAttention.attend_rank_major``: no packing copy; its
   gradient is the backward exchange's receive buffer);
@@ -55,8 +54,6 @@ METHODS = (
     "ulysses-sdpa",
     "ulysses-sdpa-blocks",
     "ulysses-sdpa-sendorder",
-    "ulysses-sdpa-overlap2",
-    "ulysses-sdpa-overlap4",
     "ulysses-triton",
     "deepspeed",
     "ring",
@@ -188,11 +185,7 @@ def build_step(method: str, s: int, args, device, group) -> Callable[[], None]:
             else:  # ours: the model's SDPA backend (blockwise only in "-blocks")
                 block = args.sdpa_block_size if method == "ulysses-sdpa-blocks" else 0
                 local_fn = SDPAAttention(0.0, args.head_dim**-0.5, block)
-            # "-overlapN": all-to-alls pipelined against attention over N head groups
-            chunks = int(method.rsplit("overlap", 1)[1]) if "overlap" in method else 1
-            fn = DistributedAttention(
-                local_fn, group, scatter_idx=2, gather_idx=0, num_chunks=chunks
-            )
+            fn = DistributedAttention(local_fn, group, scatter_idx=2, gather_idx=0)
     dout = torch.randn(s_here, args.batch, args.heads, args.head_dim, device=device, dtype=dtype)
 
     def step() -> None:

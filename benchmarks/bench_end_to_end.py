@@ -73,14 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention", choices=["sdpa", "triton", "classic"], default="sdpa")
     p.add_argument(
-        "--sp-overlap-chunks", type=int, default=1, help="pipeline the all-to-alls (model flag)"
-    )
-    p.add_argument(
         "--sweep",
         type=str,
         default=None,
         help="several configurations in one process, comma-separated, e.g. "
-        "z1,z3-full,z1-ov2,z1-triton,z1-compile,z1-fp32gather,z1-cefuse,z1-fusednorm,z1-sync "
+        "z1,z3-full,z1-triton,z1-fp32gather,z1-cefuse,z1-fusednorm,z1-sync "
         "(see sweep_variants)",
     )
     p.add_argument("--loss-chunk-size", type=int, default=2048)
@@ -164,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--torch-compile", action="store_true", help="model flag --torch-compile")
     p.add_argument(
         "--checkpoint-in-cpu", action="store_true", help="model flag (with --recompute full)"
     )
@@ -199,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Sweep tokens that switch a boolean setting on, and the model flags passed through as is.
 SWITCH_TOKENS = {
-    "compile": "torch_compile", "fp32gather": "fp32_param_gather",
+    "fp32gather": "fp32_param_gather",
     "cefuse": "cross_entropy_loss_fusion", "fusednorm": "fused_residual_norm",
     "dwgrad": "delay_wgrad_compute", "sync": "sync_every_step", "nobgf": "no_bias_gelu_fusion",
     "packqkv": "no_sp_rank_major_qkv", "fp32res": "fp32_residual_connection",
@@ -208,7 +204,7 @@ SWITCH_TOKENS = {
     "noegip": "no_embedding_grads_in_place",
     "nooptag": "no_overlap_param_gather_with_optimizer_step",
 }  # fmt: skip
-MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
+MODEL_SWITCHES = ("checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
                   "no_sp_rank_major_qkv", "fp32_residual_connection",
                   "no_bias_dropout_fusion", "no_loss_grad_in_forward",
@@ -221,8 +217,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     """One copy of ``args`` per ``--sweep`` entry (just ``args`` without ``--sweep``).
 
     An entry is tokens joined by ``-``: ``z0``..``z3`` (ZeRO stage), ``none``/``full``/
-    ``selective`` (recompute), ``ov<N>`` (all-to-all chunks), ``sdpa``/``triton``/``classic``
-    (attention), ``compile`` (``--torch-compile``), ``fp32gather`` (``--fp32-param-gather``),
+    ``selective`` (recompute), ``sdpa``/``triton``/``classic``
+    (attention), ``fp32gather`` (``--fp32-param-gather``),
     ``cefuse`` (``--cross-entropy-loss-fusion``), ``fusednorm`` (``--fused-residual-norm``),
     ``sync`` (``--sync-every-step``), ``dwgrad`` (``--delay-wgrad-compute``), ``nobgf``
     (``--no-bias-gelu-fusion``), ``packqkv`` (``--no-sp-rank-major-qkv``), ``fp32res``
@@ -251,8 +247,6 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
                 variant.grad_accum = int(token[2:])
             elif token[:2] == "mb" and token[2:].isdigit() and int(token[2:]) >= 1:
                 variant.micro_batch_size = int(token[2:])
-            elif token[:2] == "ov" and token[2:].isdigit() and int(token[2:]) >= 1:
-                variant.sp_overlap_chunks = int(token[2:])
             else:
                 raise ValueError(f"entry {spec!r}: unknown token {token!r}")
         out.append(variant)
@@ -271,7 +265,7 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
         "--attention-dropout", args.dropout, "--hidden-dropout", args.dropout,
         "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", args.vocab_size,
         "--ds-sequence-parallel-size", sp, "--zero-stage", args.zero_stage,
-        "--loss-chunk-size", args.loss_chunk_size, "--sp-overlap-chunks", args.sp_overlap_chunks,
+        "--loss-chunk-size", args.loss_chunk_size,
         "--position-embedding-type", args.position_embedding_type,
         "--eval-interval", 0, "--eval-iters", 0, "--log-interval", 1000, "--num-workers", 0,
         "--device", "cpu" if args.cpu_smoke else "cuda",
@@ -303,6 +297,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     import pretrain_gpt
     from megatron.core import parallel_state
     from megatron.core.distributed.fsdp import shard_model_for_zero
+    from megatron.core.parallel_config import get_parallel_config
     from megatron.core.random import set_random_seed
     from megatron.initialize import initialize_megatron
     from megatron.model import ModelConfig, ParallelTransformerLayer, model_flops_per_token
@@ -310,16 +305,13 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     from megatron.optimizer.optimizer import get_megatron_optimizer
     from megatron.optimizer.optimizer_param_scheduler import get_optimizer_param_scheduler
     from megatron.planning.memory_model import RunSetup, estimate_memory
-    from megatron.training.training import (
-        TrainState,
-        finalize_step,
-        train_step_async,
-        zero_param_dtype,
-    )
+    from megatron.training.config import TrainingConfig
+    from megatron.training.training import TrainState, finalize_step, train_step_async
 
     parallel_state.destroy_model_parallel()
     pretrain_gpt._TOKENIZER = None
     margs = initialize_megatron(args_list=megatron_args(args, seq, sp, world))
+    tconfig, parallel = TrainingConfig.from_args(margs), get_parallel_config()
     state = parallel_state.get_parallel_state()
     set_random_seed(margs.seed)
     # On CPU a dispatch-mode tracker stands in for the CUDA allocator's peak statistics.
@@ -330,14 +322,14 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         config: ModelConfig = model.config
         model = shard_model_for_zero(
             model,
-            margs.zero_stage,
+            parallel.zero_stage,
             state,
             (ParallelTransformerLayer,),
-            zero_param_dtype(margs),
-            forward_prefetch=not args.no_overlap_param_gather,
+            parallel.zero_param_dtype,
+            forward_prefetch=parallel.overlap_param_gather,
         )
-        optimizer = get_megatron_optimizer(model, margs)
-        scheduler = get_optimizer_param_scheduler(optimizer, margs)
+        optimizer = get_megatron_optimizer(model, tconfig)
+        scheduler = get_optimizer_param_scheduler(optimizer, tconfig)
         scaler = (
             DynamicGradScaler(initial_scale=2.0**16, min_scale=1.0)
             if margs.fp16
@@ -351,14 +343,16 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         def finish() -> None:
             """The training loop's bookkeeping of the pending step (scheduler, counters)."""
             while pending:
-                finalize_step(pending.pop(), margs.global_batch_size, ts, scheduler, margs, history)
+                finalize_step(
+                    pending.pop(), tconfig.global_batch_size, ts, scheduler, tconfig, history
+                )
 
         def step() -> None:
             step_no[0] += 1
             pending.append(
                 train_step_async(
-                    pretrain_gpt.forward_step, data, model, optimizer, scheduler, scaler, margs,
-                    args.grad_accum, step_no[0], before_optimizer_step=finish,
+                    pretrain_gpt.forward_step, data, model, optimizer, scaler,
+                    tconfig, parallel, args.grad_accum, step_no[0], before_optimizer_step=finish,
                 )
             )  # fmt: skip
             if args.sync_every_step:
@@ -376,7 +370,6 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     trace = None
     if args.trace and args.profile:  # one file per configuration of a sweep
         tag = f"s{seq}_sp{sp}_z{margs.zero_stage}_{args.recompute}_{args.attention}"
-        tag += f"_c{args.sp_overlap_chunks}"
         tag += "".join(f"_{tok}" for tok, name in SWITCH_TOKENS.items() if getattr(args, name))
         tag += f"_ga{args.grad_accum}" if args.grad_accum > 1 else ""
         trace = args.trace.replace(".json", f"_{tag}.json")
@@ -395,7 +388,6 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
         "micro_batch_size": margs.micro_batch_size,
         "grad_accum": args.grad_accum, "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
-        "sp_overlap_chunks": args.sp_overlap_chunks, "torch_compile": args.torch_compile,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
         "ce_fusion": args.cross_entropy_loss_fusion, "fused_norm": args.fused_residual_norm,
         "delay_wgrad": args.delay_wgrad_compute, "bias_gelu_fused": not args.no_bias_gelu_fusion,
@@ -530,7 +522,6 @@ def profile_iteration(step, device: torch.device, trace: str | None = None) -> d
 def report(results: list[dict], title: str) -> None:
     rows = [
         [r["seq_length"], r["sp"], r["dp"], r.get("micro_batch_size", 1), r["grad_accum"], r["zero_stage"], r["recompute"], r["attention"],
-         r["sp_overlap_chunks"], "yes" if r["torch_compile"] else "no",
          "yes" if r["fp32_param_gather"] else "no", "yes" if r["ce_fusion"] else "no",
          "yes" if r["fused_norm"] else "no", "yes" if r.get("bias_in_fused_norm") else "no",
          "yes" if r["bias_gelu_fused"] else "no", "yes" if r.get("rank_major_qkv") else "no",
@@ -542,7 +533,7 @@ def report(results: list[dict], title: str) -> None:
          r["peak_mem_gib"], r["predicted_mem_gib"], f"{r['lm_losses'][0]:.5f}", f"{r['lm_losses'][-1]:.5f}"]
         for r in results
     ]  # fmt: skip
-    headers = ["seq", "SP", "DP", "micro-batch size", "micro-batches", "ZeRO", "recompute", "attention", "a2a chunks", "compile",
+    headers = ["seq", "SP", "DP", "micro-batch size", "micro-batches", "ZeRO", "recompute", "attention",
                "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "loss grad in fwd", "grad-accum fusion", "gather in step", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
@@ -552,7 +543,7 @@ def report(results: list[dict], title: str) -> None:
             total = sum(cats.values())
             prow = [[k, v, 100.0 * v / total] for k, v in cats.items()]
             log0(f"\nprofile, seq {r['seq_length']} SP {r['sp']} ZeRO {r['zero_stage']} recompute "
-                 f"{r['recompute']} chunks {r['sp_overlap_chunks']} compile {r['torch_compile']} "
+                 f"{r['recompute']} "
                  f"fp32 gather {r['fp32_param_gather']} CE fused {r['ce_fusion']} norm fused "
                  f"{r['fused_norm']} host sync "
                  f"{r['host_sync']} (kernel time; collectives "
@@ -580,8 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     for seq, sp, variant in configs:
         log0(
             f"> seq {seq}, SP {sp}, DP {world // sp}, ZeRO {variant.zero_stage}, recompute "
-            f"{variant.recompute}, overlap chunks {variant.sp_overlap_chunks}, attention "
-            f"{variant.attention}, compile {variant.torch_compile}: {args.warmup} warm-up + "
+            f"{variant.recompute}, attention {variant.attention}: {args.warmup} warm-up + "
             f"{args.iters} timed, host sync "
             f"{'every step' if args.sync_every_step else 'deferred (back to back)'}"
         )

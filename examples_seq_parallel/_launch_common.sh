@@ -16,8 +16,7 @@
 #   ZERO_STAGE  CHECKPOINT_ACTIVATIONS (1/0)  ATTN (flash | triton | classic)
 #   PRECISION       bf16 | fp16 | fp32 [bf16 where the GPU has it, else fp16]
 #   FUSED [1; 0 with CPU_SMOKE]  1: --cross-entropy-loss-fusion --fused-residual-norm (Triton
-#                   kernels on CUDA; elsewhere the unfused paths); 0: neither (needed with
-#                   --torch-compile)
+#                   kernels on CUDA; elsewhere the unfused paths); 0: neither
 #   MOCK_DATA=1     synthetic tokens: no dataset, vocabulary or tokenizer file needed
 #   DATA_PATH VOCAB_FILE MERGE_FILE TOKENIZER_MODEL   real data
 #   OUTPUT_DIR [output]  CHECKPOINT_PATH  TENSORBOARD_DIR  SAVE_INTERVAL  LOG_INTERVAL

@@ -6,8 +6,6 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# --torch-compile in tests: graph capture and AOT autograd without inductor's C++ builds.
-os.environ.setdefault("MEGATRON_COMPILE_BACKEND", "aot_eager")
 
 import torch  # noqa: E402
 

@@ -49,7 +49,6 @@ def reference_config(config: ModelConfig) -> ModelConfig:
         recompute_method=None,
         recompute_num_layers=None,
         loss_chunk_size=0,
-        torch_compile=False,
         checkpoint_in_cpu=False,
         delay_wgrad_compute=False,
     )

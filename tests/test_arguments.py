@@ -168,11 +168,6 @@ ERRORS = [
         "(here: --zero-stage 1, float32)",
     ),
     (
-        TINY + " --fused-residual-norm --torch-compile",
-        1,
-        "--fused-residual-norm and --torch-compile: the compiled layer fuses its norms itself",
-    ),
-    (
         TINY + " --cross-entropy-loss-fusion --loss-chunk-size 0",
         1,
         "--cross-entropy-loss-fusion fuses the chunked loss: set --loss-chunk-size > 0",
@@ -181,11 +176,6 @@ ERRORS = [
         TINY + " --sdpa-block-size -1",
         1,
         "--sdpa-block-size -1 must be >= 0 (0: one attention call)",
-    ),
-    (
-        TINY + " --delay-wgrad-compute --sp-overlap-chunks 2",
-        1,
-        "--delay-wgrad-compute and --sp-overlap-chunks > 1: the deferred weight gradients",
     ),
 ]
 

@@ -100,3 +100,26 @@ def test_turned_off_listing_is_one_line(monkeypatch, caplog):
         "> fast paths off on cpu (their Triton kernels need CUDA or TRITON_INTERPRET=1): "
         "bias-GeLU fusion --fused-residual-norm"
     ]
+
+
+def test_training_and_parallel_configs_from_args():
+    from megatron.core.parallel_config import ParallelConfig
+    from megatron.training.config import TrainingConfig
+
+    args = _args(
+        ["--bf16", "--zero-stage", "1", "--train-samples", "7", "--lr", "1e-3",
+         "--no-overlap-param-gather", "--rampup-batch-size", "1", "1", "8"],
+        device="cpu",
+    )  # fmt: skip
+    training = TrainingConfig.from_args(args)
+    assert (training.train_samples, training.global_batch_size, training.lr) == (7, 1, 1e-3)
+    assert training.params_dtype == torch.bfloat16 and training.rampup_batch_size == ("1", "1", "8")
+    parallel = ParallelConfig.from_args(args)
+    assert (parallel.world_size, parallel.data_parallel_size, parallel.zero_stage) == (1, 1, 1)
+    assert parallel.zero_param_dtype == torch.bfloat16 and parallel.distributed_backend == "gloo"
+    # --no-overlap-param-gather implies no gather during the optimizer step either.
+    assert not parallel.overlap_param_gather
+    assert not parallel.overlap_param_gather_with_optimizer_step
+    for config, name in ((training, "lr"), (parallel, "zero_stage")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(config, name, 0)

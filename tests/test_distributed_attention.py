@@ -27,7 +27,7 @@ def causal_attention(q, k, v, seq_dim=0, merge_heads=False):
 
 
 CASES = [
-    # (sp, seq_dim, batch, heads, kv_heads, merge_heads[, pipelined chunks])
+    # (sp, seq_dim, batch, heads, kv_heads, merge_heads[, Q/K/V source])
     (2, 0, 1, 4, 4, False),
     (2, 1, 3, 8, 8, False),
     (2, 0, 3, 4, 2, True),
@@ -39,34 +39,27 @@ CASES = [
     (4, 1, 1, 8, 1, False),
     (4, 0, 3, 4, 1, False),
     (4, 1, 3, 8, 2, False),
-    # all-to-alls pipelined against attention over groups of heads
-    (2, 0, 3, 8, 8, False, 2),
-    (2, 1, 1, 8, 4, True, 2),
-    (2, 0, 1, 8, 8, False, 4),
-    (4, 0, 3, 8, 8, False, 2),
-    (4, 1, 1, 8, 1, False, 2),  # one K/V head: no split possible, plain path
     # Q, K, V as column slices of one fused projection output: the gradient goes to it
-    (2, 0, 3, 4, 2, False, 1, "fused"),
-    (4, 0, 1, 8, 4, True, 1, "fused"),
-    (4, 0, 3, 8, 8, False, 1, "fused"),
-    (4, 0, 1, 8, 2, False, 1, "fused"),  # K/V heads replicated: the unfused path
+    (2, 0, 3, 4, 2, False, "fused"),
+    (4, 0, 1, 8, 4, True, "fused"),
+    (4, 0, 3, 8, 8, False, "fused"),
+    (4, 0, 1, 8, 2, False, "fused"),  # K/V heads replicated: the unfused path
     # ... of a view of a 2-D result, as F.linear returns for [s, b, h] inputs
-    (2, 0, 3, 4, 2, False, 1, "fused-2d"),
-    (4, 1, 2, 8, 4, False, 1, "fused-2d"),
+    (2, 0, 3, 4, 2, False, "fused-2d"),
+    (4, 1, 2, 8, 4, False, "fused-2d"),
     # ... already in send order (rank_major_qkv): no packing; its buffer gets the gradient
-    (2, 0, 3, 4, 2, False, 1, "rank-major"),
-    (4, 0, 1, 8, 8, True, 1, "rank-major"),
-    (4, 0, 3, 8, 2, False, 1, "rank-major"),  # K/V heads replicated: rows repeat
-    (4, 0, 2, 4, 1, False, 1, "rank-major"),
+    (2, 0, 3, 4, 2, False, "rank-major"),
+    (4, 0, 1, 8, 8, True, "rank-major"),
+    (4, 0, 3, 8, 2, False, "rank-major"),  # K/V heads replicated: rows repeat
+    (4, 0, 2, 4, 1, False, "rank-major"),
 ]
 
 
 def _parse(case):
-    """(sp, seq_dim, batch, heads, kv_heads, merge, chunks, fused) of a CASES entry;
+    """(sp, seq_dim, batch, heads, kv_heads, merge, fused) of a CASES entry;
     fused is "", "fused", "fused-2d" or "rank-major"."""
     sp, seq_dim, b, h, h_kv, merge, *rest = case
-    chunks = next((c for c in rest if isinstance(c, int)), 1)
-    return sp, seq_dim, b, h, h_kv, merge, chunks, next((c for c in rest if isinstance(c, str)), "")
+    return sp, seq_dim, b, h, h_kv, merge, rest[0] if rest else ""
 
 
 def _check_cases(cases):
@@ -75,7 +68,7 @@ def _check_cases(cases):
 
     results = []
     for case in cases:
-        sp, seq_dim, b, h, h_kv, merge, chunks, fused = _parse(case)
+        sp, seq_dim, b, h, h_kv, merge, fused = _parse(case)
         state = ps.initialize_model_parallel(sequence_parallel_size=sp)
         torch.manual_seed(1234 + 17 * len(results))
         s, d = 16, 8
@@ -136,7 +129,6 @@ def _check_cases(cases):
                 state.sp_group,
                 scatter_idx=2,
                 gather_idx=seq_dim,
-                num_chunks=chunks,
             )
             if fused == "rank-major":
                 out = attn.attend_rank_major(my_pnc, widths, d)
@@ -177,21 +169,14 @@ def results():
 @pytest.mark.parametrize(
     "case",
     CASES,
-    ids=lambda c: (
-        "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c)
-        + (f"-chunks{c[6]}" if len(c) > 6 else "")
-        + "".join(f"-{x}" for x in c[7:])
-    ),
+    ids=lambda c: "sp{}-dim{}-b{}-h{}-kv{}-merge{}".format(*c) + "".join(f"-{x}" for x in c[6:]),
 )
 def test_matches_full_attention(results, case):
-    sp, seq_dim, b, h, h_kv, merge, chunks, fused = _parse(case)
-    from megatron.core.sequence.pipelined import effective_chunks
-
-    n = effective_chunks(chunks, h // sp, max(h_kv, sp) // sp)
+    sp, seq_dim, b, h, h_kv, merge, fused = _parse(case)
     for rank_result in results[case]:
         assert rank_result["max_err"] <= 1e-5
-        # Q, K, V in one all-to-all and the context in one (per chunk); backward mirrors it.
-        assert rank_result["all_to_alls"] == 4 * n
+        # Q, K, V in one all-to-all and the context in one; backward mirrors it.
+        assert rank_result["all_to_alls"] == 4
         expected = (16 // sp, b) if seq_dim == 0 else (b, 16 // sp)
         assert rank_result["shape"][:2] == expected
         # The fused path is taken exactly for slices of one tensor with whole K/V heads per rank.

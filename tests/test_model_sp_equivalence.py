@@ -75,7 +75,6 @@ CASES_SP2 = [
         False,
     ),
     ("llama-mqa-delay-wgrad-full-uniform", {**MQA, **FULL_UNIFORM, **DELAY_WGRAD}, 2, True),
-    ("gpt-compiled-selective", {"torch_compile": True, **SELECTIVE}, 2, False),
     # Learned positions + SP: Q/K/V projected in send order (rank_major_qkv), also with GQA.
     ("gpt-mqa-sdpa-packed", {"num_key_value_heads": 1, **SDPA}, 2, True),
     (
@@ -83,12 +82,6 @@ CASES_SP2 = [
         {"num_key_value_heads": 2, "add_bias_linear": False, **DELAY_WGRAD},
         2,
         False,
-    ),
-    (
-        "llama-sdpa-compiled-full-packed",
-        {**LLAMA, **SDPA, **FULL_UNIFORM, "torch_compile": True},
-        2,
-        True,
     ),
 ]
 CASES_SP4 = [
@@ -104,12 +97,7 @@ CASES_SP4 = [
     ),
     ("llama-block-ckpt-in-cpu", {**LLAMA, **FULL_BLOCK, "checkpoint_in_cpu": True}, 2, True),
     ("gpt-delay-wgrad-selective", {**SELECTIVE, **DELAY_WGRAD}, 2, False),
-    (
-        "gpt-sdpa-blocks16-overlap2",
-        {**SDPA, "sdpa_block_size": 16, "sp_overlap_chunks": 2},
-        2,
-        False,
-    ),
+    ("gpt-sdpa-blocks16", {**SDPA, "sdpa_block_size": 16}, 2, False),
     ("gpt-gqa2-sdpa-full-uniform", {"num_key_value_heads": 2, **SDPA, **FULL_UNIFORM}, 2, False),
     ("gpt-gqa8-packed", {"num_key_value_heads": 8}, 1, True),
 ]

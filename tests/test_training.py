@@ -16,8 +16,7 @@ WORLD2 = [
     "--zero-stage 2 --log-interval 4",  # most steps finished during the next one
     "--ds-sequence-parallel-size 2 --zero-stage 3",
     "--zero-stage 3 --checkpoint-activations",
-    "--ds-sequence-parallel-size 2 --sp-overlap-chunks 2 --checkpoint-activations",
-    "--ds-sequence-parallel-size 2 --zero-stage 3 --torch-compile --checkpoint-activations",
+    "--ds-sequence-parallel-size 2 --checkpoint-activations",
     "--ds-sequence-parallel-size 2 --zero-stage 3 --checkpoint-activations --checkpoint-in-cpu",
     "--ds-sequence-parallel-size 2 --zero-stage 3 --delay-wgrad-compute",
 ]

@@ -58,6 +58,7 @@ def _features(tmp):
     out["nan"] = _run_captured(f"--train-iters 4 --save {tmp}/nan --save-interval 1", "nan_grad@3")
     out["nan_stop"] = _run_captured("--train-iters 6 --max-nan-iterations 2", "nan_grad@2-3")
     out["tokens"] = _run_captured("--train-iters 100 --train-tokens 1000")
+    out["skip"] = _run_captured("--train-iters 6 --eval-iters 1 --skip-train")
     for defer in (True, False):
         out[f"defer={defer}"] = _run_recording_lr(
             f"--train-iters 7 --log-interval 3 --save {tmp}/defer{defer} --save-interval 100",
@@ -151,6 +152,13 @@ def test_repeated_nan_stops_with_a_clear_message(features):
 def test_train_tokens_stops_training(features):
     losses, code, _ = features[0]["tokens"]
     assert code == 0 and len(losses) == 4  # 4 iterations x 4 samples x 64 tokens >= 1000
+
+
+def test_skip_train_only_evaluates(features):
+    losses, code, lines = features[0]["skip"]
+    assert code == 0 and losses == []
+    assert not any(LINE.search(line) for line in lines)
+    assert any("test loss at the end of training for test data" in line for line in lines)
 
 
 def test_deferred_step_sync_matches_immediate(features):

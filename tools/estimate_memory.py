@@ -84,7 +84,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.micro_batch_size = 1
     if args.find_sp:
         args.ds_sequence_parallel_size = 1  # checked per candidate below
-    validate_args(args)
     if args.padded_vocab_size is None:
         if args.vocab_size is None:
             raise UsageError(
@@ -94,6 +93,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.padded_vocab_size = vocab_size_with_padding(
             args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
         )
+    validate_args(args)
     return args
 
 

@@ -29,7 +29,6 @@ NOTES: dict[str, tuple[str, str]] = {
         "changed",
         "Ulysses degree; SP groups are contiguous ranks, heads and sequence must divide by it",
     ),
-    "--sp-overlap-chunks": ("new", "pipeline the all-to-alls against attention over N head groups"),
     "--no-sp-rank-major-qkv": (
         "new",
         "project Q/K/V in Megatron's layout and pack them, instead of straight into the send buffer",
@@ -103,10 +102,6 @@ NOTES: dict[str, tuple[str, str]] = {
     "--fp32-residual-connection": (
         "changed",
         "fp32 residual stream under --bf16/--fp16 (default: the compute dtype, as Megatron-LM)",
-    ),
-    "--torch-compile": (
-        "new",
-        "experimental: `torch.compile` each transformer layer, attention eager",
     ),
     # model
     "--normalization": ("changed", "LayerNorm or RMSNorm, any case"),

@@ -150,7 +150,7 @@ def generate_all(args: argparse.Namespace, model, tokenizer, prompts: Sequence[s
     outputs = []
     for prompt in prompts:
         prompt_ids = tokenizer.tokenize(prompt)
-        with autocast_context(args):
+        with autocast_context(args.params_dtype, args.device_obj.type):
             new_ids = generate(
                 model, prompt_ids, args.max_new_tokens, tokenizer.vocab_size,
                 params, max_context=args.seq_length, stop_ids=stop_ids, generator=generator,

@@ -45,6 +45,7 @@ from megatron.checkpointing.checks import (
     read_tracker,
     save_failure,
 )
+from megatron.checkpointing.hf_conversion import MODEL_SHAPE_ARG_KEYS
 from megatron.checkpointing.safety import (
     SafeFileSystemReader,
     SafeLoadPlanner,
@@ -480,26 +481,7 @@ def load_args_from_checkpoint(args: argparse.Namespace) -> None:
     if path is None:
         raise UsageError("--use-checkpoint-args needs --load pointing at a checkpoint")
     saved = read_meta(path)["args"]
-    for key in (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "kv_channels",
-        "num_key_value_heads",
-        "max_position_embeddings",
-        "position_embedding_type",
-        "rotary_percent",
-        "rotary_position_embeddings_theta",
-        "normalization",
-        "layernorm_epsilon",
-        "swiglu",
-        "openai_gelu",
-        "add_bias_linear",
-        "untie_embeddings_and_output_weights",
-        "make_vocab_size_divisible_by",
-        "seq_length",
-    ):
+    for key in MODEL_SHAPE_ARG_KEYS:
         if key in saved:
             setattr(args, key, saved[key])
     use_checkpoint_tokenizer(args, saved, path)

@@ -30,8 +30,9 @@ from megatron.model.config import ModelConfig
 
 Tensors = dict[str, torch.Tensor]
 
-# meta.json ``args`` keys that describe the model's shape (what --use-checkpoint-args copies).
-MODEL_ARG_KEYS = (
+# meta.json ``args`` keys that describe the model's shape: what --use-checkpoint-args copies
+# onto the command line (megatron.checkpointing.checkpointing.load_args_from_checkpoint).
+MODEL_SHAPE_ARG_KEYS = (
     "num_layers",
     "hidden_size",
     "ffn_hidden_size",
@@ -40,7 +41,6 @@ MODEL_ARG_KEYS = (
     "num_key_value_heads",
     "max_position_embeddings",
     "position_embedding_type",
-    "use_rotary_position_embeddings",
     "rotary_percent",
     "rotary_position_embeddings_theta",
     "normalization",
@@ -51,6 +51,13 @@ MODEL_ARG_KEYS = (
     "untie_embeddings_and_output_weights",
     "make_vocab_size_divisible_by",
     "seq_length",
+)
+# The model's arguments an exported checkpoint records: the shape and what was derived from
+# it or chosen with it. --use-checkpoint-args copies none of these extras: validation derives
+# use_rotary_position_embeddings from the position embedding type, the tokenizer gives the
+# padded vocabulary, and dropout and init are the new run's choice.
+MODEL_ARG_KEYS = MODEL_SHAPE_ARG_KEYS + (
+    "use_rotary_position_embeddings",
     "padded_vocab_size",
     "attention_dropout",
     "hidden_dropout",

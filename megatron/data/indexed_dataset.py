@@ -67,10 +67,6 @@ def dtype_code(dtype: np.dtype | type) -> int:
     return _CODE_OF[dtype]
 
 
-def dataset_exists(prefix: str) -> bool:
-    return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
-
-
 def _map(path: str) -> np.ndarray:
     """Read-only memory map of a whole file as bytes (an empty array for an empty file)."""
     if os.path.getsize(path) == 0:

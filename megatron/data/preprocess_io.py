@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from megatron.errors import UsageError
-
 logger = logging.getLogger(__name__)
 
 CHUNK_LINES = 512  # lines per unit of work sent to a worker
@@ -173,11 +171,3 @@ class Progress:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def check_input(path: str | None) -> str:
-    if not path:
-        raise UsageError("--input is required: a JSONL file (one JSON object per line)")
-    if not os.path.isfile(path):
-        raise UsageError(f"--input {path}: no such file")
-    return path

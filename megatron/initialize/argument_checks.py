@@ -107,8 +107,6 @@ def _check_model_shape(args: argparse.Namespace) -> None:
 
 def _check_sequence_parallel(args: argparse.Namespace) -> None:
     sp = args.ds_sequence_parallel_size
-    if args.sp_overlap_chunks < 1:
-        raise UsageError(f"--sp-overlap-chunks {args.sp_overlap_chunks} must be >= 1")
     check_heads_for_sp(args.num_attention_heads, args.num_key_value_heads, sp)
     if args.seq_length % sp != 0:
         raise UsageError(
@@ -147,7 +145,7 @@ def _check_precision(args: argparse.Namespace) -> None:
 
 
 def _check_training(args: argparse.Namespace) -> None:
-    if args.checkpoint_activations or args.deepspeed_activation_checkpointing:
+    if args.checkpoint_activations:
         if args.recompute_granularity == "selective":
             raise UsageError(
                 "--checkpoint-activations means full recomputation; drop --recompute-granularity selective"
@@ -174,17 +172,6 @@ def _check_training(args: argparse.Namespace) -> None:
     if args.sdpa_block_size < 0:
         raise UsageError(
             f"--sdpa-block-size {args.sdpa_block_size} must be >= 0 (0: one attention call)"
-        )
-    if args.fused_residual_norm and args.torch_compile:
-        raise UsageError(
-            "--fused-residual-norm and --torch-compile: the compiled layer fuses its norms "
-            "itself; drop one"
-        )
-    if args.delay_wgrad_compute and (args.sp_overlap_chunks > 1 or args.torch_compile):
-        flag = "--torch-compile" if args.torch_compile else "--sp-overlap-chunks > 1"
-        raise UsageError(
-            f"--delay-wgrad-compute and {flag}: the deferred weight gradients run during the "
-            "plain, eager all-to-alls' backward; drop one"
         )
     if args.cross_entropy_loss_fusion and args.loss_chunk_size == 0:
         raise UsageError(

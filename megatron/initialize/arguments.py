@@ -25,6 +25,8 @@ COMPAT_ONLY = {
     "use_distributed_optimizer": "optimizer state sharding is --zero-stage 1/2/3 through FSDP2",
     "fp16_lm_cross_entropy": "the cross entropy is always computed in fp32",
     "log_optimizer_states_to_tensorboard": "optimizer-state norms are not logged yet",
+    "tensorboard_log_interval": "TensorBoard scalars are written at every --log-interval",
+    "timing_log_level": "no per-phase timers are kept; the iteration line gives the step time",
 }
 
 
@@ -142,11 +144,6 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-in-cpu",
         action="store_true",
         help="with full recompute, keep each recomputed group's input in host memory (longest sequences)",
-    )
-    g.add_argument(
-        "--torch-compile",
-        action="store_true",
-        help="torch.compile each transformer layer (fuses its pointwise work; attention stays eager)",
     )
     g.add_argument("--distribute-checkpointed-activations", action="store_true")
     g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
@@ -322,12 +319,6 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         "--ds-sequence-parallel-size", type=int, default=1, help="Ulysses sequence-parallel degree"
     )
     g.add_argument(
-        "--sp-overlap-chunks",
-        type=int,
-        default=1,
-        help="pipeline the Ulysses all-to-alls against attention over N groups of heads",
-    )
-    g.add_argument(
         "--no-sp-rank-major-qkv",
         action="store_true",
         help="Ulysses: project Q/K/V in Megatron's layout and pack them for the all-to-all, "
@@ -374,7 +365,9 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("validation")
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--skip-train", action="store_true")
+    g.add_argument(
+        "--skip-train", action="store_true", help="no training: validation and test only"
+    )
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -422,7 +415,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", type=str, default=None)
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-log-interval", type=int, default=None)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000)
     g.add_argument("--log-timers-to-tensorboard", action="store_true")
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true")

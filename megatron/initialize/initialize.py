@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.parallel_config import ParallelConfig, set_parallel_config
 from megatron.core.random import set_random_seed
 from megatron.errors import UsageError
 from megatron.global_vars import set_args
@@ -49,14 +50,14 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return torch.device("cpu")
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
+def _initialize_distributed(config: ParallelConfig) -> None:
     if dist.is_initialized():
         return
-    backend = args.distributed_backend or ("nccl" if args.device_obj.type == "cuda" else "gloo")
-    if args.device_obj.type == "cuda":
-        torch.cuda.set_device(args.device_obj)
-    timeout = timedelta(minutes=args.distributed_timeout_minutes)
-    if args.world_size == 1 and "MASTER_ADDR" not in os.environ:
+    backend = config.distributed_backend
+    if config.device.type == "cuda":
+        torch.cuda.set_device(config.device)
+    timeout = timedelta(minutes=config.distributed_timeout_minutes)
+    if config.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A lone process needs no rendezvous.
         dist.init_process_group(
             backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
@@ -64,25 +65,25 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
     elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
         # Under torchrun, key the rendezvous by the restart attempt: a restarted worker group
         # must never read the addresses that the failed group left in the agent's store.
-        store = _elastic_store(args, timeout)
+        store = _elastic_store(config, timeout)
         dist.init_process_group(
-            backend, store=store, rank=args.rank, world_size=args.world_size, timeout=timeout
+            backend, store=store, rank=config.rank, world_size=config.world_size, timeout=timeout
         )
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "6000")
         dist.init_process_group(
-            backend, rank=args.rank, world_size=args.world_size, timeout=timeout
+            backend, rank=config.rank, world_size=config.world_size, timeout=timeout
         )
 
 
-def _elastic_store(args: argparse.Namespace, timeout: timedelta) -> dist.Store:
+def _elastic_store(config: ParallelConfig, timeout: timedelta) -> dist.Store:
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
-        args.world_size,
-        is_master=not agent_hosts_store and args.rank == 0,
+        config.world_size,
+        is_master=not agent_hosts_store and config.rank == 0,
         timeout=timeout,
         wait_for_workers=False,
     )
@@ -108,17 +109,19 @@ def initialize_megatron(
             load_args_from_checkpoint(args)
         validate_args(args)
         args.device_obj = resolve_device(args)
+        parallel = ParallelConfig.from_args(args)
     except UsageError as err:
         exit_with_usage_error(err, args.rank)
     for line in args.compat_warnings:
         logger.warning("WARNING: %s", line)
     set_args(args)
-    _initialize_distributed(args)
+    set_parallel_config(parallel)
+    _initialize_distributed(parallel)
     state = parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel_size=args.ds_sequence_parallel_size,
-        device_type=args.device_obj.type,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel_size=parallel.sequence_parallel_size,
+        device_type=parallel.device.type,
     )
     logger.info("> initialized parallel layout: %s", state.dims.describe())
     set_random_seed(args.seed)

@@ -102,8 +102,7 @@ class ParallelAttention(torch.nn.Module):
         return self.dense(context_sbh, add_bias=add_output_bias)  # [s, b, h]
 
     def _attend(self, q_sbhd, k_sbhd, v_sbhd, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        """The core attention. Under ``--torch-compile`` the layer excludes this call from
-        compilation (its graph breaks here): the all-to-alls and kernels stay eager."""
+        """The core attention (with SP: the all-to-alls around the local attention)."""
         if doc_ids is None:
             return self.core_attention(q_sbhd, k_sbhd, v_sbhd)
         return self.core_attention(q_sbhd, k_sbhd, v_sbhd, doc_ids=doc_ids)

@@ -4,8 +4,8 @@ Under Ulysses sequence parallelism every SP rank holds a contiguous ``s/p`` slic
 tokens, position ids and labels (``[b, s/p]``). Position ids are the GLOBAL positions of
 those tokens (learned embeddings look them up, RoPE rotates with them), so the model's
 math is the single-device math. The parallel pieces, the DistributedAttention inside each
-attention layer, are applied by :func:`megatron.model.parallelize.parallelize`, with recomputation
-and compile; the loss normalises over the SP group itself (:func:`masked_lm_loss`).
+attention layer, are applied by :func:`megatron.model.parallelize.parallelize`, with
+recomputation; the loss normalises over the SP group itself (:func:`masked_lm_loss`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class GPTModel(torch.nn.Module):
             Parameters are created empty and initialised once by :meth:`reset_parameters`.
 
     The constructor builds the single-device model, then applies ``config``'s sequence
-    parallelism over ``sp_group``, recomputation and compile with
+    parallelism over ``sp_group`` and recomputation with
     :func:`megatron.model.parallelize.parallelize` (the one place that does).
     """
 

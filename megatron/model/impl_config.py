@@ -29,7 +29,7 @@ logger = logging.getLogger("megatron")
 
 @dataclass(frozen=True)
 class ImplConfig:
-    """Attention backend, fused kernels, loss chunking, recompute, compile and SP switches."""
+    """Attention backend, fused kernels, loss chunking, recompute and SP switches."""
 
     attention_backend: str = "classic"  # classic | sdpa | triton
     # sdpa: causal attention over at least 2 blocks of this many tokens (per rank) runs as
@@ -50,9 +50,7 @@ class ImplConfig:
     recompute_method: str | None = None  # "uniform" | "block" (full only; default uniform)
     recompute_num_layers: int | None = None  # full only; default 1
     checkpoint_in_cpu: bool = False  # full recompute only: checkpointed inputs wait in host memory
-    sp_overlap_chunks: int = 1  # Ulysses all-to-alls pipelined over this many head groups
     sp_rank_major_qkv: bool = True  # SP: Q/K/V projected straight into the send layout
-    torch_compile: bool = False  # torch.compile each layer (attention core excluded)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -111,8 +109,7 @@ class ImplConfig:
             cross_entropy_fusion=args.cross_entropy_loss_fusion,
             loss_grad_in_forward=not args.no_loss_grad_in_forward,
             embedding_grads_in_place=not args.no_embedding_grads_in_place,
-            # --torch-compile fuses the layer's pointwise work itself.
-            bias_gelu_fusion=not (args.no_bias_gelu_fusion or args.torch_compile),
+            bias_gelu_fusion=not args.no_bias_gelu_fusion,
             fused_residual_norm=args.fused_residual_norm,
             bias_dropout_fusion=not args.no_bias_dropout_fusion,
             fp32_residual_connection=args.fp32_residual_connection,
@@ -121,9 +118,7 @@ class ImplConfig:
             recompute_method=args.recompute_method,
             recompute_num_layers=args.recompute_num_layers,
             checkpoint_in_cpu=args.checkpoint_in_cpu,
-            sp_overlap_chunks=args.sp_overlap_chunks,
             sp_rank_major_qkv=not args.no_sp_rank_major_qkv,
-            torch_compile=args.torch_compile,
         )
 
 

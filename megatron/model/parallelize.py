@@ -8,16 +8,13 @@ this order, what changes how that math runs on several ranks and in memory:
    attention wrapped in :class:`~megatron.core.sequence.layer.DistributedAttention`, the
    Q/K/V projection routed through the all-to-all's send order where it can be, and with
    ``--delay-wgrad-compute`` the weight gradients queued behind the backward all-to-alls;
-2. activation recomputation and its CPU offload (:func:`apply_recompute`);
-3. ``torch.compile`` of each layer (:func:`apply_compile`).
+2. activation recomputation and its CPU offload (:func:`apply_recompute`).
 
 ZeRO through FSDP2 (:func:`apply_zero`) comes last, once the model is on its device (the
 training loop calls it). A new parallelism or fast path is one more ``apply_*`` here.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
@@ -36,28 +33,20 @@ def parallelize(
     model: torch.nn.Module, config: ModelConfig, sp_group: dist.ProcessGroup | None = None
 ) -> torch.nn.Module:
     """Apply ``config``'s sequence parallelism over ``sp_group`` (None or size 1: none),
-    recomputation and compile to ``model`` (a GPTModel) in place; returns it."""
+    recomputation to ``model`` (a GPTModel) in place; returns it."""
     stack: ParallelTransformer = model.transformer
     sp = 1 if sp_group is None else dist.get_world_size(sp_group)
     if sp > 1:
         apply_sequence_parallel(stack, config, sp_group)
     apply_recompute(stack, config)
-    if config.impl.torch_compile:
-        apply_compile(stack)
     return model
 
 
 def send_order_qkv_applies(config: ModelConfig, sp: int) -> bool:
-    """SP without head-group pipelining: the projection writes the all-to-all's send layout
+    """SP: the projection writes the all-to-all's send layout
     (:mod:`megatron.model.rank_major_qkv`); with RoPE the rotation comes first, on the
-    plain layout, and compile keeps the plain layout."""
-    return (
-        sp > 1
-        and config.impl.sp_rank_major_qkv
-        and config.position_embedding_type != "rope"
-        and config.impl.sp_overlap_chunks == 1
-        and not config.impl.torch_compile
-    )
+    plain layout."""
+    return sp > 1 and config.impl.sp_rank_major_qkv and config.position_embedding_type != "rope"
 
 
 def apply_sequence_parallel(
@@ -81,7 +70,6 @@ def apply_sequence_parallel(
             sp_group,
             scatter_idx=2,
             gather_idx=0,
-            num_chunks=config.impl.sp_overlap_chunks,
             output_backward_overlap=None if dense_wgrad is None else dense_wgrad.run,
             qkv_backward_overlap=None if mlp_wgrad is None else mlp_wgrad.run,
         )
@@ -114,23 +102,6 @@ def apply_recompute(stack: ParallelTransformer, config: ModelConfig) -> None:
         k = min(k, n)
         stack.segments = [Segment(i, i + 1, True) for i in range(k)] + [Segment(k, n)]
     stack.checkpoint_in_cpu = config.impl.checkpoint_in_cpu
-
-
-def compile_backend() -> str:
-    """torch.compile backend of ``--torch-compile``: inductor; tests may pick a cheaper one."""
-    return os.environ.get("MEGATRON_COMPILE_BACKEND", "inductor")
-
-
-def apply_compile(stack: ParallelTransformer) -> None:
-    """Compile each layer's forward (norms, projections, activation, residual adds: fused
-    pointwise work around the matmuls); the core attention stays eager, so each layer
-    compiles to two graphs shared by all layers. Instance attributes, set only here (so
-    importing the model stays free of dynamo and triton): the module's ``__call__`` and
-    FSDP's hooks stay eager."""
-    for layer in stack.layers:
-        attn = layer.self_attention
-        attn._attend = torch.compiler.disable(attn._attend)
-        layer.forward = torch.compile(layer.forward, backend=compile_backend(), dynamic=False)
 
 
 def apply_zero(

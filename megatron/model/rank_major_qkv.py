@@ -142,7 +142,7 @@ class RankMajorQKV:
     """The attention's Q/K/V projection and Ulysses attention through the send layout.
 
     Set on :class:`~megatron.model.attention.ParallelAttention` by the parallelisation step
-    (SP without RoPE, head-group pipelining or compile); ``core_attention`` is then a
+    (SP without RoPE); ``core_attention`` is then a
     :class:`~megatron.core.sequence.layer.DistributedAttention`."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sp: int) -> None:

@@ -15,8 +15,7 @@ layer's input norm, or the stack's final norm) performs the add together with th
 the add that ends a layer and the norm that starts the next meet in one call although they
 sit in two modules, and the layer's code is the same for both implementations:
 
-* :class:`AddNorm` (plain): PyTorch's add, then the norm (under ``--torch-compile`` the next
-  layer's graph fuses the two);
+* :class:`AddNorm` (plain): PyTorch's add, then the norm;
 * :class:`TritonAddNorm` (``--fused-residual-norm``): both in one Triton pass each way
   (:mod:`megatron.ops.add_norm_triton`).
 

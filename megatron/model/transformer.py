@@ -7,7 +7,7 @@ the next norm performs it, the last add of a layer with the next layer's input n
 final norm): with ``--fused-residual-norm`` in one Triton pass, else PyTorch's add and norm.
 
 The layers are single-device math (``s`` is this rank's slice under SP). Sequence
-parallelism, recomputation and ``torch.compile`` are applied from outside
+parallelism and recomputation are applied from outside
 (:func:`megatron.model.parallelize.parallelize`); the stack only runs what it is given:
 
 * ``segments``: consecutive runs of layers; a checkpointed run (``torch.utils.checkpoint``,

@@ -25,6 +25,8 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
 def get_megatron_optimizer(
     model: torch.nn.Module, args: argparse.Namespace
 ) -> torch.optim.Optimizer:
+    """The optimizer of ``args``: a ``TrainingConfig`` (as the training loop passes) or the
+    validated arguments, whose fields have the same names."""
     groups = param_groups(model)
     # Fused AdamW (GPU and CPU), also on FSDP2's DTensor shards: one pass instead of the
     # foreach path's many (~8 ms less per iteration for 1.3B over 4 H100s, docs/performance.md),

@@ -291,7 +291,10 @@ def _schedule_lengths(args: argparse.Namespace) -> tuple[float, float, float]:
 def get_optimizer_param_scheduler(
     optimizer: torch.optim.Optimizer, args: argparse.Namespace
 ) -> OptimizerParamScheduler:
-    """Build the scheduler from the flags, converting iterations and tokens to samples."""
+    """Build the scheduler from the flags, converting iterations and tokens to samples.
+
+    ``args``: a ``TrainingConfig`` (as the training loop passes) or the validated arguments,
+    whose fields have the same names."""
     if args.lr is None:
         raise UsageError("--lr is required")
     warmup, decay, wd_incr = _schedule_lengths(args)
@@ -299,7 +302,7 @@ def get_optimizer_param_scheduler(
     end_wd = args.end_weight_decay
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=getattr(args, "lr_warmup_init", 0.0) or 0.0,
+        init_lr=0.0,
         max_lr=args.lr,
         min_lr=args.min_lr,
         lr_warmup_steps=warmup,

@@ -24,6 +24,7 @@ from megatron.core.distributed.fsdp import (
     reduce_gradients,
     step_and_gather_next,
 )
+from megatron.core.parallel_config import ParallelConfig, get_parallel_config, zero_gather_dtype
 from megatron.core.parallel_state import ParallelState, get_parallel_state
 from megatron.core.random import dropout_seed_offset, set_random_seed
 from megatron.errors import UsageError
@@ -35,6 +36,7 @@ from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.optimizer.optimizer import get_megatron_optimizer
 from megatron.optimizer.optimizer_param_scheduler import get_optimizer_param_scheduler
 from megatron.training.callbacks import TrainingCallback
+from megatron.training.config import TrainingConfig
 from megatron.training.log import TensorBoardLogger, iteration_line, peak_memory_gb, validation_line
 from megatron.training.microbatches import build_num_microbatches_calculator
 from megatron.training.step_result import PendingStep
@@ -77,33 +79,33 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def autocast_context(args: argparse.Namespace):
-    if args.params_dtype == torch.float32:
+def autocast_context(params_dtype: torch.dtype, device_type: str):
+    """Mixed precision: the model runs under autocast to ``params_dtype`` (fp32: no autocast)."""
+    if params_dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=args.device_obj.type, dtype=args.params_dtype)
+    return torch.autocast(device_type=device_type, dtype=params_dtype)
 
 
 def zero_param_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """The dtype ZeRO all-gathers the transformer layers' weights in: the compute dtype under
-    --bf16/--fp16 (unless --fp32-param-gather), else None (fp32, as stored)."""
-    if args.params_dtype == torch.float32 or args.fp32_param_gather:
-        return None
-    return args.params_dtype
+    """The dtype ZeRO all-gathers the transformer layers' weights in (``ParallelConfig``'s
+    ``zero_param_dtype``): the compute dtype under --bf16/--fp16 (unless
+    --fp32-param-gather), else None (fp32, as stored)."""
+    return zero_gather_dtype(args.params_dtype, args.fp32_param_gather)
 
 
-def compute_train_iters(args: argparse.Namespace, calculator) -> int:
+def compute_train_iters(config: TrainingConfig, calculator) -> int:
     """Iterations implied by --train-iters, --train-samples or --train-tokens."""
-    if args.train_iters is not None:
-        return args.train_iters
-    samples = args.train_samples
-    if samples is None and args.train_tokens is not None:
-        samples = math.ceil(args.train_tokens / args.seq_length)
+    if config.train_iters is not None:
+        return config.train_iters
+    samples = config.train_samples
+    if samples is None and config.train_tokens is not None:
+        samples = math.ceil(config.train_tokens / config.seq_length)
     if samples is None:
         raise UsageError(
             "give the length of training: --train-iters, --train-samples or --train-tokens"
         )
-    if args.rampup_batch_size is None:
-        return samples // args.global_batch_size
+    if config.rampup_batch_size is None:
+        return samples // config.global_batch_size
     iters, consumed = 0, 0
     while consumed < samples:
         calculator.update(consumed, False)
@@ -114,17 +116,23 @@ def compute_train_iters(args: argparse.Namespace, calculator) -> int:
 
 
 def build_data_iterators(
-    args, provider: Callable, state: ParallelState, ts: TrainState, train_iters: int
+    args: argparse.Namespace,
+    config: TrainingConfig,
+    provider: Callable,
+    state: ParallelState,
+    ts: TrainState,
+    train_iters: int,
 ):
+    """(train, validation, test) iterators; ``args`` carries the data loader's flags."""
     from megatron.data.samplers import build_pretraining_data_loader
 
     eval_count = (
-        (train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
+        (train_iters // config.eval_interval + 1) * config.eval_iters if config.eval_interval else 0
     )
     nums = [
-        train_iters * args.global_batch_size,
-        eval_count * args.global_batch_size,
-        args.eval_iters * args.global_batch_size,
+        train_iters * config.global_batch_size,
+        eval_count * config.global_batch_size,
+        config.eval_iters * config.global_batch_size,
     ]
     train_ds, valid_ds, test_ds = provider(nums)
 
@@ -151,9 +159,9 @@ def train_step_async(
     data_iterator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler,
     scaler,
-    args: argparse.Namespace,
+    config: TrainingConfig,
+    parallel: ParallelConfig,
     num_micro: int,
     iteration: int,
     before_optimizer_step: Callable[[], None] | None = None,
@@ -171,9 +179,7 @@ def train_step_async(
     ``callbacks``: their ``after_backward`` runs once the gradients are reduced.
     """
     state = get_parallel_state()
-    early = gather_next and not (
-        args.no_overlap_param_gather or args.no_overlap_param_gather_with_optimizer_step
-    )
+    early = gather_next and parallel.overlap_param_gather_with_optimizer_step
 
     def step(**fused_args: torch.Tensor | None) -> None:
         """The optimizer step; ``fused_args``: ``found_inf``/``grad_scale`` of the fused AdamW."""
@@ -189,9 +195,9 @@ def train_step_async(
         if num_micro > 1:
             last = micro == num_micro - 1
             set_micro_batch_sync(
-                model, args.zero_stage, last, not args.no_gradient_accumulation_fusion
+                model, parallel.zero_stage, last, parallel.gradient_accumulation_fusion
             )
-        with autocast_context(args):
+        with autocast_context(config.params_dtype, parallel.device.type):
             output, loss_func = forward_step_func(data_iterator, model)
             loss, reported = loss_func(output)
         (loss * (scaler.scale / num_micro)).backward()
@@ -203,10 +209,10 @@ def train_step_async(
     names = sorted(totals)
     device_flags: list[torch.Tensor] = []  # [grad norm, found_inf], read with the losses
     known: tuple[float | None, bool] | None = None
-    if args.fp16:  # the dynamic scaler needs to know now whether the gradients overflowed
-        found_inf = any_nonfinite(model, 1.0 / scaler.scale, args.device_obj)
+    if config.fp16:  # the dynamic scaler needs to know now whether the gradients overflowed
+        found_inf = any_nonfinite(model, 1.0 / scaler.scale, parallel.device)
         scaler.update(found_inf)
-        grad_norm = None if found_inf else clip_grad_norm(model, args.clip_grad)
+        grad_norm = None if found_inf else clip_grad_norm(model, config.clip_grad)
         if before_optimizer_step is not None:
             before_optimizer_step()
         if not found_inf:
@@ -218,14 +224,14 @@ def train_step_async(
         # the GPU; the caller reads the norm and the losses together, later (PendingStep).
         # It also clips, dividing the gradients by its grad_scale: one pass less over them.
         fused = skips_on_device(optimizer)
-        fold_clip = fused and args.clip_grad > 0
-        norm = grad_norm_and_clip(model, 0.0 if fold_clip else args.clip_grad)
+        fold_clip = fused and config.clip_grad > 0
+        norm = grad_norm_and_clip(model, 0.0 if fold_clip else config.clip_grad)
         norm = norm.float().reshape(())
         found = (~torch.isfinite(norm)).float()
         if before_optimizer_step is not None:
             before_optimizer_step()
         if fused:
-            divisor = clip_divisor(norm, args.clip_grad) if fold_clip else None
+            divisor = clip_divisor(norm, config.clip_grad) if fold_clip else None
             step(found_inf=found, grad_scale=divisor)
         elif found.item() == 0:
             step()
@@ -241,19 +247,22 @@ def train_step_async(
 
 
 @torch.no_grad()
-def evaluate(forward_step_func, data_iterator, model, args, eval_iters: int) -> dict[str, float]:
+def evaluate(
+    forward_step_func, data_iterator, model, config: TrainingConfig, eval_iters: int
+) -> dict[str, float]:
     state = get_parallel_state()
     model.eval()
     totals: dict[str, torch.Tensor] = {}
+    num_micro = config.global_batch_size // (config.micro_batch_size * state.dims.dp)
     for _ in range(eval_iters):
-        for _ in range(args.global_batch_size // (args.micro_batch_size * state.dims.dp)):
-            with autocast_context(args):
+        for _ in range(num_micro):
+            with autocast_context(config.params_dtype, state.mesh.device_type):
                 output, loss_func = forward_step_func(data_iterator, model)
                 _, reported = loss_func(output)
             for name, value in reported.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float()
     model.train()
-    count = eval_iters * (args.global_batch_size // (args.micro_batch_size * state.dims.dp))
+    count = eval_iters * num_micro
     out = {}
     for name, value in totals.items():
         value = value / count
@@ -294,19 +303,19 @@ def pretrain(
         exit_with_usage_error(err, args.rank)
 
 
-def build_grad_scaler(args: argparse.Namespace) -> ConstantGradScaler:
+def build_grad_scaler(config: TrainingConfig) -> ConstantGradScaler:
     """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1."""
-    if not args.fp16:
+    if not config.fp16:
         return ConstantGradScaler(1.0)
-    if args.loss_scale:
-        return ConstantGradScaler(args.loss_scale)
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
     return DynamicGradScaler(
-        initial_scale=args.initial_loss_scale,
-        min_scale=args.min_loss_scale,
+        initial_scale=config.initial_loss_scale,
+        min_scale=config.min_loss_scale,
         growth_factor=2.0,
         backoff_factor=0.5,
-        growth_interval=args.loss_scale_window,
-        hysteresis=args.hysteresis,
+        growth_interval=config.loss_scale_window,
+        hysteresis=config.hysteresis,
     )
 
 
@@ -317,38 +326,42 @@ def _pretrain(
     args: argparse.Namespace,
     callbacks: Sequence[TrainingCallback],
 ) -> list[float]:
+    """The run. ``config`` and ``parallel`` are read here; ``args`` still goes to the
+    checkpoint, data-loader and TensorBoard code, which read their own flags."""
+    config = TrainingConfig.from_args(args)
+    parallel = get_parallel_config()
     state = get_parallel_state()
-    device = args.device_obj
+    device = parallel.device
     start = time.time()
     calculator = build_num_microbatches_calculator(
-        args.rank,
-        args.rampup_batch_size,
-        args.global_batch_size,
-        args.micro_batch_size,
+        parallel.rank,
+        config.rampup_batch_size,
+        config.global_batch_size,
+        config.micro_batch_size,
         state.dims.dp,
     )
-    train_iters = compute_train_iters(args, calculator)
+    train_iters = compute_train_iters(config, calculator)
     checkpointing.check_save_writable(args)
 
     # Same initial weights on every rank; then each shard gets its own dropout stream.
-    set_random_seed(args.seed)
+    set_random_seed(config.seed)
     model = model_provider().to(device)
     model = apply_zero(
         model,
         state,
-        args.zero_stage,
-        zero_param_dtype(args),
-        forward_prefetch=not args.no_overlap_param_gather,
+        parallel.zero_stage,
+        parallel.zero_param_dtype,
+        forward_prefetch=parallel.overlap_param_gather,
     )
-    optimizer = get_megatron_optimizer(model, args)
-    scheduler = get_optimizer_param_scheduler(optimizer, args)
-    scaler = build_grad_scaler(args)
+    optimizer = get_megatron_optimizer(model, config)
+    scheduler = get_optimizer_param_scheduler(optimizer, config)
+    scaler = build_grad_scaler(config)
     ts = TrainState()
-    set_random_seed(args.seed, dropout_seed_offset(state))
+    set_random_seed(config.seed, dropout_seed_offset(state))
     loaded = checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
     checkpointing.check_save_start(args, ts.iteration, train_iters)
     # (iteration, directory) of the checkpoints this run may resume from
-    checkpoints = [(ts.iteration, loaded)] if loaded and not args.finetune else []
+    checkpoints = [(ts.iteration, loaded)] if loaded and not config.finetune else []
     logger.info("> model, optimizer and scheduler ready in %.1f s", time.time() - start)
     if train_iters and ts.iteration >= train_iters:  # e.g. a restart after the last save
         logger.info(
@@ -359,20 +372,20 @@ def _pretrain(
         return []
 
     train_it, valid_it, test_it = build_data_iterators(
-        args, datasets_provider, state, ts, train_iters
+        args, config, datasets_provider, state, ts, train_iters
     )
-    tb = TensorBoardLogger(args, args.rank)
-    handler = SignalHandler() if args.exit_signal_handler else None
+    tb = TensorBoardLogger(args, parallel.rank)
+    handler = SignalHandler() if config.exit_signal_handler else None
     from megatron.model import model_flops_per_token
 
-    flops_per_token = model_flops_per_token(model.config, args.seq_length)
+    flops_per_token = model_flops_per_token(model.config, config.seq_length)
     history: list[float] = []
     unfinished: list[tuple[PendingStep, int]] = []  # at most one launched step (and its gbs)
 
     def finish() -> None:
         """Host bookkeeping of the step still unfinished, if any (waits for its values)."""
         while unfinished:
-            finalize_step(*unfinished.pop(), ts, scheduler, args, history, checkpoints)
+            finalize_step(*unfinished.pop(), ts, scheduler, config, history, checkpoints)
 
     saved_at = ts.iteration  # (a loaded checkpoint is not saved again)
 
@@ -391,8 +404,10 @@ def _pretrain(
 
     window_start, window_iters = time.time(), 0
     model.train()
-    while ts.iteration < train_iters:
-        if args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens:
+    if config.skip_train:
+        logger.info("> skipping training (--skip-train): evaluation only")
+    while ts.iteration < train_iters and not config.skip_train:
+        if config.train_tokens is not None and ts.consumed_train_tokens >= config.train_tokens:
             break
         calculator.update(ts.consumed_train_samples, True)
         num_micro = calculator.get()
@@ -404,9 +419,9 @@ def _pretrain(
             train_it,
             model,
             optimizer,
-            scheduler,
             scaler,
-            args,
+            config,
+            parallel,
             num_micro,
             ts.iteration + 1,
             before_optimizer_step=finish,
@@ -417,17 +432,18 @@ def _pretrain(
             callback.on_step_end(ts.iteration + 1, model)
         ts.iteration += 1
         ts.consumed_train_samples += gbs
-        ts.consumed_train_tokens += gbs * args.seq_length
+        ts.consumed_train_tokens += gbs * config.seq_length
         unfinished.append((pending, gbs))
         window_iters += 1
 
-        log_now = ts.iteration % args.log_interval == 0
-        eval_now = bool(args.eval_interval) and valid_it is not None
-        eval_now = eval_now and ts.iteration % args.eval_interval == 0
-        save_now = bool(args.save and args.save_interval) and ts.iteration % args.save_interval == 0
-        exit_now = bool(args.exit_interval) and ts.iteration % args.exit_interval == 0
+        log_now = ts.iteration % config.log_interval == 0
+        eval_now = bool(config.eval_interval) and valid_it is not None
+        eval_now = eval_now and ts.iteration % config.eval_interval == 0
+        save_now = bool(config.save and config.save_interval)
+        save_now = save_now and ts.iteration % config.save_interval == 0
+        exit_now = bool(config.exit_interval) and ts.iteration % config.exit_interval == 0
         last = ts.iteration >= train_iters or (
-            args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens
+            config.train_tokens is not None and ts.consumed_train_tokens >= config.train_tokens
         )
         if not DEFER_STEP_SYNC or log_now or eval_now or save_now or exit_now or last:
             finish()
@@ -436,7 +452,8 @@ def _pretrain(
             losses, grad_norm, _ = pending.read()
             elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
             log_training_iteration(
-                args,
+                config,
+                parallel,
                 ts,
                 tb,
                 train_iters=train_iters,
@@ -456,7 +473,7 @@ def _pretrain(
                 forward_step_func,
                 valid_it,
                 model,
-                args,
+                config,
                 ts,
                 tb,
                 f"iteration {ts.iteration}",
@@ -465,39 +482,39 @@ def _pretrain(
         if save_now:
             save()
         stop = handler is not None and _any_rank(handler.received, device)
-        if args.exit_duration_in_mins:
+        if config.exit_duration_in_mins:
             stop = stop or _any_rank(
-                (time.time() - start) / 60.0 > args.exit_duration_in_mins, device
+                (time.time() - start) / 60.0 > config.exit_duration_in_mins, device
             )
         if stop or exit_now:
             finish()
-            if args.save and saved_at != ts.iteration:
+            if config.save and saved_at != ts.iteration:
                 save()
             logger.info("> exiting at iteration %d", ts.iteration)
             tb.close()
             return history
 
     finish()
-    if args.save and saved_at != ts.iteration and ts.iteration > 0:
+    if config.save and saved_at != ts.iteration and ts.iteration > 0:
         save()
-    if valid_it is not None and args.eval_iters:
+    if valid_it is not None and config.eval_iters:
         run_validation(
             "validation",
             forward_step_func,
             valid_it,
             model,
-            args,
+            config,
             ts,
             tb,
             "the end of training for val data",
         )
-    if test_it is not None and args.eval_iters:
+    if test_it is not None and config.eval_iters:
         run_validation(
             "test",
             forward_step_func,
             test_it,
             model,
-            args,
+            config,
             ts,
             tb,
             "the end of training for test data",
@@ -511,7 +528,7 @@ def finalize_step(
     global_batch_size: int,
     ts: TrainState,
     scheduler,
-    args: argparse.Namespace,
+    config: TrainingConfig,
     history: list[float],
     checkpoints: list[tuple[int, str]] = (),
 ) -> None:
@@ -522,10 +539,10 @@ def finalize_step(
     losses, _, skipped = pending.read()
     if skipped:
         ts.skipped_iters += 1
-        if not args.fp16:
+        if not config.fp16:
             ts.nan_iters += 1
             ts.nan_iters_in_a_row += 1
-            if ts.nan_iters_in_a_row >= args.max_nan_iterations:
+            if ts.nan_iters_in_a_row >= config.max_nan_iterations:
                 raise UsageError(
                     _nan_stop_message(ts.nan_iters_in_a_row, pending.iteration, checkpoints)
                 )
@@ -552,7 +569,8 @@ def _nan_stop_message(count: int, iteration: int, checkpoints: list[tuple[int, s
 
 
 def log_training_iteration(
-    args,
+    config: TrainingConfig,
+    parallel: ParallelConfig,
     ts: TrainState,
     tb: TensorBoardLogger,
     *,
@@ -567,10 +585,9 @@ def log_training_iteration(
 ) -> None:
     """Megatron's iteration line (rank 0) and the TensorBoard scalars of this iteration."""
     seconds = elapsed_ms / 1000.0
-    tflops = (
-        flops_per_token * global_batch_size * args.seq_length / seconds / args.world_size / 1e12
-    )
-    peak = peak_memory_gb(args.device_obj)
+    tokens = global_batch_size * config.seq_length
+    tflops = flops_per_token * tokens / seconds / parallel.world_size / 1e12
+    peak = peak_memory_gb(parallel.device)
     logger.info(
         iteration_line(
             iteration=ts.iteration,
@@ -583,10 +600,10 @@ def log_training_iteration(
             losses=losses,
             loss_scale=loss_scale,
             grad_norm=grad_norm,
-            seq_length=args.seq_length,
+            seq_length=config.seq_length,
             skipped=ts.skipped_iters,
             nan_iters=ts.nan_iters,
-            world_size=args.world_size,
+            world_size=parallel.world_size,
             tflops=tflops,
             peak_mem_gb=peak,
             eta_s=seconds * (train_iters - ts.iteration),
@@ -614,11 +631,18 @@ def log_training_iteration(
 
 
 def run_validation(
-    prefix, forward_step_func, data_iterator: Iterator, model, args, ts: TrainState, tb, desc: str
+    prefix,
+    forward_step_func,
+    data_iterator: Iterator,
+    model,
+    config: TrainingConfig,
+    ts: TrainState,
+    tb,
+    desc: str,
 ) -> None:
-    losses = evaluate(forward_step_func, data_iterator, model, args, args.eval_iters)
+    losses = evaluate(forward_step_func, data_iterator, model, config, config.eval_iters)
     if prefix == "validation":
-        ts.consumed_valid_samples += args.eval_iters * args.global_batch_size
+        ts.consumed_valid_samples += config.eval_iters * config.global_batch_size
     line = validation_line(prefix, desc, losses)
     logger.info("-" * len(line))
     logger.info(line)

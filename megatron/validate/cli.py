@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None, model_hook=None) -> int:
     if args.device == "cpu":
         # Before any Triton kernel is defined: the interpreter runs them on CPU tensors.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("MEGATRON_COMPILE_BACKEND", "aot_eager")
     import torch
 
     from megatron.validate.rows import single_gpu_rows, sp_rows
@@ -251,11 +250,9 @@ _SHOWN = {
     "add-norm",
     "bias-gelu",
     "ce-fused",
-    "compiled",
     "in-place-grads",
     "host-offload",
     "all-to-all",
-    "pipelined",
     "rank-major",
     "delayed-wgrad",
 }

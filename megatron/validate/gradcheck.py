@@ -69,16 +69,13 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "add-norm": (("FusedAddNormBackward", "~_add_norm_fwd_kernel", "~_add_norm_bwd_kernel"),),
     "bias-gelu": (("BiasGeLUBackward", "~_bias_gelu_fwd_kernel", "~_bias_gelu_bwd_kernel"),),
     "ce-fused": (("~_ce_fwd_kernel", "~_ce_bwd_kernel"),),
-    "compiled": (("CompiledFunctionBackward",),),
     "in-place-grads": (("_LookupAddingToGradBackward", "ChunkedMaskedCrossEntropySumBackward"),),
     "host-offload": (("~Memcpy DtoH (Device -> Pinned)",),),  # not a pageable .item() read
     "all-to-all": (
         ("SeqToHeadAllToAllBackward",),
         ("FusedQKVSeqToHeadBackward",),
         ("RankMajorQKVSeqToHeadBackward",),
-        ("PipelinedUlyssesAttentionBackward",),
     ),
-    "pipelined": (("PipelinedUlyssesAttentionBackward",),),
     "rank-major": (("_RankMajorLinearBackward", "RankMajorQKVSeqToHeadBackward"),),
     "delayed-wgrad": (("_LinearDeferredWgradBackward",),),
 }

@@ -29,9 +29,7 @@ PLAIN = {
     "delay_wgrad_compute": False,
     "recompute_granularity": None,
     "checkpoint_in_cpu": False,
-    "sp_overlap_chunks": 1,
     "sp_rank_major_qkv": False,
-    "torch_compile": False,
 }
 
 # Model shapes per device kind: (common, GPT-3 style, Llama style, batch size).
@@ -185,7 +183,6 @@ def single_gpu_rows(device_type: str) -> list[Row]:
                 {**recompute_full, "checkpoint_in_cpu": True},
                 ("classic", "host-offload") if device_type == "cuda" else ("classic",),
             ),
-            Row(f"{m}/torch-compile", m, {"torch_compile": True}, ("classic", "compiled")),
         ]
         # All together, as the example launch scripts run them (FUSED=1, recompute).
         fused = {
@@ -254,16 +251,6 @@ def sp_rows(world_size: int, device_type: str) -> list[Row]:
                         m,
                         {**sdpa, "sp_rank_major_qkv": True},
                         (att, "rank-major"),
-                        sp=sp,
-                    )
-                )
-            if sp == 2 and m == "gpt":  # two head groups per rank (Llama's 1 K/V head: one)
-                rows.append(
-                    Row(
-                        f"gpt/sp{sp}-overlap-chunks",
-                        m,
-                        {**sdpa, "sp_overlap_chunks": 2},
-                        (att, "pipelined"),
                         sp=sp,
                     )
                 )

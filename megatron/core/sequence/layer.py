@@ -22,7 +22,6 @@ from megatron.core.comm import (
     fused_qkv_source,
 )
 from megatron.core.sequence.heads import check_heads_for_sp, replicate_kv_heads
-from megatron.core.sequence.pipelined import PipelinedUlyssesAttention, effective_chunks
 
 # check_heads_for_sp: imported from here by the start-up checks
 __all__ = ["DistributedAttention", "check_heads_for_sp", "replicate_kv_heads"]
@@ -38,11 +37,9 @@ class DistributedAttention(torch.nn.Module):
         sequence_process_group: the SP group; ``None`` or size 1 makes this a pass-through.
         scatter_idx: head dimension (2 for both ``[s, b, h, d]`` and ``[b, s, h, d]``).
         gather_idx: sequence dimension (0 for ``[s, b, h, d]``, 1 for ``[b, s, h, d]``).
-        num_chunks: pipeline the all-to-alls against the local attention over this many groups
-            of heads (see :mod:`megatron.core.sequence.pipelined`); 1 is the plain path.
-        output_backward_overlap, qkv_backward_overlap: plain path only (``num_chunks`` 1):
-            work to launch while the backward all-to-all of the output (of Q, K, V) is in
-            flight, e.g. deferred weight gradients (:mod:`megatron.model.deferred_wgrad`).
+        output_backward_overlap, qkv_backward_overlap: work to launch while the backward
+            all-to-all of the output (of Q, K, V) is in flight, e.g. deferred weight
+            gradients (:mod:`megatron.model.deferred_wgrad`).
     """
 
     def __init__(
@@ -51,16 +48,12 @@ class DistributedAttention(torch.nn.Module):
         sequence_process_group: dist.ProcessGroup | None,
         scatter_idx: int = 2,
         gather_idx: int = 0,
-        num_chunks: int = 1,
         output_backward_overlap: Callable[[], None] | None = None,
         qkv_backward_overlap: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        if num_chunks > 1 and (output_backward_overlap, qkv_backward_overlap) != (None, None):
-            raise ValueError("backward overlap work needs the plain path (num_chunks 1)")
         self.output_backward_overlap = output_backward_overlap
         self.qkv_backward_overlap = qkv_backward_overlap
-        self.num_chunks = num_chunks
         self.local_attn = local_attention
         self.spg = sequence_process_group
         self.scatter_idx = scatter_idx
@@ -73,11 +66,6 @@ class DistributedAttention(torch.nn.Module):
         head, seq = self.scatter_idx, self.gather_idx
         key = replicate_kv_heads(key, sp, head)
         value = replicate_kv_heads(value, sp, head)
-        chunks = effective_chunks(self.num_chunks, query.shape[head] // sp, key.shape[head] // sp)
-        if chunks > 1 and not args:
-            return PipelinedUlyssesAttention.apply(
-                self.local_attn, self.spg, seq, head, chunks, kwargs, query, key, value
-            )
         # [s/p, b, h, d] -> [s, b, h/p, d] (shown for gather_idx 0), Q, K, V in one exchange
         qkv = fused_qkv_source(query, key, value, head)
         if qkv is not None:  # slices of one projection: the gradient goes to it directly
@@ -108,8 +96,8 @@ class DistributedAttention(torch.nn.Module):
         ``qkv_pnc`` ``[p, s/p, b, c]``: block r holds rank r's q, k and v heads, ``widths``
         columns each (:mod:`megatron.model.rank_major_qkv`), so no copy packs the exchange.
         """
-        if (self.gather_idx, self.scatter_idx, self.num_chunks) != (0, 2, 1):
-            raise ValueError("attend_rank_major: [s, b, h, d] layouts and num_chunks 1 only")
+        if (self.gather_idx, self.scatter_idx) != (0, 2):
+            raise ValueError("attend_rank_major: [s, b, h, d] layouts only")
         # [p, s/p, b, c] -> q, k, v [s, b, h_t/p, d], views of one receive buffer
         q_full, k_full, v_full = RankMajorQKVSeqToHead.apply(
             self.spg, widths, head_dim, self.qkv_backward_overlap, qkv_pnc
