@@ -42,6 +42,8 @@ def get_batch(data_iterator):
     """This SP rank's slice of the next micro-batch, on the training device."""
     from megatron.data.batch import (
         get_ltor_masks_and_position_ids,
+        pad_batch_for_sharding,
+        sequence_shard_unit,
         slice_batch_for_sequence_parallel,
     )
 
@@ -65,6 +67,8 @@ def get_batch(data_iterator):
     }
     if doc_ids is not None:
         batch["doc_ids"] = doc_ids
+    # a sequence that does not split evenly is padded (out of the loss)
+    batch = pad_batch_for_sharding(batch, sequence_shard_unit(state.dims.sp))
     batch = slice_batch_for_sequence_parallel(batch, state.sp_rank, state.dims.sp)
     device = args.device_obj
     if device.type == "cuda":  # from pageable memory a non_blocking copy may sync the stream

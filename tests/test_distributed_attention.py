@@ -58,6 +58,15 @@ CASES = [
     (4, 0, 1, 8, 8, True, 1, "rank-major"),
     (4, 0, 3, 8, 2, False, 1, "rank-major"),  # K/V heads replicated: rows repeat
     (4, 0, 2, 4, 1, False, 1, "rank-major"),
+    # uneven heads (ranks get 2/2/1/1 or 2/2/2/1 query heads): all-to-alls with split sizes
+    (4, 0, 2, 6, 6, False),
+    (4, 1, 1, 7, 7, True),
+    (4, 0, 3, 6, 1, False),  # one K/V head: every rank a copy
+    (4, 1, 2, 6, 2, False),  # rank 1's two query heads use different K/V heads
+    (4, 0, 1, 7, 1, True),
+    (4, 0, 2, 6, 6, False, 2),  # head-group pipelining needs equal blocks: plain path
+    (4, 0, 2, 6, 2, False, 1, "fused"),
+    (2, 0, 2, 6, 3, False),  # equal query heads, 3 K/V heads over 2 ranks: per-head copies
 ]
 
 
@@ -185,9 +194,11 @@ def results():
 )
 def test_matches_full_attention(results, case):
     sp, seq_dim, b, h, h_kv, merge, chunks, fused = _parse(case)
+    from megatron.core.sequence.heads import head_split
     from megatron.core.sequence.pipelined import effective_chunks
 
-    n = effective_chunks(chunks, h // sp, max(h_kv, sp) // sp)
+    split = head_split(h, h_kv, sp)
+    n = effective_chunks(chunks, h // sp, split.kv_counts[0]) if split.even else 1
     for rank_result in results[case]:
         assert rank_result["max_err"] <= 1e-5
         # Q, K, V in one all-to-all and the context in one (per chunk); backward mirrors it.
