@@ -101,6 +101,11 @@ CASES_SP2 = [
         True,
     ),
 ]
+CASES_SP2 += [
+    # 3 K/V heads over 2 ranks (3 query heads each): a copy of a K/V head per query head,
+    # the projection in send order with repeated rows
+    ("gpt-h6-gqa3", {**H6, "num_key_value_heads": 3}, 2, False),
+]
 CASES_SP4 = [
     ("gpt-classic", {}, 2, False),
     ("llama-gqa2-sdpa", {**LLAMA, **SDPA}, 2, False),

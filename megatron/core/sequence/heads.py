@@ -19,7 +19,7 @@ order (:func:`megatron.model.rank_major_qkv.rank_major_rows`) both follow it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 
@@ -53,21 +53,21 @@ class HeadSplit:
     kv_heads: tuple[tuple[int, ...], ...]
     num_kv_heads: int
 
-    @property
+    @cached_property
     def kv_counts(self) -> tuple[int, ...]:
         return tuple(len(heads) for heads in self.kv_heads)
 
-    @property
+    @cached_property
     def kv_index(self) -> tuple[int, ...]:
         return tuple(head for heads in self.kv_heads for head in heads)
 
-    @property
+    @cached_property
     def even(self) -> bool:
         """Every rank gets as many query heads, and as many K/V heads, as every other: the
         all-to-alls move equal blocks (the fast paths' layout)."""
         return len(set(self.q_counts)) == 1 and len(set(self.kv_counts)) == 1
 
-    @property
+    @cached_property
     def kv_replicated(self) -> bool:
         """The K/V heads in send order are not just the heads in order: some are copied."""
         return self.kv_index != tuple(range(self.num_kv_heads))
