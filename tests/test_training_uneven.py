@@ -5,7 +5,7 @@ import math
 
 import pytest
 from dist_helper import get_world
-from train_utils import TINY_TRAIN, run_many
+from train_utils import TINY_TRAIN, run_many, run_training
 
 SIX_HEADS = TINY_TRAIN.replace(
     "--hidden-size 64 --num-attention-heads 8", "--hidden-size 48 --num-attention-heads 6"
@@ -39,3 +39,22 @@ def test_matches_sp1(losses, i):
         assert math.isclose(run[0], ref[0], rel_tol=1e-6), (run[0], ref[0])
         for a, b in zip(run, ref):
             assert math.isclose(a, b, rel_tol=1e-4), (run, ref)
+
+
+def _save_at_5(tmp):
+    extra = " --ds-sequence-parallel-size 4 --zero-stage 3" + SEQ62
+    return run_training(f"{SIX_HEADS}{extra} --save {tmp}/ck --save-interval 5 --exit-interval 5")
+
+
+def _resume(tmp):
+    return run_training(f"{SIX_HEADS}{SEQ62} --load {tmp}/ck")
+
+
+def test_checkpoint_resumes_at_sp1(losses, tmp_path):
+    """Saved at SP 4 (uneven heads, padded sequence, ZeRO 3), resumed at SP 1."""
+    one, _ = losses
+    get_world(4).run(_save_at_5, str(tmp_path))
+    (resumed,) = get_world(1).run(_resume, str(tmp_path))
+    assert len(resumed) == 5
+    for a, b in zip(resumed, one[1][5:]):
+        assert math.isclose(a, b, rel_tol=1e-4), (resumed, one[1])
