@@ -40,7 +40,12 @@ def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTMo
 
 def get_batch(data_iterator):
     """This SP rank's slice of the next micro-batch, on the training device."""
-    from megatron.data.batch import get_batch_from_samples, slice_batch_for_sequence_parallel
+    from megatron.data.batch import (
+        get_batch_from_samples,
+        pad_batch_for_sharding,
+        sequence_shard_unit,
+        slice_batch_for_sequence_parallel,
+    )
 
     args = get_args()
     state = parallel_state.get_parallel_state()
@@ -54,6 +59,8 @@ def get_batch(data_iterator):
     )
     if batch["doc_ids"] is None:  # no --reset-attention-mask: attention is plain causal
         del batch["doc_ids"]
+    # a sequence that does not split evenly is padded (out of the loss)
+    batch = pad_batch_for_sharding(batch, sequence_shard_unit(state.dims.sp))
     batch = slice_batch_for_sequence_parallel(batch, state.sp_rank, state.dims.sp)
     device = args.device_obj
     if device.type == "cuda":  # from pageable memory a non_blocking copy may sync the stream

@@ -108,14 +108,10 @@ ERRORS = [
         "world size 6 is not divisible by tensor-parallel (1) x pipeline-parallel (1) x sequence-parallel (4)",
     ),
     (
-        TINY.replace("heads 8", "heads 6") + " --kv-channels 8 --ds-sequence-parallel-size 4",
-        4,
-        "--num-attention-heads 6 is not divisible by --ds-sequence-parallel-size 4",
-    ),
-    (
-        TINY.replace("length 64", "length 66") + " --ds-sequence-parallel-size 4",
-        4,
-        "--seq-length 66 is not divisible by --ds-sequence-parallel-size 4",
+        TINY.replace("heads 8", "heads 6") + " --kv-channels 8 --ds-sequence-parallel-size 8",
+        8,
+        "--ds-sequence-parallel-size 8 is larger than --num-attention-heads 6: every "
+        "sequence-parallel rank needs at least one head",
     ),
     (
         TINY + " --global-batch-size 3",
@@ -145,11 +141,6 @@ ERRORS = [
         "--context-parallel-size 2: ring context parallelism is not built here; use --ds-sequence-parallel-size",
     ),
     (TINY.replace("--micro-batch-size 1", ""), 1, "--micro-batch-size is required"),
-    (
-        "--num-layers 2 --hidden-size 96 --num-attention-heads 12 --num-key-value-heads 3 --seq-length 64 --micro-batch-size 1 --ds-sequence-parallel-size 4",
-        4,
-        "--num-key-value-heads 3 and --ds-sequence-parallel-size 4: one must divide the other",
-    ),
     (
         TINY + " --checkpoint-in-cpu",
         1,
@@ -186,6 +177,25 @@ def test_validation_errors(cmdline, world, message):
         args_for(cmdline, world_size=world)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_uneven_heads_and_padded_sequence_are_accepted(caplog):
+    """6 heads over 4 ranks (2/2/1/1), 3 K/V heads for 12 over 4, and a sequence length that
+    does not split over 4 ranks (padded, with one log line)."""
+    six = TINY.replace("heads 8", "heads 6") + " --kv-channels 8 --ds-sequence-parallel-size 4"
+    assert args_for(six, world_size=4).ds_sequence_parallel_size == 4
+    gqa3 = TINY.replace("heads 8", "heads 12") + " --num-key-value-heads 3 --kv-channels 8"
+    assert args_for(gqa3 + " --ds-sequence-parallel-size 4", world_size=4).num_key_value_heads == 3
+    with caplog.at_level("INFO"):
+        args = args_for(
+            TINY.replace("length 64", "length 66") + " --ds-sequence-parallel-size 4", world_size=4
+        )
+    assert args.seq_length == 66
+    padded = [r.getMessage() for r in caplog.records if "padded" in r.getMessage()]
+    assert padded == [
+        "> --seq-length 66 is padded to 68 (2 padding tokens per sample, out of the loss) so it "
+        "splits over --ds-sequence-parallel-size 4"
+    ]
 
 
 def test_deepspeed_config_conflict(ds_config):

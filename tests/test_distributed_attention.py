@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 from dist_helper import get_world
 
+from megatron.core.sequence.heads import head_split
 from megatron.core.sequence.layer import DistributedAttention
 from megatron.model.rank_major_qkv import rank_major_rows
 
@@ -52,6 +53,15 @@ CASES = [
     (4, 0, 1, 8, 8, True, "rank-major"),
     (4, 0, 3, 8, 2, False, "rank-major"),  # K/V heads replicated: rows repeat
     (4, 0, 2, 4, 1, False, "rank-major"),
+    # uneven heads (ranks get 2/2/1/1 or 2/2/2/1 query heads): all-to-alls with split sizes
+    (4, 0, 2, 6, 6, False),
+    (4, 1, 1, 7, 7, True),
+    (4, 0, 3, 6, 1, False),  # one K/V head: every rank a copy
+    (4, 1, 2, 6, 2, False),  # rank 1's two query heads use different K/V heads
+    (4, 0, 1, 7, 1, True),
+    (4, 0, 2, 6, 2, False, "fused"),
+    (2, 0, 2, 6, 3, False),  # equal query heads, 3 K/V heads over 2 ranks: per-head copies
+    (2, 0, 2, 6, 3, False, "rank-major"),
 ]
 
 
@@ -98,7 +108,7 @@ def _check_cases(cases):
             # [s/p, b, n] -> [p, s/p, b, c]: block r = rank r's q, k, v heads
             my_pnc = take(qkv)[..., rows].unflatten(-1, (sp, c)).movedim(2, 0).contiguous()
             my_pnc.requires_grad_()
-            widths = (h // sp * d, *(2 * (max(h_kv // sp, 1) * d,)))
+            widths = (h // sp * d, *(2 * (head_split(h, h_kv, sp).kv_counts[0] * d,)))
         elif fused:  # one leaf; the inputs are its column slices
             my_qkv = take(qkv).clone().requires_grad_()
             src = my_qkv
@@ -208,3 +218,38 @@ def test_wide_copies_equal_plain_copies(dtype, shape, index):
     blocks = [src, src * 2]
     assert torch.equal(_pack(blocks, 1), torch.cat(blocks, 1))
     assert torch.equal(_flatten_pair(src, 0), src.flatten(0, 1))
+
+
+def test_head_split_rules():
+    """Ceil/floor query heads per rank (the first ranks get one more); each rank the K/V heads
+    its query heads use; more ranks than heads refused."""
+    from megatron.core.sequence.heads import check_heads_for_sp
+    from megatron.errors import UsageError
+
+    assert head_split(6, 6, 4).q_counts == (2, 2, 1, 1)
+    assert head_split(7, 1, 4).kv_heads == ((0,), (0,), (0,), (0,))
+    # rank 1 holds query heads 2 and 3, which use K/V heads 0 and 1
+    assert head_split(6, 2, 4).kv_heads == ((0,), (0, 1), (1,), (1,))
+    assert head_split(28, 28, 8).q_counts == (4,) * 4 + (3,) * 4
+    assert head_split(40, 8, 8).kv_heads == tuple((r,) for r in range(8))
+    assert head_split(40, 8, 8).even and not head_split(40, 8, 8).kv_replicated
+    assert head_split(8, 2, 4).kv_index == (0, 0, 1, 1)
+    # query heads 0-2 use K/V heads 0, 0, 1: not equal groups, so one copy per query head
+    assert head_split(6, 3, 2).kv_heads == ((0, 0, 1), (1, 2, 2))
+    with pytest.raises(UsageError, match="--ds-sequence-parallel-size 8 is larger than"):
+        check_heads_for_sp(6, 6, 8)
+
+
+def test_uneven_heads_log_line(caplog):
+    from model_utils import tiny_config
+
+    from megatron.model.parallelize import _log_uneven_heads
+
+    config = tiny_config(num_attention_heads=6, hidden_size=48)
+    with caplog.at_level("INFO", logger="megatron"):
+        _log_uneven_heads(config, 4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "> uneven heads over --ds-sequence-parallel-size 4: query heads per rank 2/2/1/1, K/V "
+        "heads per rank 2/2/1/1; off (they need equal blocks per rank): the send-order QKV "
+        "projection"
+    ]

@@ -367,8 +367,21 @@ def test_bad_setup_is_a_usage_error():
         mm.RunSetup(num_gpus=4, sp=3)
     with pytest.raises(UsageError, match="--zero-stage"):
         mm.RunSetup(zero_stage=4)
-    with pytest.raises(UsageError, match="--seq-length 64 is not divisible"):
+    with pytest.raises(UsageError, match="--ds-sequence-parallel-size 128 is larger than"):
         mm.estimate_memory(tiny_config(), mm.RunSetup(num_gpus=128, sp=128))
+
+
+def test_uneven_heads_and_padded_sequence():
+    """6 heads over 4 ranks: the ranks with 2 heads set the all-to-all's buffers (as 8 heads
+    would); a sequence of 62 tokens over 4 ranks is computed as 64."""
+    six = tiny_config(num_attention_heads=6, hidden_size=48)
+    setup = mm.RunSetup(num_gpus=4, sp=4)
+    assert mm._dims(six, setup)["x"] == mm._dims(tiny_config(), setup)["x"]
+    est = mm.estimate_memory(six, setup)
+    padded = mm.estimate_memory(dataclasses.replace(six, seq_length=62), setup)
+    assert padded.tokens_per_gpu == est.tokens_per_gpu == 64 // 4
+    assert padded.total == est.total
+    assert mm.valid_sp_degrees(six, 8) == [1, 2, 4]
 
 
 def test_cli(tmp_path, capsys):

@@ -433,3 +433,23 @@ def test_batch_and_sequence_parallel_slices():
     assert all(s["doc_ids"] is batch["doc_ids"] for s in slices)  # kept whole: [b, s]
     with pytest.raises(UsageError, match="not divisible"):
         slice_batch_for_sequence_parallel(batch, 0, 3)
+
+
+def test_padding_for_sharding():
+    """17 tokens over 4 ranks: 3 padding tokens at the end, out of the loss, in a document of
+    their own, at a valid position."""
+    from megatron.data.batch import pad_batch_for_sharding, sequence_shard_unit
+
+    text = torch.arange(2 * 18).reshape(2, 18) % 7
+    batch = get_batch_from_samples(text, 6, True, True, True)
+    assert sequence_shard_unit(4) == 4 and sequence_shard_unit(4, cp=2) == 16
+    assert pad_batch_for_sharding(batch, 1) is batch
+    padded = pad_batch_for_sharding(batch, 4)
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "doc_ids"):
+        assert padded[key].shape == (2, 20)
+        assert torch.equal(padded[key][:, :17], batch[key])
+    assert (padded["loss_mask"][:, 17:] == 0).all()
+    assert (padded["position_ids"][:, 17:] == 0).all()
+    assert torch.equal(padded["doc_ids"][:, 17:], batch["doc_ids"][:, -1:].expand(2, 3) + 1)
+    slices = [slice_batch_for_sequence_parallel(padded, r, 4) for r in range(4)]
+    assert all(s["tokens"].shape == (2, 5) for s in slices)

@@ -12,8 +12,17 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_helper import get_world
-from model_utils import LLAMA, forward_loss, make_batch, reference_config, slice_batch, tiny_config
+from model_utils import (
+    LLAMA,
+    SEQ,
+    forward_loss,
+    make_batch,
+    reference_config,
+    slice_batch,
+    tiny_config,
+)
 
+from megatron.data.batch import pad_batch_for_sharding
 from megatron.model import GPTModel
 
 MQA = {**LLAMA, "num_key_value_heads": 1}
@@ -27,8 +36,9 @@ SELECTIVE = {"recompute_granularity": "selective"}
 SDPA = {"attention_backend": "sdpa"}
 TRITON = {"attention_backend": "triton"}
 DELAY_WGRAD = {"delay_wgrad_compute": True}
+H6 = {"num_attention_heads": 6, "hidden_size": 48}
 
-# (id, overrides, batch, packed documents)
+# (id, overrides, batch, packed documents[, sequence length])
 CASES_SP2 = [
     ("gpt-classic", {}, 2, False),
     ("gpt-sdpa", SDPA, 2, False),
@@ -84,6 +94,11 @@ CASES_SP2 = [
         False,
     ),
 ]
+CASES_SP2 += [
+    # 3 K/V heads over 2 ranks (3 query heads each): a copy of a K/V head per query head,
+    # the projection in send order with repeated rows
+    ("gpt-h6-gqa3", {**H6, "num_key_value_heads": 3}, 2, False),
+]
 CASES_SP4 = [
     ("gpt-classic", {}, 2, False),
     ("llama-gqa2-sdpa", {**LLAMA, **SDPA}, 2, False),
@@ -100,6 +115,30 @@ CASES_SP4 = [
     ("gpt-sdpa-blocks16", {**SDPA, "sdpa_block_size": 16}, 2, False),
     ("gpt-gqa2-sdpa-full-uniform", {"num_key_value_heads": 2, **SDPA, **FULL_UNIFORM}, 2, False),
     ("gpt-gqa8-packed", {"num_key_value_heads": 8}, 1, True),
+    # uneven heads: 6 (or 7) heads over 4 ranks, 2/2/1/1 per rank
+    ("gpt-h6", H6, 2, False),
+    (
+        "gpt-h6-mqa-delay-wgrad-selective",
+        {**H6, **DELAY_WGRAD, **SELECTIVE, "num_key_value_heads": 1},
+        2,
+        False,
+    ),
+    ("llama-h6-gqa2-sdpa-packed", {**LLAMA, **H6, **SDPA}, 2, True),
+    (
+        "llama-h6-full-uniform-chunked5",
+        {**LLAMA, **H6, **FULL_UNIFORM, "loss_chunk_size": 5},
+        2,
+        False,
+    ),
+    (
+        "gpt-h7",
+        {"num_attention_heads": 7, "hidden_size": 56},
+        1,
+        False,
+    ),
+    # a sequence length that does not split over 4 ranks: padded, the padding out of the loss
+    ("gpt-seq62", {}, 2, False, 62),
+    ("llama-h6-seq61-packed", {**LLAMA, **H6}, 2, True, 61),
 ]
 
 
@@ -121,16 +160,17 @@ def _run_cases(cases: list) -> list[dict]:
     state = ps.initialize_model_parallel(sequence_parallel_size=dist.get_world_size())
     world, rank = dist.get_world_size(), state.sp_rank
     results = []
-    for case_i, (_, overrides, batch_size, packed) in enumerate(cases):
+    for case_i, (_, overrides, batch_size, packed, *seq) in enumerate(cases):
         config = tiny_config(**overrides)
         torch.manual_seed(1000 + case_i)
         reference = GPTModel(reference_config(config))
-        batch = make_batch(batch_size, seed=2000 + case_i, packed=packed)
+        batch = make_batch(batch_size, seed=2000 + case_i, packed=packed, seq=(*seq, SEQ)[0])
         ref_loss, ref_grads = _loss_and_grads(reference, batch, None)
 
         model = GPTModel(config, state.sp_group)
         model.load_state_dict(reference.state_dict())
-        loss, grads = _loss_and_grads(model, slice_batch(batch, rank, world), state.sp_group)
+        local = slice_batch(pad_batch_for_sharding(batch, world), rank, world)
+        loss, grads = _loss_and_grads(model, local, state.sp_group)
 
         grad_errs = {
             name: ((grads[name] - g).norm() / g.norm().clamp_min(1e-30)).item()

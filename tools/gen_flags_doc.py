@@ -27,7 +27,8 @@ NOTES: dict[str, tuple[str, str]] = {
     # sequence parallelism and attention
     "--ds-sequence-parallel-size": (
         "changed",
-        "Ulysses degree; SP groups are contiguous ranks, heads and sequence must divide by it",
+        "Ulysses degree; SP groups are contiguous ranks; at most the head count (uneven head "
+        "splits and sequence padding where they do not divide)",
     ),
     "--no-sp-rank-major-qkv": (
         "new",

@@ -359,6 +359,136 @@ def fused_qkv_source(
     return base.view(*lead, width)
 
 
+# ------------------------------------------------------------- uneven blocks of heads
+# When ranks own different numbers of heads (``counts[r]`` heads of a tensor on rank r; a
+# head may be several elements wide along ``head_dim``, e.g. ``h*d`` merged contexts), the
+# blocks differ in size: one all_to_all_single with split sizes over flat buffers.
+
+
+def _head_widths(x: torch.Tensor, head_dim: int, counts: Sequence[int], local: int | None):
+    """Elements along ``head_dim`` per rank: ``x`` holds ``counts[local]`` heads (or all)."""
+    held = sum(counts) if local is None else counts[local]
+    unit = x.shape[head_dim] // held
+    return [c * unit for c in counts]
+
+
+def _uneven_exchange(send_blocks, cat_dim, recv_shapes, group, overlap):
+    """Send to rank r the tensors ``send_blocks[r]`` side by side along ``cat_dim`` (packed
+    with one copy); receive one block of ``recv_shapes[j]`` from each rank j. Returns the
+    receive buffer (flat) and its sizes per source; ``overlap()`` runs while it is in flight."""
+    ref = send_blocks[0][0]
+    shapes_in = []
+    for parts in send_blocks:
+        shape = list(parts[0].shape)
+        shape[cat_dim] = sum(t.shape[cat_dim] for t in parts)
+        shapes_in.append(shape)
+    sizes_in = [torch.Size(shape).numel() for shape in shapes_in]
+    send = torch.empty(sum(sizes_in), dtype=ref.dtype, device=ref.device)
+    for piece, shape, parts in zip(send.split(sizes_in), shapes_in, send_blocks):
+        block, start = piece.view(shape), 0
+        for t in parts:
+            copy_wide_(block.narrow(cat_dim, start, t.shape[cat_dim]), t)
+            start += t.shape[cat_dim]
+    sizes_out = [torch.Size(shape).numel() for shape in recv_shapes]
+    recv = torch.empty(sum(sizes_out), dtype=ref.dtype, device=ref.device)
+    work = dist.all_to_all_single(
+        recv, send, sizes_out, sizes_in, group=group, async_op=overlap is not None
+    )
+    if overlap is not None:
+        overlap()
+        work.wait()
+    return recv, sizes_out
+
+
+def uneven_seq_to_head(
+    tensors: Sequence[torch.Tensor],
+    counts: Sequence[Sequence[int]],
+    group: dist.ProcessGroup,
+    seq_dim: int,
+    head_dim: int,
+    overlap: Overlap = None,
+) -> list[torch.Tensor]:
+    """:func:`seq_to_head` where rank r owns ``counts[t][r]`` heads of tensor t (its block
+    of heads in rank order); no autograd. ``overlap()`` runs while the exchange is in flight.
+    The outputs are views of one receive buffer."""
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    widths = [_head_widths(x, head_dim, c, None) for x, c in zip(tensors, counts)]
+    per_tensor = [x.split(w, dim=head_dim) for x, w in zip(tensors, widths)]
+    # block r: rank r's heads of every tensor, side by side along the heads
+    send = [[parts[r] for parts in per_tensor] for r in range(p)]
+    mine = [w[me] for w in widths]
+    shape = list(tensors[0].shape)
+    shape[head_dim] = sum(mine)
+    recv, _ = _uneven_exchange(send, head_dim, [shape] * p, group, overlap)
+    # [p (source = sequence block), ..., s/p, ..., w, ...] -> [..., s, ..., w, ...]
+    full = recv.view(p, *shape).movedim(0, seq_dim)
+    return [_flatten_pair(y, seq_dim) for y in full.split(mine, dim=head_dim + 1)]
+
+
+def uneven_head_to_seq(
+    tensors: Sequence[torch.Tensor],
+    counts: Sequence[Sequence[int]],
+    group: dist.ProcessGroup,
+    seq_dim: int,
+    head_dim: int,
+    overlap: Overlap = None,
+) -> list[torch.Tensor]:
+    """:func:`head_to_seq` where rank r owns ``counts[t][r]`` heads of tensor t; no autograd."""
+    p, me = dist.get_world_size(group), dist.get_rank(group)
+    widths = [_head_widths(x, head_dim, c, me) for x, c in zip(tensors, counts)]
+    # block r: rank r's tokens of my heads of every tensor
+    chunks = [x.chunk(p, dim=seq_dim) for x in tensors]
+    send = [[c[r] for c in chunks] for r in range(p)]
+    recv_shapes = []
+    for j in range(p):
+        shape = list(send[0][0].shape)
+        shape[head_dim] = sum(w[j] for w in widths)
+        recv_shapes.append(shape)
+    recv, sizes = _uneven_exchange(send, head_dim, recv_shapes, group, overlap)
+    # from rank j: its heads of every tensor; tensor t is rank 0's, rank 1's, ... heads
+    pieces = [
+        piece.view(shape).split([w[j] for w in widths], dim=head_dim)
+        for j, (piece, shape) in enumerate(zip(recv.split(sizes), recv_shapes))
+    ]
+    return [torch.cat([pieces[j][t] for j in range(p)], dim=head_dim) for t in range(len(widths))]
+
+
+class UnevenSeqToHead(torch.autograd.Function):
+    """:class:`SeqToHeadAllToAll` with ``counts[t][r]`` heads of tensor t on rank r."""
+
+    @staticmethod
+    def forward(ctx, group, seq_dim, head_dim, counts, backward_overlap, *tensors):
+        ctx.args = (counts, group, seq_dim, head_dim)
+        ctx.overlap = backward_overlap
+        outs = uneven_seq_to_head(tensors, counts, group, seq_dim, head_dim)
+        ctx.out_shapes = [o.shape for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+        ins = uneven_head_to_seq(grads, *ctx.args, overlap=ctx.overlap)
+        return (None, None, None, None, None, *ins)
+
+
+class UnevenHeadToSeq(torch.autograd.Function):
+    """:class:`HeadToSeqAllToAll` with ``counts[t][r]`` heads of tensor t on rank r."""
+
+    @staticmethod
+    def forward(ctx, group, seq_dim, head_dim, counts, backward_overlap, *tensors):
+        ctx.args = (counts, group, seq_dim, head_dim)
+        ctx.overlap = backward_overlap
+        outs = uneven_head_to_seq(tensors, counts, group, seq_dim, head_dim)
+        ctx.out_shapes = [o.shape for o in outs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+        ins = uneven_seq_to_head(grads, *ctx.args, overlap=ctx.overlap)
+        return (None, None, None, None, None, *ins)
+
+
 class AllReduceSumIdentityGrad(torch.autograd.Function):
     """Sum over the group in forward; identity in backward.
 

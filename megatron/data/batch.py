@@ -1,5 +1,5 @@
-"""Turning samples into model inputs: labels, loss mask, position ids, document ids, and the
-sequence-parallel slice of a batch."""
+"""Turning samples into model inputs: labels, loss mask, position ids, document ids, the
+padding that makes a sequence split evenly, and the sequence-parallel slice of a batch."""
 
 from __future__ import annotations
 
@@ -76,6 +76,40 @@ def get_batch_from_samples(
     }
 
 
+def sequence_shard_unit(sp: int, cp: int = 1) -> int:
+    """The sequence length must be a multiple of this: ``sp`` ranks hold equal slices, and
+    with ring attention over ``cp`` ranks each rank's part is 2 chunks of a ``2 cp``-way cut
+    (for causal load balance)."""
+    return sp if cp == 1 else 2 * cp * sp
+
+
+def padded_seq_length(seq_length: int, unit: int) -> int:
+    """``seq_length`` rounded up to a multiple of ``unit``."""
+    return -(-seq_length // unit) * unit
+
+
+def pad_batch_for_sharding(batch: dict, unit: int) -> dict:
+    """``batch`` ([b, s] tensors) padded at the end to a multiple of ``unit`` tokens, so the
+    loss and gradients are the unpadded ones: padding tokens (id 0, label 0) are out of the
+    loss (``loss_mask`` 0), sit after every real token (causal attention keeps them out of
+    real tokens' attention) and, with ``doc_ids``, form a document of their own. Their
+    position ids are 0 (any valid position would do)."""
+    seq = batch["tokens"].shape[1]
+    pad = padded_seq_length(seq, unit) - seq
+    if pad == 0:
+        return batch
+    out = dict(batch)
+    for key in (*SP_SLICED_KEYS, "doc_ids"):
+        value = batch.get(key)
+        if value is None:
+            continue
+        fill = value.new_zeros(value.shape[0], pad)
+        if key == "doc_ids":
+            fill += value[:, -1:] + 1
+        out[key] = torch.cat([value, fill], dim=1)
+    return out
+
+
 def slice_batch_for_sequence_parallel(batch: dict, sp_rank: int, sp_size: int) -> dict:
     """This SP rank's contiguous ``[b, s/sp]`` slice of ``tokens``, ``labels``, ``loss_mask``
     and ``position_ids``; ``doc_ids`` and any other key stay whole (after the all-to-all
@@ -86,7 +120,7 @@ def slice_batch_for_sequence_parallel(batch: dict, sp_rank: int, sp_size: int) -
     if seq % sp_size:
         raise UsageError(
             f"sequence length {seq} is not divisible by the sequence-parallel size {sp_size}; "
-            "choose --seq-length as a multiple of --ds-sequence-parallel-size"
+            "pad it first (pad_batch_for_sharding)"
         )
     chunk = seq // sp_size
     out = dict(batch)

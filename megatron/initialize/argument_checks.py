@@ -14,6 +14,7 @@ import torch
 
 from megatron.core.parallel_state import ParallelDims
 from megatron.core.sequence.layer import check_heads_for_sp
+from megatron.data.batch import padded_seq_length, sequence_shard_unit
 from megatron.errors import UsageError
 from megatron.initialize.arguments import COMPAT_ONLY
 from megatron.model.config import derive_shape
@@ -108,10 +109,15 @@ def _check_model_shape(args: argparse.Namespace) -> None:
 def _check_sequence_parallel(args: argparse.Namespace) -> None:
     sp = args.ds_sequence_parallel_size
     check_heads_for_sp(args.num_attention_heads, args.num_key_value_heads, sp)
-    if args.seq_length % sp != 0:
-        raise UsageError(
-            f"--seq-length {args.seq_length} is not divisible by --ds-sequence-parallel-size {sp}; "
-            "every sequence-parallel rank holds an equal slice"
+    padded = padded_seq_length(args.seq_length, sequence_shard_unit(sp))
+    if padded != args.seq_length:
+        logger.info(
+            "> --seq-length %d is padded to %d (%d padding tokens per sample, out of the loss) "
+            "so it splits over --ds-sequence-parallel-size %d",
+            args.seq_length,
+            padded,
+            padded - args.seq_length,
+            sp,
         )
 
 

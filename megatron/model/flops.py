@@ -38,7 +38,8 @@ def model_flops_per_token(config: ModelConfig, seq_length: int) -> float:
     ``6 x num_layers x seq_length x (heads x head_dim)``: QK^T and PV are 2 x 2 x s x hd
     FLOPs per token over the whole square, half of it under the causal mask, and backward
     is twice forward. (heads x head_dim equals the hidden size unless --kv-channels
-    changes it.) Recomputation is not counted: this is model FLOPs, for MFU.
+    changes it.) Recomputation is not counted, nor padding added to split the sequence over
+    the SP ranks (``seq_length`` is the real tokens'): this is model FLOPs, for MFU.
     """
     counts = parameter_counts(config)
     dense = counts["transformer"] + config.padded_vocab_size * config.hidden_size

@@ -16,17 +16,22 @@ training loop calls it). A new parallelism or fast path is one more ``apply_*`` 
 
 from __future__ import annotations
 
+import logging
+from functools import cache
+
 import torch
 import torch.distributed as dist
 
 from megatron.core.distributed.fsdp import shard_model_for_zero
 from megatron.core.parallel_state import ParallelState
-from megatron.core.sequence.heads import check_heads_for_sp
+from megatron.core.sequence.heads import head_split
 from megatron.core.sequence.layer import DistributedAttention
 from megatron.model.config import ModelConfig
 from megatron.model.deferred_wgrad import WgradQueue, set_fp32_grads
 from megatron.model.rank_major_qkv import RankMajorQKV
 from megatron.model.transformer import ParallelTransformer, ParallelTransformerLayer, Segment
+
+logger = logging.getLogger("megatron")
 
 
 def parallelize(
@@ -45,8 +50,13 @@ def parallelize(
 def send_order_qkv_applies(config: ModelConfig, sp: int) -> bool:
     """SP: the projection writes the all-to-all's send layout
     (:mod:`megatron.model.rank_major_qkv`); with RoPE the rotation comes first, on the
-    plain layout."""
-    return sp > 1 and config.impl.sp_rank_major_qkv and config.position_embedding_type != "rope"
+    plain layout; even head splits only."""
+    return (
+        sp > 1
+        and head_split(config.num_attention_heads, config.num_key_value_heads, sp).even
+        and config.impl.sp_rank_major_qkv
+        and config.position_embedding_type != "rope"
+    )
 
 
 def apply_sequence_parallel(
@@ -55,7 +65,9 @@ def apply_sequence_parallel(
     """Ulysses attention in every layer: ``[s/p, b, h, d]`` in and out, the local attention
     on ``[s, b, h/p, d]``."""
     sp = dist.get_world_size(sp_group)
-    check_heads_for_sp(config.num_attention_heads, config.num_key_value_heads, sp)
+    split = head_split(config.num_attention_heads, config.num_key_value_heads, sp)
+    if not split.even:
+        _log_uneven_heads(config, sp)
     for layer in stack.layers:
         attn = layer.self_attention
         # --delay-wgrad-compute: the MLP's weight gradients wait for dQ/dK/dV's all-to-all,
@@ -77,6 +89,27 @@ def apply_sequence_parallel(
             attn.send_order_qkv = RankMajorQKV(
                 config.num_attention_heads, config.num_key_value_heads, config.head_dim, sp
             )
+
+
+def _log_uneven_heads(config: ModelConfig, sp: int) -> None:
+    """One start-up line: the heads per rank, and the fast paths this turns off."""
+    off = []
+    if config.impl.sp_rank_major_qkv:
+        off.append("the send-order QKV projection")
+    _log_once(config.num_attention_heads, config.num_key_value_heads, sp, tuple(off))
+
+
+@cache
+def _log_once(num_heads: int, num_kv_heads: int, sp: int, off: tuple[str, ...]) -> None:
+    split = head_split(num_heads, num_kv_heads, sp)
+    logger.info(
+        "> uneven heads over --ds-sequence-parallel-size %d: query heads per rank %s, K/V heads "
+        "per rank %s%s",
+        sp,
+        "/".join(map(str, split.q_counts)),
+        "/".join(map(str, split.kv_counts)),
+        f"; off (they need equal blocks per rank): {', '.join(off)}" if off else "",
+    )
 
 
 def apply_recompute(stack: ParallelTransformer, config: ModelConfig) -> None:

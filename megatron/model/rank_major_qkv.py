@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.core.sequence.heads import kv_heads_of_rank, kv_heads_replicated
+from megatron.core.sequence.heads import head_split
 from megatron.model.matmul import linear_compute_dtype
 
 
@@ -24,14 +24,16 @@ def rank_major_rows(
 ) -> torch.Tensor:
     """Weight rows in send order: for each rank r, its q heads, then its k and v heads.
 
-    Rank r's K/V heads are :func:`~megatron.core.sequence.heads.kv_heads_of_rank`'s (as
-    for the plain all-to-all); with fewer K/V heads than ranks, rows repeat.
+    Rank r's heads are :func:`~megatron.core.sequence.heads.head_split`'s (as for the plain
+    all-to-all), which must give every rank as many; where K/V heads are copied, rows repeat.
     """
+    split = head_split(num_heads, num_kv_heads, sp)
+    if not split.even:
+        raise ValueError(f"{num_heads} heads, {num_kv_heads} K/V heads: uneven over {sp} ranks")
     q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
     hq = num_heads // sp
     rows = []
-    for r in range(sp):
-        kv_heads = kv_heads_of_rank(r, num_kv_heads, sp)
+    for r, kv_heads in enumerate(split.kv_heads):
         q = torch.arange(r * hq * head_dim, (r + 1) * hq * head_dim)
         kv = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kv_heads])
         rows += [q, q_width + kv, q_width + kv_width + kv]
@@ -153,8 +155,9 @@ class RankMajorQKV:
             sp,
         )
         self._rows: dict[torch.device, torch.Tensor] = {}  # rank_major_rows, per device
-        self.kv_repeats = kv_heads_replicated(num_kv_heads, sp)
-        kv_local = len(kv_heads_of_rank(0, num_kv_heads, sp))
+        split = head_split(num_heads, num_kv_heads, sp)
+        self.kv_repeats = split.kv_replicated
+        kv_local = split.kv_counts[0]
         # Columns of rank r's q, k and v blocks in the send buffer.
         self.rank_widths = (num_heads * head_dim // sp, *(2 * (kv_local * head_dim,)))
 

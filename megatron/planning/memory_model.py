@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from megatron.core.sequence.heads import check_heads_for_sp, head_split
+from megatron.data.batch import padded_seq_length, sequence_shard_unit
 from megatron.errors import UsageError
 from megatron.model.config import ModelConfig
 
@@ -185,16 +187,25 @@ def _is_linear(name: str) -> bool:
 # ---------------------------------------------------------------------------- activations
 
 
+def _seq(config: ModelConfig, setup: RunSetup) -> int:
+    """The sequence length as computed: padded to split over the SP ranks."""
+    return padded_seq_length(config.seq_length, sequence_shard_unit(setup.sp))
+
+
 def _dims(config: ModelConfig, setup: RunSetup) -> dict:
     p = setup.sp
     hkv = config.num_key_value_heads
-    hkv_eff = hkv if p == 1 or hkv % p == 0 else p  # K/V heads replicated up to p
+    # The rank with the most heads (uneven splits: ceil(h/p)); K/V heads as sent (copies
+    # where ranks share one): p x that rank's counts is the widths' per-token equivalent.
+    split = head_split(config.num_attention_heads, hkv, p)
+    q_max, kv_max = max(split.q_counts), max(split.kv_counts)
     return {
-        "n": setup.micro_batch_size * config.seq_length // p,  # local tokens
+        "n": setup.micro_batch_size * _seq(config, setup) // p,  # local tokens
         "a": setup.compute_bytes,
         "h": config.hidden_size,
         "hd": config.num_attention_heads * config.kv_channels,  # query width
-        "x": (config.num_attention_heads + 2 * hkv_eff) * config.kv_channels,  # q+k+v width
+        "hds": p * q_max * config.kv_channels,  # query width, head-sharded (per-token equivalent)
+        "x": p * (q_max + 2 * kv_max) * config.kv_channels,  # q+k+v width, head-sharded
         "kvd": hkv * config.kv_channels,
         "ffn": config.ffn_hidden_size,
         "up": 2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size,
@@ -232,14 +243,17 @@ def _norm_bytes_per_token(config: ModelConfig, setup: RunSetup) -> int:
 
 def _classic_square_bytes(config: ModelConfig, setup: RunSetup, a: int) -> int:
     """Per layer: the [b, h/p, s, s] tensors classic attention keeps, and its [s, s] mask."""
-    s, b = config.seq_length, setup.micro_batch_size
+    s, b = _seq(config, setup), setup.micro_batch_size
     per_elem = 4  # softmax output (fp32)
     if config.attention_dropout > 0:
         per_elem += 1 if setup.device == "cuda" else 4  # dropout mask
         per_elem += 4 if a == 4 else a  # dropped probs (fp32) or their compute-dtype cast
     elif a != 4:
         per_elem += a  # probs cast to the compute dtype for P @ V
-    return b * (config.num_attention_heads // setup.sp) * s * s * per_elem + s * s
+    q_max = max(
+        head_split(config.num_attention_heads, config.num_key_value_heads, setup.sp).q_counts
+    )
+    return b * q_max * s * s * per_elem + s * s
 
 
 MLP_SAVED_KEYS = ("mlp_norm", "fc1_input", "fc1_output", "fc2_input", "mlp_dropout_mask")
@@ -258,17 +272,18 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     out: dict[str, int] = {"attn_norm": norm, "qkv_input": n * a * h}
     if config.impl.attention_backend == "classic" and not selective:
         # q and k upcast to fp32 (k expanded over the GQA group), v expanded, context copy.
-        out["attention_inputs"] = n * (8 * hd + a * hd)
+        hds = g["hds"]
+        out["attention_inputs"] = n * (8 * hds + a * hds)
         out["attention_scores"] = _classic_square_bytes(config, setup, a)
-        out["context"] = n * a * hd
+        out["context"] = n * a * hds
     else:
         # q/k/v as saved: the QKV output at SP 1 (+ rotated q/k copies), else the receive buffer.
         out["attention_inputs"] = n * a * x + (n * a * (hd + g["kvd"]) if rope_copies else 0)
         # Kept output and fp32 log-sum-exp, unless recomputed (selective); the dense layer's
         # input is a view of the output at SP 1 and a copy after the all-to-all under SP.
         keep_out = not selective
-        out["attention_scores"] = 4 * n * config.num_attention_heads if keep_out else 0
-        out["context"] = n * a * hd * (2 if keep_out and p > 1 else 1)
+        out["attention_scores"] = 4 * n * g["hds"] // config.kv_channels if keep_out else 0
+        out["context"] = n * a * (g["hds"] + (hd if keep_out and p > 1 else 0))
     mask = n * h * (1 if setup.device == "cuda" else a) if config.hidden_dropout > 0 else 0
     out["attn_dropout_mask"] = mask
     out["mlp_norm"] = norm
@@ -405,13 +420,14 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     activation gradients around them (the fp32 residual-stream gradient included)."""
     g = _dims(config, setup)
     n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
+    hds = g["hds"]
     if config.impl.attention_backend == "classic":
-        s, b = config.seq_length, setup.micro_batch_size
+        s, b = _seq(config, setup), setup.micro_batch_size
         # fp32 gradients of the probabilities and of the scores, after the value gradient.
-        squares = b * (config.num_attention_heads // p) * s * s * 8
-        workspace = squares + n * a * hd
+        squares = b * (hds // config.kv_channels // p) * s * s * 8
+        workspace = squares + n * a * hds
     else:
-        workspace = n * (a * x + 4 * hd)
+        workspace = n * (a * x + 4 * hds)
     shapes = parameter_shapes(config)
     largest_linear = max(_numel(s) for name, s in shapes.items() if _is_linear(name))
     # Autocast over fp32 weights: a weight's low-precision gradient before its cast to fp32.
@@ -509,11 +525,7 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
 
     Evaluates the phases where memory can peak (end of forward, loss backward, each layer's
     backward, the optimizer step) and reports the components of the largest."""
-    if config.seq_length % setup.sp != 0:
-        raise UsageError(
-            f"--seq-length {config.seq_length} is not divisible by --ds-sequence-parallel-size "
-            f"{setup.sp}"
-        )
+    check_heads_for_sp(config.num_attention_heads, config.num_key_value_heads, setup.sp)
     z = _zero_bytes(config, setup)
     act = saved_activation_bytes(config, setup)
     layer_bwd = layer_backward_bytes(config, setup)
@@ -684,11 +696,8 @@ def valid_sp_degrees(config: ModelConfig, num_gpus: int) -> list[int]:
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
     out = []
     for sp in range(1, num_gpus + 1):
-        if num_gpus % sp or hq % sp or config.seq_length % sp:
-            continue
-        if hkv % sp and sp % hkv:
-            continue
-        out.append(sp)
+        if num_gpus % sp == 0 and sp <= hq and hq % hkv == 0:
+            out.append(sp)
     return out
 
 

@@ -3,8 +3,10 @@
 Each rank holds a contiguous slice of the sequence and every head. One all-to-all turns
 Q, K and V into "whole sequence, this rank's block of heads"; the local attention runs on
 that; a second all-to-all turns the context back to "this rank's tokens, every head".
-The head counts must split over the group: :func:`~megatron.core.sequence.heads.check_heads_for_sp`
-runs once, at start-up and where the attention is wrapped, not on every call.
+Which heads each rank gets is :func:`~megatron.core.sequence.heads.head_split`'s rule; where
+ranks get different numbers of heads (e.g. 6 heads over 4 ranks: 2, 2, 1, 1) the all-to-alls
+move blocks of different sizes (:class:`~megatron.core.comm.UnevenSeqToHead`), and the
+fast paths that need equal blocks (head-group pipelining, the send-order projection) are off.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from megatron.core.comm import (
     HeadToSeqAllToAll,
     RankMajorQKVSeqToHead,
     SeqToHeadAllToAll,
+    UnevenHeadToSeq,
+    UnevenSeqToHead,
     fused_qkv_source,
 )
-from megatron.core.sequence.heads import check_heads_for_sp, replicate_kv_heads
+from megatron.core.sequence.heads import check_heads_for_sp, head_split, select_kv_heads
 
 # check_heads_for_sp: imported from here by the start-up checks
-__all__ = ["DistributedAttention", "check_heads_for_sp", "replicate_kv_heads"]
+__all__ = ["DistributedAttention", "check_heads_for_sp"]
 
 
 class DistributedAttention(torch.nn.Module):
@@ -39,7 +43,7 @@ class DistributedAttention(torch.nn.Module):
         gather_idx: sequence dimension (0 for ``[s, b, h, d]``, 1 for ``[b, s, h, d]``).
         output_backward_overlap, qkv_backward_overlap: work to launch while the backward
             all-to-all of the output (of Q, K, V) is in flight, e.g. deferred weight
-            gradients (:mod:`megatron.model.deferred_wgrad`).
+            gradients (:mod:`megatron.model.deferred_wgrad`); even head splits only.
     """
 
     def __init__(
@@ -64,8 +68,11 @@ class DistributedAttention(torch.nn.Module):
         if sp == 1:
             return self.local_attn(query, key, value, *args, **kwargs)
         head, seq = self.scatter_idx, self.gather_idx
-        key = replicate_kv_heads(key, sp, head)
-        value = replicate_kv_heads(value, sp, head)
+        split = head_split(query.shape[head], key.shape[head], sp)
+        key = select_kv_heads(key, split, head)
+        value = select_kv_heads(value, split, head)
+        if not split.even:
+            return self._uneven(split, query, key, value, *args, **kwargs)
         # [s/p, b, h, d] -> [s, b, h/p, d] (shown for gather_idx 0), Q, K, V in one exchange
         qkv = fused_qkv_source(query, key, value, head)
         if qkv is not None:  # slices of one projection: the gradient goes to it directly
@@ -86,6 +93,20 @@ class DistributedAttention(torch.nn.Module):
         context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
         # [s, b, h/p, d] (or [s, b, h/p * d]) -> [s/p, b, h, d]
         (out,) = HeadToSeqAllToAll.apply(self.spg, seq, head, self.output_backward_overlap, context)
+        return out
+
+    def _uneven(self, split, query, key, value, *args, **kwargs):
+        """The plain path for ranks with different numbers of heads: q/k/v ``[s/p, b, h, d]``
+        -> ``[s, b, h_r, d]`` with rank r's ``h_r`` heads, and back (shown for gather_idx 0)."""
+        head, seq = self.scatter_idx, self.gather_idx
+        counts = (split.q_counts, split.kv_counts, split.kv_counts)
+        q_full, k_full, v_full = UnevenSeqToHead.apply(
+            self.spg, seq, head, counts, self.qkv_backward_overlap, query, key, value
+        )
+        context = self.local_attn(q_full, k_full, v_full, *args, **kwargs)
+        (out,) = UnevenHeadToSeq.apply(
+            self.spg, seq, head, (split.q_counts,), self.output_backward_overlap, context
+        )
         return out
 
     def attend_rank_major(
