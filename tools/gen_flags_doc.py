@@ -119,7 +119,8 @@ NOTES: dict[str, tuple[str, str]] = {
     "--keep-last-n-checkpoints": ("new", "delete older checkpoints once a newer one is complete"),
     "--deepspeed_config": (
         "changed",
-        "batch sizes, ZeRO stage, clipping, fp16/bf16 read natively; a conflict with a flag is an error",
+        "read natively, every field honoured, refused or named in one warning; a conflict "
+        "with a flag is an error",
     ),
     # refused
     "--sequence-parallel": (

@@ -467,6 +467,23 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
     return parser
 
 
+def given_flags(parser: argparse.ArgumentParser, args_list: Sequence[str] | None) -> frozenset:
+    """The dests the command line set, even to their default value (so that a
+    --deepspeed_config field can tell a given flag from an untouched default)."""
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    try:
+        given, _ = parser.parse_known_args(args_list)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_defaults)
+    return frozenset(vars(given))
+
+
 def launch_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun, the deepspeed launcher or SLURM's srun."""
     env = os.environ
@@ -488,6 +505,7 @@ def parse_args(
         args, _ = parser.parse_known_args(args_list)
     else:
         args = parser.parse_args(args_list)
+    args.flags_given = given_flags(parser, args_list)
     args.rank, args.world_size, env_local_rank = launch_env()
     import torch.distributed as dist
 

@@ -295,7 +295,8 @@ def pretrain(
 
 
 def build_grad_scaler(args: argparse.Namespace) -> ConstantGradScaler:
-    """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1."""
+    """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1.
+    The loss-scale flags may come from --deepspeed_config's fp16 block."""
     if not args.fp16:
         return ConstantGradScaler(1.0)
     if args.loss_scale:
@@ -307,6 +308,7 @@ def build_grad_scaler(args: argparse.Namespace) -> ConstantGradScaler:
         backoff_factor=0.5,
         growth_interval=args.loss_scale_window,
         hysteresis=args.hysteresis,
+        consecutive_hysteresis=getattr(args, "loss_scale_consecutive_hysteresis", False),
     )
 
 
