@@ -147,7 +147,7 @@ def _check_precision(args: argparse.Namespace) -> None:
 
 
 def _check_training(args: argparse.Namespace) -> None:
-    if args.checkpoint_activations or args.deepspeed_activation_checkpointing:
+    if args.checkpoint_activations:
         if args.recompute_granularity == "selective":
             raise UsageError(
                 "--checkpoint-activations means full recomputation; drop --recompute-granularity selective"
@@ -193,6 +193,40 @@ def _check_training(args: argparse.Namespace) -> None:
         )
 
 
+_FPDT_POINTER = (
+    "for long sequences use --checkpoint-activations --checkpoint-in-cpu (each recomputed "
+    "layer's input in host memory), --loss-chunk-size, and size the run with "
+    "tools/estimate_memory.py"
+)
+
+
+def _check_fpdt(args: argparse.Namespace) -> None:
+    """Megatron-DeepSpeed's FPDT is not built: each of its flags is refused with a pointer."""
+    for flag, value in (
+        ("--ds-sequence-parallel-fpdt", args.ds_sequence_parallel_fpdt),
+        ("--ds-sequence-parallel-fpdt-chunk-size", args.ds_sequence_parallel_fpdt_chunk_size),
+        ("--ds-sequence-parallel-fpdt-offloading", args.ds_sequence_parallel_fpdt_offloading),
+    ):
+        if value not in (None, False):
+            shown = "" if value is True else f" {value}"
+            raise UsageError(
+                f"{flag}{shown}: FPDT (chunked, offloaded Ulysses attention) is not built here; "
+                f"drop the flag; {_FPDT_POINTER}"
+            )
+
+
+def _check_evaluation(args: argparse.Namespace) -> None:
+    if args.skip_train and not args.eval_iters:
+        raise UsageError(
+            "--skip-train skips training and runs only the evaluation, but --eval-iters is 0; "
+            "set --eval-iters N"
+        )
+    if args.tensorboard_log_interval is None:
+        args.tensorboard_log_interval = args.log_interval
+    elif args.tensorboard_log_interval < 1:
+        raise UsageError(f"--tensorboard-log-interval {args.tensorboard_log_interval} must be >= 1")
+
+
 def _apply_deepspeed_config(args: argparse.Namespace) -> list[str]:
     """Every field of --deepspeed_config honoured, refused or listed (``deepspeed_config``)."""
     parser = build_parser()
@@ -216,11 +250,13 @@ def compat_warnings(args: argparse.Namespace) -> list[str]:
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every combination once at start-up and derive the dependent values."""
     _check_parallel_layout(args)
+    _check_fpdt(args)
     _check_model_shape(args)
     _check_sequence_parallel(args)
     deepspeed_lines = _apply_deepspeed_config(args)
     _check_batch(args)
     _check_precision(args)
     _check_training(args)
+    _check_evaluation(args)
     args.compat_warnings = compat_warnings(args) + deepspeed_lines
     return args

@@ -18,7 +18,8 @@ COMPAT_ONLY = {
     "data_impl": "only the mmap format exists; the format is read from the .idx header",
     "deepspeed": "this framework does not use the DeepSpeed engine; --zero-stage and --deepspeed_config are honoured natively",
     "no_pipeline_parallel": "pipeline parallelism is not built; every run is a single stage",
-    "deepspeed_activation_checkpointing": "activation checkpointing follows --checkpoint-activations / --recompute-granularity",
+    "deepspeed_activation_checkpointing": "it picks DeepSpeed's checkpoint function in Megatron-DeepSpeed; recomputation here is this project's own, on with --checkpoint-activations (or --recompute-granularity full)",
+    "timing_log_level": "only the iteration time is measured (the iteration line and --log-timers-to-tensorboard); levels 1 and 2 add no timers",
     "distribute_checkpointed_activations": "checkpointed activations are not partitioned (no tensor parallelism)",
     "accumulate_allreduce_grads_in_fp32": "gradients are always reduced and accumulated in fp32",
     "no_masked_softmax_fusion": "no fused masked-softmax kernel is used",
@@ -374,7 +375,11 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("validation")
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--skip-train", action="store_true")
+    g.add_argument(
+        "--skip-train",
+        action="store_true",
+        help="load the checkpoint, skip training, run the validation and test evaluation",
+    )
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -422,7 +427,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", type=str, default=None)
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument(
+        "--tensorboard-log-interval",
+        type=int,
+        default=None,
+        help="write the training scalars to TensorBoard every N iterations (default: every "
+        "--log-interval, with the iteration line)",
+    )
     g.add_argument("--tensorboard-queue-size", type=int, default=1000)
     g.add_argument("--log-timers-to-tensorboard", action="store_true")
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true")
@@ -447,6 +458,15 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-save-dir", type=str, default=None)
 
 
+def _add_fpdt_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-DeepSpeed's FPDT flags: parsed so that the refusal can point to the
+    long-context features built here (argument_checks._check_fpdt)."""
+    g = parser.add_argument_group("FPDT (refused)")
+    g.add_argument("--ds-sequence-parallel-fpdt", action="store_true")
+    g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=None)
+    g.add_argument("--ds-sequence-parallel-fpdt-offloading", action="store_true")
+
+
 def build_parser(extra_args_provider: Callable | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="megatron-ulysses arguments", allow_abbrev=False)
     for add in (
@@ -460,6 +480,7 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
         _add_validation_args,
         _add_data_args,
         _add_logging_args,
+        _add_fpdt_args,
     ):
         add(parser)
     if extra_args_provider is not None:

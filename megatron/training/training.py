@@ -118,9 +118,10 @@ def build_data_iterators(
 ):
     from megatron.data.samplers import build_pretraining_data_loader
 
-    eval_count = (
-        (train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
-    )
+    if args.eval_interval:
+        eval_count = (train_iters // args.eval_interval + 1) * args.eval_iters
+    else:  # no periodic validation; --skip-train still validates once
+        eval_count = args.eval_iters if args.skip_train else 0
     nums = [
         train_iters * args.global_batch_size,
         eval_count * args.global_batch_size,
@@ -135,7 +136,7 @@ def build_data_iterators(
         return iter(dl) if dl is not None else None
 
     return (
-        loader(train_ds, ts.consumed_train_samples),
+        None if args.skip_train else loader(train_ds, ts.consumed_train_samples),
         loader(valid_ds, ts.consumed_valid_samples),
         loader(test_ds, 0),
     )
@@ -352,7 +353,7 @@ def _pretrain(
     # (iteration, directory) of the checkpoints this run may resume from
     checkpoints = [(ts.iteration, loaded)] if loaded and not args.finetune else []
     logger.info("> model, optimizer and scheduler ready in %.1f s", time.time() - start)
-    if train_iters and ts.iteration >= train_iters:  # e.g. a restart after the last save
+    if train_iters and ts.iteration >= train_iters and not args.skip_train:  # e.g. a restart
         logger.info(
             "> training is complete: the checkpoint is at iteration %d of %d; nothing to train",
             ts.iteration,
@@ -393,7 +394,9 @@ def _pretrain(
 
     window_start, window_iters = time.time(), 0
     model.train()
-    while ts.iteration < train_iters:
+    if args.skip_train:
+        logger.info("> --skip-train: evaluating the model at iteration %d", ts.iteration)
+    while ts.iteration < train_iters and not args.skip_train:
         if args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens:
             break
         calculator.update(ts.consumed_train_samples, True)
@@ -424,6 +427,7 @@ def _pretrain(
         window_iters += 1
 
         log_now = ts.iteration % args.log_interval == 0
+        tb_now = tb.active and ts.iteration % args.tensorboard_log_interval == 0
         eval_now = bool(args.eval_interval) and valid_it is not None
         eval_now = eval_now and ts.iteration % args.eval_interval == 0
         save_now = bool(args.save and args.save_interval) and ts.iteration % args.save_interval == 0
@@ -431,10 +435,10 @@ def _pretrain(
         last = ts.iteration >= train_iters or (
             args.train_tokens is not None and ts.consumed_train_tokens >= args.train_tokens
         )
-        if not DEFER_STEP_SYNC or log_now or eval_now or save_now or exit_now or last:
+        if not DEFER_STEP_SYNC or log_now or tb_now or eval_now or save_now or exit_now or last:
             finish()
 
-        if log_now:
+        if log_now or tb_now:
             losses, grad_norm, _ = pending.read()
             elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
             log_training_iteration(
@@ -449,8 +453,11 @@ def _pretrain(
                 lr=optimizer.param_groups[0]["lr"],
                 loss_scale=scaler.scale,
                 flops_per_token=flops_per_token,
+                line=log_now,
+                to_tensorboard=tb_now,
             )
-            window_start, window_iters = time.time(), 0
+            if log_now:
+                window_start, window_iters = time.time(), 0
 
         if eval_now:
             run_validation(
@@ -566,34 +573,41 @@ def log_training_iteration(
     lr: float,
     loss_scale: float,
     flops_per_token: float,
+    line: bool = True,
+    to_tensorboard: bool = True,
 ) -> None:
-    """Megatron's iteration line (rank 0) and the TensorBoard scalars of this iteration."""
+    """Megatron's iteration line (rank 0, every --log-interval) and the TensorBoard scalars
+    of this iteration (every --tensorboard-log-interval); the time is the average per
+    iteration since the last iteration line."""
     seconds = elapsed_ms / 1000.0
     tflops = (
         flops_per_token * global_batch_size * args.seq_length / seconds / args.world_size / 1e12
     )
     peak = peak_memory_gb(args.device_obj)
-    logger.info(
-        iteration_line(
-            iteration=ts.iteration,
-            train_iters=train_iters,
-            consumed_samples=ts.consumed_train_samples,
-            consumed_tokens=ts.consumed_train_tokens,
-            elapsed_ms=elapsed_ms,
-            lr=lr,
-            global_batch_size=global_batch_size,
-            losses=losses,
-            loss_scale=loss_scale,
-            grad_norm=grad_norm,
-            seq_length=args.seq_length,
-            skipped=ts.skipped_iters,
-            nan_iters=ts.nan_iters,
-            world_size=args.world_size,
-            tflops=tflops,
-            peak_mem_gb=peak,
-            eta_s=seconds * (train_iters - ts.iteration),
+    if line:
+        logger.info(
+            iteration_line(
+                iteration=ts.iteration,
+                train_iters=train_iters,
+                consumed_samples=ts.consumed_train_samples,
+                consumed_tokens=ts.consumed_train_tokens,
+                elapsed_ms=elapsed_ms,
+                lr=lr,
+                global_batch_size=global_batch_size,
+                losses=losses,
+                loss_scale=loss_scale,
+                grad_norm=grad_norm,
+                seq_length=args.seq_length,
+                skipped=ts.skipped_iters,
+                nan_iters=ts.nan_iters,
+                world_size=args.world_size,
+                tflops=tflops,
+                peak_mem_gb=peak,
+                eta_s=seconds * (train_iters - ts.iteration),
+            )
         )
-    )
+    if not to_tensorboard:
+        return
     scalars = {
         "lm loss": losses.get("lm loss", float("nan")),
         "learning-rate": lr,
