@@ -172,7 +172,7 @@ def test_no_effect_fields_share_one_warning(tmp_path):
         "wall_clock_breakdown": True,
         "steps_per_print": 5,
         "zero_optimization": {"stage": 1, "reduce_bucket_size": 1000, "overlap_comm": True},
-        "bf16": {"enabled": True, "immediate_grad_update": True},
+        "bf16": {"enabled": True, "immediate_grad_update": True, "check_grad_overflow": False},
         "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True},
         "flops_profiler": {"enabled": False, "profile_step": 3},  # off: asks for nothing
     }
@@ -181,9 +181,10 @@ def test_no_effect_fields_share_one_warning(tmp_path):
     assert len(lines) == 1
     for field in ("prescale_gradients=true", "wall_clock_breakdown=true", "steps_per_print=5",
                   "zero_optimization.reduce_bucket_size=1000", "zero_optimization.overlap_comm",
-                  "bf16.immediate_grad_update", "activation_checkpointing.partition_activations"):  # fmt: skip
+                  "bf16.immediate_grad_update", "bf16.check_grad_overflow=false",
+                  "activation_checkpointing.partition_activations"):  # fmt: skip
         assert field in lines[0], field
-    assert "flops_profiler" not in lines[0] and ": 7 field(s) change nothing here: " in lines[0]
+    assert "flops_profiler" not in lines[0] and ": 8 field(s) change nothing here: " in lines[0]
     assert a.checkpoint_in_cpu and a.bf16 and a.zero_stage == 1
 
 

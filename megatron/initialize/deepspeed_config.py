@@ -100,8 +100,6 @@ SECTION_NO_EFFECT = {
         "synchronize_checkpoint_boundary": "no synchronisation is inserted",
         "profile": "recomputation is not timed separately",
     },
-    "tensorboard": {},
-    "scheduler": {},
 }
 OFFLOAD_FIELDS = (
     "offload_optimizer",
@@ -141,9 +139,6 @@ HONOURED = {
     "zero_optimization": ("stage", *OFFLOAD_FIELDS),
     "activation_checkpointing": ("cpu_checkpointing",),
     "tensorboard": ("enabled", "output_path", "job_name"),
-    "wandb": (),
-    "csv_monitor": (),
-    "flops_profiler": (),
 }
 
 _ADAM_PARAMS = {"lr": "lr", "eps": "adam_eps", "weight_decay": "weight_decay"}
@@ -160,14 +155,16 @@ def _show(value) -> str:
 
 
 def _active(value, default=UNSET) -> bool:
-    """Whether a field asks for something: not DeepSpeed's default, not an 'off' block."""
-    if value is None or value is False or value == {}:
-        return False
+    """Whether a field asks for something: a block that is not empty, not ``"enabled":
+    false`` and not an offload to ``"device": "none"``; a value other than DeepSpeed's
+    default (without a default: other than null or false)."""
     if isinstance(value, dict):
-        if value.get("enabled", True) is False:
+        if not value or value.get("enabled", True) is False:
             return False
-        return value.get("device", "cpu") != "none"  # offload blocks: "device": "none" is off
-    return default is UNSET or value != default
+        return value.get("device") != "none"
+    if default is UNSET:
+        return value is not None and value is not False
+    return value != default
 
 
 class _Config:
