@@ -200,3 +200,20 @@ def test_consecutive_hysteresis_restores_on_every_clean_step():
             scaler.update(found_inf)
     assert plain.scale == 512.0  # two overflows, not in a row, spend the hysteresis
     assert consecutive.scale == 1024.0  # the clean step in between restored it
+
+
+def test_megatron_deepspeed_template_with_prescaled_gradients(tmp_path):
+    # Megatron-DeepSpeed's ds_config_gpt_TEMPLATE.json as its 1.3B script fills it for ZeRO 0.
+    template = {
+        "train_batch_size": 8, "train_micro_batch_size_per_gpu": 1, "steps_per_print": 10,
+        "zero_optimization": {"stage": 0}, "gradient_clipping": 1.0, "prescale_gradients": True,
+        "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "hysteresis": 2,
+                 "min_loss_scale": 1, "initial_scale_power": 11},
+        "wall_clock_breakdown": False,
+    }  # fmt: skip
+    a = _args(tmp_path, template, "--fp16 --hysteresis 2 --log-interval 10", world_size=8)
+    assert a.fp16 and a.initial_loss_scale == 2048 and a.global_batch_size == 8
+    (line,) = a.compat_warnings
+    assert (
+        ": 1 field(s) change nothing here: prescale_gradients=true (gradients are reduced" in line
+    )
