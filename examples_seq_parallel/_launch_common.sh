@@ -107,7 +107,7 @@ CLIP_GRAD=1.0
 case "${PRECISION:-fp32}" in
     bf16) PREC_ARGS=(--bf16) FP16_ON=false BF16_ON=true ;;
     fp16)
-        PREC_ARGS=(--fp16 --initial-loss-scale 2048 --loss-scale-window 500 --hysteresis 2 --min-loss-scale 1)
+        PREC_ARGS=(--fp16) # the loss scaler's settings come from the JSON's fp16 block
         FP16_ON=true BF16_ON=false
         ;;
     fp32) PREC_ARGS=() FP16_ON=false BF16_ON=false ;;
@@ -153,7 +153,8 @@ DS_CONFIG=$OUTPUT_DIR/ds_config_gbs${GLOBAL_BATCH}_mbs${MICRO_BATCH}_log${LOG_IN
 mkdir -p "$LOG_DIR" "$CHECKPOINT_PATH" "$TENSORBOARD_DIR"
 
 # The DeepSpeed JSON Megatron-DeepSpeed's example scripts generate; pretrain_gpt.py reads the batch sizes,
-# ZeRO stage, clipping and precision from it and refuses any that contradict the flags.
+# ZeRO stage, clipping, precision and the fp16 loss scaler (initial scale 2^11 = 2048) from it and
+# refuses any field that contradicts the flags.
 cat >"$DS_CONFIG" <<EOF
 {
   "train_batch_size": $GLOBAL_BATCH,

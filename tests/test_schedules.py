@@ -244,14 +244,19 @@ def test_token_based_conversion_anchor_numbers():
         "--lr-decay-tokens 300000000000 --lr-warmup-tokens 3000000000 --seq-length 32768 "
         "--override-opt_param-scheduler --weight-decay 0.1"
     )
-    assert s.lr_warmup_steps == 3_000_000_000 // 32768 == 91552
-    assert s.lr_decay_steps == 300_000_000_000 // 32768 == 9155273
-    assert lr_at(s, 45776) == pytest.approx(2.0e-4 * 45776 / 91552)
-    mid = 91552 + (9155273 - 91552) // 2
-    ratio = (mid - 91552) / (9155273 - 91552)
-    cos = 0.5 * (math.cos(math.pi * ratio) + 1.0)
-    assert lr_at(s, mid) == pytest.approx(1.0e-6 + cos * (2.0e-4 - 1.0e-6))
-    assert lr_at(s, 9155274) == 1.0e-6
+    warmup_t, decay_t, seq = 3_000_000_000, 300_000_000_000, 32768
+    assert s.lr_warmup_steps == warmup_t / seq and s.lr_decay_steps == decay_t / seq
+
+    def mds_lr(tokens):  # Megatron-DeepSpeed's get_lr() with token-based warm-up and decay
+        if tokens <= warmup_t:
+            return 2.0e-4 * tokens / warmup_t
+        if tokens > decay_t:
+            return 1.0e-6
+        ratio = (tokens - warmup_t) / (decay_t - warmup_t)
+        return 1.0e-6 + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (2.0e-4 - 1.0e-6)
+
+    for samples in (45776, 91552, 91553, 4_000_000, 9_155_273, 9_155_274):
+        assert lr_at(s, samples) == pytest.approx(mds_lr(samples * seq), rel=1e-12), samples
     # Tokens are counted as samples x seq-length: the same schedule in tokens.
     t = scheduler_for(
         "--lr 1e-3 --train-iters 10 --lr-decay-tokens 6400 --lr-warmup-tokens 640 --seq-length 64"
@@ -262,7 +267,7 @@ def test_token_based_conversion_anchor_numbers():
 @pytest.mark.parametrize(
     "extra, match",
     [
-        ("--lr 1e-3", "--train-iters or --train-samples"),
+        ("--lr 1e-3", "--train-iters, --train-samples or --train-tokens"),
         ("--train-iters 10", "--lr is required"),
         ("--lr 1e-3 --train-iters 10 --lr-decay-samples 5", "--lr-decay-samples"),
         ("--lr 1e-3 --train-samples 10 --lr-warmup-iters 5", "--lr-warmup-iters"),

@@ -115,7 +115,8 @@ NOTES: dict[str, tuple[str, str]] = {
     "--keep-last-n-checkpoints": ("new", "delete older checkpoints once a newer one is complete"),
     "--deepspeed_config": (
         "changed",
-        "batch sizes, ZeRO stage, clipping, fp16/bf16 read natively; a conflict with a flag is an error",
+        "read natively, every field honoured, refused or named in one warning; a conflict "
+        "with a flag is an error",
     ),
     # refused
     "--sequence-parallel": (
@@ -125,6 +126,21 @@ NOTES: dict[str, tuple[str, str]] = {
     "--context-parallel-size": ("refused", "above 1; use --ds-sequence-parallel-size"),
     "--tensor-model-parallel-size": ("refused", "above 1: tensor parallelism is not built"),
     "--pipeline-model-parallel-size": ("refused", "above 1: pipeline parallelism is not built"),
+    "--ds-sequence-parallel-fpdt": (
+        "refused",
+        "FPDT is not built; use --checkpoint-activations --checkpoint-in-cpu, --loss-chunk-size "
+        "and tools/estimate_memory.py",
+    ),
+    "--ds-sequence-parallel-fpdt-chunk-size": ("refused", "FPDT is not built (as above)"),
+    "--ds-sequence-parallel-fpdt-offloading": (
+        "refused",
+        "FPDT is not built; --checkpoint-in-cpu keeps recomputed layers' inputs in host memory",
+    ),
+    # logging
+    "--tensorboard-log-interval": (
+        "changed",
+        "default: every --log-interval (Megatron: 1), so TensorBoard adds no step synchronisation",
+    ),
 }
 
 KIND_TITLES = [

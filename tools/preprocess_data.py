@@ -81,6 +81,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="path prefix of the outputs: <prefix>_<key>_document.bin and .idx",
     )
+    group.add_argument(
+        "--dataset-impl",
+        default="mmap",
+        help="output format, as Megatron-DeepSpeed's tool spells it: mmap, the only format "
+        "written (lazy and cached are refused)",
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument(
         "--workers", type=int, default=1, help="tokenizing processes (in total, over partitions)"
@@ -106,6 +112,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1 (got {value})")
+    if args.dataset_impl != "mmap":
+        raise UsageError(
+            f"--dataset-impl {args.dataset_impl}: only the mmap format is written (it is what "
+            "--data-path reads); use --dataset-impl mmap or drop the flag"
+        )
     if not os.path.isfile(args.input):
         raise UsageError(f"--input {args.input}: no such file")
     return args

@@ -7,7 +7,6 @@ raises :class:`~megatron.errors.UsageError` naming the flags and numbers involve
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 import torch
@@ -16,7 +15,8 @@ from megatron.core.parallel_state import ParallelDims
 from megatron.core.sequence.layer import check_heads_for_sp
 from megatron.data.batch import padded_seq_length, sequence_shard_unit
 from megatron.errors import UsageError
-from megatron.initialize.arguments import COMPAT_ONLY
+from megatron.initialize.arguments import COMPAT_ONLY, build_parser
+from megatron.initialize.deepspeed_config import apply_deepspeed_config
 from megatron.model.config import derive_shape
 
 logger = logging.getLogger(__name__)
@@ -186,67 +186,46 @@ def _check_training(args: argparse.Namespace) -> None:
         )
 
 
-def _apply_deepspeed_config(args: argparse.Namespace) -> None:
-    """Honour the fields of a DeepSpeed JSON config that matter here; conflicts are errors."""
-    if args.deepspeed_config is None:
-        args.zero_stage = 0 if args.zero_stage is None else args.zero_stage
-        return
-    try:
-        with open(args.deepspeed_config, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except OSError as e:
-        raise UsageError(
-            f"--deepspeed_config {args.deepspeed_config}: cannot read ({e.strerror})"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise UsageError(
-            f"--deepspeed_config {args.deepspeed_config}: not valid JSON ({e})"
-        ) from None
+_FPDT_POINTER = (
+    "for long sequences use --checkpoint-activations --checkpoint-in-cpu (each recomputed "
+    "layer's input in host memory), --loss-chunk-size, and size the run with "
+    "tools/estimate_memory.py"
+)
 
-    def merge(flag_name: str, attr: str, value, default=None) -> None:
-        current = getattr(args, attr)
-        if current is None or current == default:
-            setattr(args, attr, value)
-        elif current != value:
+
+def _check_fpdt(args: argparse.Namespace) -> None:
+    """Megatron-DeepSpeed's FPDT is not built: each of its flags is refused with a pointer."""
+    for flag, value in (
+        ("--ds-sequence-parallel-fpdt", args.ds_sequence_parallel_fpdt),
+        ("--ds-sequence-parallel-fpdt-chunk-size", args.ds_sequence_parallel_fpdt_chunk_size),
+        ("--ds-sequence-parallel-fpdt-offloading", args.ds_sequence_parallel_fpdt_offloading),
+    ):
+        if value not in (None, False):
+            shown = "" if value is True else f" {value}"
             raise UsageError(
-                f"--deepspeed_config {args.deepspeed_config} sets {flag_name}={value} but "
-                f"{_flag(attr)} is {current}; make them agree or drop one"
+                f"{flag}{shown}: FPDT (chunked, offloaded Ulysses attention) is not built here; "
+                f"drop the flag; {_FPDT_POINTER}"
             )
 
-    if "train_micro_batch_size_per_gpu" in cfg:
-        merge(
-            "train_micro_batch_size_per_gpu",
-            "micro_batch_size",
-            int(cfg["train_micro_batch_size_per_gpu"]),
+
+def _check_evaluation(args: argparse.Namespace) -> None:
+    if args.skip_train and not args.eval_iters:
+        raise UsageError(
+            "--skip-train skips training and runs only the evaluation, but --eval-iters is 0; "
+            "set --eval-iters N"
         )
-    if "train_batch_size" in cfg:
-        merge("train_batch_size", "global_batch_size", int(cfg["train_batch_size"]))
-    if "zero_optimization" in cfg:
-        merge(
-            "zero_optimization.stage", "zero_stage", int(cfg["zero_optimization"].get("stage", 0))
-        )
-    if "gradient_clipping" in cfg:
-        merge("gradient_clipping", "clip_grad", float(cfg["gradient_clipping"]), default=1.0)
-    for block in ("fp16", "bf16"):
-        enabled = cfg.get(block, {}).get("enabled", False)
-        if enabled in (True, "true", "auto"):
-            other = "bf16" if block == "fp16" else "fp16"
-            if getattr(args, other):
-                raise UsageError(
-                    f"--deepspeed_config {args.deepspeed_config} enables {block} but --{other} was given"
-                )
-            setattr(args, block, True)
-    if cfg.get("fp16", {}).get("loss_scale", 0):
-        merge("fp16.loss_scale", "loss_scale", float(cfg["fp16"]["loss_scale"]))
-    if "gradient_accumulation_steps" in cfg and args.micro_batch_size and args.global_batch_size:
-        gas = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
-        if int(cfg["gradient_accumulation_steps"]) != gas:
-            raise UsageError(
-                f"--deepspeed_config {args.deepspeed_config} sets gradient_accumulation_steps="
-                f"{cfg['gradient_accumulation_steps']} but the batch flags give {gas} "
-                f"(global {args.global_batch_size} / (micro {args.micro_batch_size} x DP {args.data_parallel_size}))"
-            )
+    if args.tensorboard_log_interval is None:
+        args.tensorboard_log_interval = args.log_interval
+    elif args.tensorboard_log_interval < 1:
+        raise UsageError(f"--tensorboard-log-interval {args.tensorboard_log_interval} must be >= 1")
+
+
+def _apply_deepspeed_config(args: argparse.Namespace) -> list[str]:
+    """Every field of --deepspeed_config honoured, refused or listed (``deepspeed_config``)."""
+    parser = build_parser()
+    lines = apply_deepspeed_config(args, parser.get_default)
     args.zero_stage = 0 if args.zero_stage is None else args.zero_stage
+    return lines
 
 
 def compat_warnings(args: argparse.Namespace) -> list[str]:
@@ -264,11 +243,13 @@ def compat_warnings(args: argparse.Namespace) -> list[str]:
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every combination once at start-up and derive the dependent values."""
     _check_parallel_layout(args)
+    _check_fpdt(args)
     _check_model_shape(args)
     _check_sequence_parallel(args)
-    _apply_deepspeed_config(args)
+    deepspeed_lines = _apply_deepspeed_config(args)
     _check_batch(args)
     _check_precision(args)
     _check_training(args)
-    args.compat_warnings = compat_warnings(args)
+    _check_evaluation(args)
+    args.compat_warnings = compat_warnings(args) + deepspeed_lines
     return args

@@ -18,15 +18,14 @@ COMPAT_ONLY = {
     "data_impl": "only the mmap format exists; the format is read from the .idx header",
     "deepspeed": "this framework does not use the DeepSpeed engine; --zero-stage and --deepspeed_config are honoured natively",
     "no_pipeline_parallel": "pipeline parallelism is not built; every run is a single stage",
-    "deepspeed_activation_checkpointing": "activation checkpointing follows --checkpoint-activations / --recompute-granularity",
+    "deepspeed_activation_checkpointing": "it picks DeepSpeed's checkpoint function in Megatron-DeepSpeed; recomputation here is this project's own, on with --checkpoint-activations (or --recompute-granularity full)",
+    "timing_log_level": "only the iteration time is measured (the iteration line and --log-timers-to-tensorboard); levels 1 and 2 add no timers",
     "distribute_checkpointed_activations": "checkpointed activations are not partitioned (no tensor parallelism)",
     "accumulate_allreduce_grads_in_fp32": "gradients are always reduced and accumulated in fp32",
     "no_masked_softmax_fusion": "no fused masked-softmax kernel is used",
     "use_distributed_optimizer": "optimizer state sharding is --zero-stage 1/2/3 through FSDP2",
     "fp16_lm_cross_entropy": "the cross entropy is always computed in fp32",
     "log_optimizer_states_to_tensorboard": "optimizer-state norms are not logged yet",
-    "tensorboard_log_interval": "TensorBoard scalars are written at every --log-interval",
-    "timing_log_level": "no per-phase timers are kept; the iteration line gives the step time",
 }
 
 
@@ -366,7 +365,9 @@ def _add_validation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument(
-        "--skip-train", action="store_true", help="no training: validation and test only"
+        "--skip-train",
+        action="store_true",
+        help="load the checkpoint, skip training, run the validation and test evaluation",
     )
 
 
@@ -415,7 +416,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", type=str, default=None)
-    g.add_argument("--tensorboard-log-interval", type=int, default=None)
+    g.add_argument(
+        "--tensorboard-log-interval",
+        type=int,
+        default=None,
+        help="write the training scalars to TensorBoard every N iterations (default: every "
+        "--log-interval, with the iteration line)",
+    )
     g.add_argument("--tensorboard-queue-size", type=int, default=1000)
     g.add_argument("--log-timers-to-tensorboard", action="store_true")
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true")
@@ -440,6 +447,15 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-save-dir", type=str, default=None)
 
 
+def _add_fpdt_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-DeepSpeed's FPDT flags: parsed so that the refusal can point to the
+    long-context features built here (argument_checks._check_fpdt)."""
+    g = parser.add_argument_group("FPDT (refused)")
+    g.add_argument("--ds-sequence-parallel-fpdt", action="store_true")
+    g.add_argument("--ds-sequence-parallel-fpdt-chunk-size", type=int, default=None)
+    g.add_argument("--ds-sequence-parallel-fpdt-offloading", action="store_true")
+
+
 def build_parser(extra_args_provider: Callable | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="megatron-ulysses arguments", allow_abbrev=False)
     for add in (
@@ -453,11 +469,29 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
         _add_validation_args,
         _add_data_args,
         _add_logging_args,
+        _add_fpdt_args,
     ):
         add(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     return parser
+
+
+def given_flags(parser: argparse.ArgumentParser, args_list: Sequence[str] | None) -> frozenset:
+    """The dests the command line set, even to their default value (so that a
+    --deepspeed_config field can tell a given flag from an untouched default)."""
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    for action, _ in saved:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    try:
+        given, _ = parser.parse_known_args(args_list)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_defaults)
+    return frozenset(vars(given))
 
 
 def launch_env() -> tuple[int, int, int]:
@@ -481,6 +515,7 @@ def parse_args(
         args, _ = parser.parse_known_args(args_list)
     else:
         args = parser.parse_args(args_list)
+    args.flags_given = given_flags(parser, args_list)
     args.rank, args.world_size, env_local_rank = launch_env()
     import torch.distributed as dist
 

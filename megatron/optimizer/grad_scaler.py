@@ -56,7 +56,9 @@ class DynamicGradScaler(ConstantGradScaler):
     <= 0, every overflow multiplies the scale by ``backoff_factor`` (never below ``min_scale``).
     Clean step: the growth tracker counts up; after ``growth_interval`` clean steps in a row the
     scale is multiplied by ``growth_factor`` and the hysteresis tracker is restored. A clean step
-    alone does not restore hysteresis (as in Megatron).
+    alone does not restore hysteresis (as in Megatron), unless ``consecutive_hysteresis``
+    (DeepSpeed's fp16.consecutive_hysteresis): then every clean step restores it, so only
+    ``hysteresis`` overflows in a row lower the scale.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class DynamicGradScaler(ConstantGradScaler):
         backoff_factor: float = 0.5,
         growth_interval: float = 1000,
         hysteresis: int = 2,
+        consecutive_hysteresis: bool = False,
     ) -> None:
         if not initial_scale > 0.0:
             raise UsageError(f"--initial-loss-scale {initial_scale} must be > 0")
@@ -88,6 +91,7 @@ class DynamicGradScaler(ConstantGradScaler):
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = int(growth_interval)
         self.hysteresis = int(hysteresis)
+        self.consecutive_hysteresis = bool(consecutive_hysteresis)
         self._growth_tracker = 0
         self._hysteresis_tracker = self.hysteresis
 
@@ -100,6 +104,8 @@ class DynamicGradScaler(ConstantGradScaler):
                 self._scale = max(self._scale * self.backoff_factor, self.min_scale)
         else:
             self._growth_tracker += 1
+            if self.consecutive_hysteresis:
+                self._hysteresis_tracker = self.hysteresis
             if self._growth_tracker >= self.growth_interval:
                 self._growth_tracker = 0
                 self._hysteresis_tracker = self.hysteresis

@@ -228,11 +228,13 @@ class OptimizerParamScheduler:
         self._apply()
 
 
-def _samples_from_tokens(tokens: int, args: argparse.Namespace, flag: str) -> int:
+def _samples_from_tokens(tokens: int, args: argparse.Namespace, flag: str) -> float:
+    """Tokens as a (fractional) number of samples: every sample has --seq-length tokens, so
+    the schedule over samples is Megatron-DeepSpeed's schedule over consumed tokens exactly."""
     seq_length = getattr(args, "seq_length", None)
     if not seq_length or seq_length <= 0:
         raise UsageError(f"{flag} {tokens} needs --seq-length to convert tokens to samples")
-    return tokens // seq_length
+    return tokens / seq_length
 
 
 def _schedule_lengths(args: argparse.Namespace) -> tuple[float, float, float]:
@@ -262,9 +264,19 @@ def _schedule_lengths(args: argparse.Namespace) -> tuple[float, float, float]:
         decay = args.lr_decay_samples or args.train_samples
         wd_incr = args.train_samples
         warmup = warmup_samples
+    elif getattr(args, "train_tokens", None):
+        if args.lr_decay_iters is not None or warmup_iters:
+            raise UsageError(
+                "--lr-decay-iters/--lr-warmup-iters go with --train-iters; with --train-tokens "
+                "use --lr-decay-tokens/--lr-warmup-tokens (or -samples)"
+            )
+        wd_incr = _samples_from_tokens(args.train_tokens, args, "--train-tokens")
+        decay = args.lr_decay_samples or wd_incr
+        warmup = warmup_samples
     else:
         raise UsageError(
-            "--train-iters or --train-samples is required to size the learning rate schedule"
+            "--train-iters, --train-samples or --train-tokens is required to size the learning "
+            "rate schedule"
         )
 
     # Megatron-DeepSpeed's token-based schedule; with a fixed --seq-length it is sample-based.

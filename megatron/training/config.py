@@ -30,6 +30,7 @@ class TrainingConfig:
     rampup_batch_size: tuple[str, ...] | None = None  # START INCREMENT SAMPLES, as given
     # intervals
     log_interval: int = 100
+    tensorboard_log_interval: int = 100  # validation sets it to --log-interval when not given
     eval_interval: int = 1000
     eval_iters: int = 100
     save: str | None = None
@@ -50,6 +51,7 @@ class TrainingConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: float = 1000
     hysteresis: int = 2
+    loss_scale_consecutive_hysteresis: bool = False  # from --deepspeed_config's fp16 block
     clip_grad: float = 1.0
     # optimizer
     optimizer: str = "adam"

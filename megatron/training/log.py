@@ -100,6 +100,11 @@ class TensorBoardLogger:
                     config=vars(args),
                 )
 
+    @property
+    def active(self) -> bool:
+        """Whether anything is written (TensorBoard or wandb, on rank 0)."""
+        return self.writer is not None or self.wandb is not None
+
     def training(
         self,
         iteration: int,

@@ -126,9 +126,10 @@ def build_data_iterators(
     """(train, validation, test) iterators; ``args`` carries the data loader's flags."""
     from megatron.data.samplers import build_pretraining_data_loader
 
-    eval_count = (
-        (train_iters // config.eval_interval + 1) * config.eval_iters if config.eval_interval else 0
-    )
+    if config.eval_interval:
+        eval_count = (train_iters // config.eval_interval + 1) * config.eval_iters
+    else:  # no periodic validation; --skip-train still validates once
+        eval_count = config.eval_iters if config.skip_train else 0
     nums = [
         train_iters * config.global_batch_size,
         eval_count * config.global_batch_size,
@@ -143,7 +144,7 @@ def build_data_iterators(
         return iter(dl) if dl is not None else None
 
     return (
-        loader(train_ds, ts.consumed_train_samples),
+        None if config.skip_train else loader(train_ds, ts.consumed_train_samples),
         loader(valid_ds, ts.consumed_valid_samples),
         loader(test_ds, 0),
     )
@@ -304,7 +305,8 @@ def pretrain(
 
 
 def build_grad_scaler(config: TrainingConfig) -> ConstantGradScaler:
-    """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1."""
+    """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1.
+    The loss-scale flags may come from --deepspeed_config's fp16 block."""
     if not config.fp16:
         return ConstantGradScaler(1.0)
     if config.loss_scale:
@@ -316,6 +318,7 @@ def build_grad_scaler(config: TrainingConfig) -> ConstantGradScaler:
         backoff_factor=0.5,
         growth_interval=config.loss_scale_window,
         hysteresis=config.hysteresis,
+        consecutive_hysteresis=config.loss_scale_consecutive_hysteresis,
     )
 
 
@@ -363,7 +366,7 @@ def _pretrain(
     # (iteration, directory) of the checkpoints this run may resume from
     checkpoints = [(ts.iteration, loaded)] if loaded and not config.finetune else []
     logger.info("> model, optimizer and scheduler ready in %.1f s", time.time() - start)
-    if train_iters and ts.iteration >= train_iters:  # e.g. a restart after the last save
+    if train_iters and ts.iteration >= train_iters and not config.skip_train:  # e.g. a restart
         logger.info(
             "> training is complete: the checkpoint is at iteration %d of %d; nothing to train",
             ts.iteration,
@@ -405,7 +408,7 @@ def _pretrain(
     window_start, window_iters = time.time(), 0
     model.train()
     if config.skip_train:
-        logger.info("> skipping training (--skip-train): evaluation only")
+        logger.info("> --skip-train: evaluating the model at iteration %d", ts.iteration)
     while ts.iteration < train_iters and not config.skip_train:
         if config.train_tokens is not None and ts.consumed_train_tokens >= config.train_tokens:
             break
@@ -437,6 +440,7 @@ def _pretrain(
         window_iters += 1
 
         log_now = ts.iteration % config.log_interval == 0
+        tb_now = tb.active and ts.iteration % config.tensorboard_log_interval == 0
         eval_now = bool(config.eval_interval) and valid_it is not None
         eval_now = eval_now and ts.iteration % config.eval_interval == 0
         save_now = bool(config.save and config.save_interval)
@@ -445,10 +449,10 @@ def _pretrain(
         last = ts.iteration >= train_iters or (
             config.train_tokens is not None and ts.consumed_train_tokens >= config.train_tokens
         )
-        if not DEFER_STEP_SYNC or log_now or eval_now or save_now or exit_now or last:
+        if not DEFER_STEP_SYNC or log_now or tb_now or eval_now or save_now or exit_now or last:
             finish()
 
-        if log_now:
+        if log_now or tb_now:
             losses, grad_norm, _ = pending.read()
             elapsed_ms = (time.time() - window_start) * 1000.0 / window_iters
             log_training_iteration(
@@ -464,8 +468,11 @@ def _pretrain(
                 lr=optimizer.param_groups[0]["lr"],
                 loss_scale=scaler.scale,
                 flops_per_token=flops_per_token,
+                line=log_now,
+                to_tensorboard=tb_now,
             )
-            window_start, window_iters = time.time(), 0
+            if log_now:
+                window_start, window_iters = time.time(), 0
 
         if eval_now:
             run_validation(
@@ -582,33 +589,40 @@ def log_training_iteration(
     lr: float,
     loss_scale: float,
     flops_per_token: float,
+    line: bool = True,
+    to_tensorboard: bool = True,
 ) -> None:
-    """Megatron's iteration line (rank 0) and the TensorBoard scalars of this iteration."""
+    """Megatron's iteration line (rank 0, every --log-interval) and the TensorBoard scalars
+    of this iteration (every --tensorboard-log-interval); the time is the average per
+    iteration since the last iteration line."""
     seconds = elapsed_ms / 1000.0
     tokens = global_batch_size * config.seq_length
     tflops = flops_per_token * tokens / seconds / parallel.world_size / 1e12
     peak = peak_memory_gb(parallel.device)
-    logger.info(
-        iteration_line(
-            iteration=ts.iteration,
-            train_iters=train_iters,
-            consumed_samples=ts.consumed_train_samples,
-            consumed_tokens=ts.consumed_train_tokens,
-            elapsed_ms=elapsed_ms,
-            lr=lr,
-            global_batch_size=global_batch_size,
-            losses=losses,
-            loss_scale=loss_scale,
-            grad_norm=grad_norm,
-            seq_length=config.seq_length,
-            skipped=ts.skipped_iters,
-            nan_iters=ts.nan_iters,
-            world_size=parallel.world_size,
-            tflops=tflops,
-            peak_mem_gb=peak,
-            eta_s=seconds * (train_iters - ts.iteration),
+    if line:
+        logger.info(
+            iteration_line(
+                iteration=ts.iteration,
+                train_iters=train_iters,
+                consumed_samples=ts.consumed_train_samples,
+                consumed_tokens=ts.consumed_train_tokens,
+                elapsed_ms=elapsed_ms,
+                lr=lr,
+                global_batch_size=global_batch_size,
+                losses=losses,
+                loss_scale=loss_scale,
+                grad_norm=grad_norm,
+                seq_length=config.seq_length,
+                skipped=ts.skipped_iters,
+                nan_iters=ts.nan_iters,
+                world_size=parallel.world_size,
+                tflops=tflops,
+                peak_mem_gb=peak,
+                eta_s=seconds * (train_iters - ts.iteration),
+            )
         )
-    )
+    if not to_tensorboard:
+        return
     scalars = {
         "lm loss": losses.get("lm loss", float("nan")),
         "learning-rate": lr,
