@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "megatron"
 ALLOWED_FILES = {
     "initialize/arguments.py",
     "initialize/argument_checks.py",
+    "initialize/deepspeed_config.py",  # --deepspeed_config, read during validation
     "initialize/initialize.py",
     "tokenizer/files.py",
 }
