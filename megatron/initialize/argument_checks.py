@@ -16,6 +16,7 @@ from megatron.core.parallel_state import ParallelDims
 from megatron.core.sequence.layer import check_heads_for_sp
 from megatron.errors import UsageError
 from megatron.initialize.arguments import COMPAT_ONLY
+from megatron.initialize.long_context_args import apply_offload_fields, check_long_context_args
 from megatron.model.config import derive_shape
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,9 @@ def _apply_deepspeed_config(args: argparse.Namespace) -> None:
         merge(
             "zero_optimization.stage", "zero_stage", int(cfg["zero_optimization"].get("stage", 0))
         )
+        args.deepspeed_offload_notes = apply_offload_fields(
+            cfg["zero_optimization"], args, args.deepspeed_config
+        )
     if "gradient_clipping" in cfg:
         merge("gradient_clipping", "clip_grad", float(cfg["gradient_clipping"]), default=1.0)
     for block in ("fp16", "bf16"):
@@ -273,9 +277,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_parallel_layout(args)
     _check_model_shape(args)
     _check_sequence_parallel(args)
+    args.deepspeed_offload_notes = []
     _apply_deepspeed_config(args)
+    offload_notes = check_long_context_args(args)
     _check_batch(args)
     _check_precision(args)
     _check_training(args)
-    args.compat_warnings = compat_warnings(args)
+    args.compat_warnings = compat_warnings(args) + args.deepspeed_offload_notes + offload_notes
     return args

@@ -18,6 +18,7 @@ from megatron.errors import UsageError
 from megatron.global_vars import set_args
 from megatron.initialize.argument_checks import validate_args
 from megatron.initialize.arguments import parse_args
+from megatron.initialize.long_context_args import distributed_backend
 
 logger = logging.getLogger("megatron")
 
@@ -52,7 +53,7 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 def _initialize_distributed(args: argparse.Namespace) -> None:
     if dist.is_initialized():
         return
-    backend = args.distributed_backend or ("nccl" if args.device_obj.type == "cuda" else "gloo")
+    backend = distributed_backend(args, args.device_obj.type)  # + gloo for host offload
     if args.device_obj.type == "cuda":
         torch.cuda.set_device(args.device_obj)
     timeout = timedelta(minutes=args.distributed_timeout_minutes)

@@ -53,6 +53,7 @@ class ImplConfig:
     sp_overlap_chunks: int = 1  # Ulysses all-to-alls pipelined over this many head groups
     sp_rank_major_qkv: bool = True  # SP: Q/K/V projected straight into the send layout
     torch_compile: bool = False  # torch.compile each layer (attention core excluded)
+    tiled_mlp_chunk_size: int = 0  # > 0: the MLP over tiles of this many tokens; 0: whole
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -62,6 +63,10 @@ class ImplConfig:
             )
         if self.loss_chunk_size < 0:
             raise UsageError(f"--loss-chunk-size {self.loss_chunk_size} must be >= 0")
+        if self.tiled_mlp_chunk_size < 0:
+            raise UsageError(
+                f"--tiled-mlp-chunk-size {self.tiled_mlp_chunk_size} must be >= 0 (0: off)"
+            )
         if self.sdpa_block_size < 0:
             raise UsageError(f"--sdpa-block-size {self.sdpa_block_size} must be >= 0")
         g = self.recompute_granularity
@@ -124,6 +129,7 @@ class ImplConfig:
             sp_overlap_chunks=args.sp_overlap_chunks,
             sp_rank_major_qkv=not args.no_sp_rank_major_qkv,
             torch_compile=args.torch_compile,
+            tiled_mlp_chunk_size=args.tiled_mlp_chunk_size,
         )
 
 

@@ -339,6 +339,8 @@ def _pretrain(
         args.zero_stage,
         zero_param_dtype(args),
         forward_prefetch=not args.no_overlap_param_gather,
+        offload_params=args.cpu_offload_params,
+        pin_memory=args.offload_pin_memory,
     )
     optimizer = get_megatron_optimizer(model, args)
     scheduler = get_optimizer_param_scheduler(optimizer, args)
