@@ -29,6 +29,7 @@ from megatron.core.random import dropout_seed_offset, set_random_seed
 from megatron.errors import UsageError
 from megatron.global_vars import get_args
 from megatron.initialize.initialize import exit_with_usage_error, initialize_megatron
+from megatron.initialize.long_context_args import any_offload
 from megatron.model.parallelize import apply_zero, set_micro_batch_sync
 from megatron.optimizer.adamw import AdamW
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
@@ -294,6 +295,28 @@ def pretrain(
         exit_with_usage_error(err, args.rank)
 
 
+def _warn_if_host_memory_short(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """One line when the offloads' predicted host memory exceeds this node's MemAvailable."""
+    from megatron.planning.long_context import (
+        host_memory_warning,
+        local_process_count,
+        setup_from_args,
+    )
+
+    config = getattr(model, "config", None)
+    offloaded = args.checkpoint_in_cpu or any_offload(args)
+    if config is None or args.rank != 0 or not offloaded:
+        return
+    try:
+        line = host_memory_warning(
+            config, setup_from_args(args), local_process_count(args.world_size)
+        )
+    except UsageError:  # a layout the memory model does not cover: nothing to say
+        return
+    if line:
+        logger.warning(line)
+
+
 def build_grad_scaler(args: argparse.Namespace) -> ConstantGradScaler:
     """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1."""
     if not args.fp16:
@@ -345,6 +368,7 @@ def _pretrain(
     optimizer = get_megatron_optimizer(model, args)
     scheduler = get_optimizer_param_scheduler(optimizer, args)
     scaler = build_grad_scaler(args)
+    _warn_if_host_memory_short(args, model)
     ts = TrainState()
     set_random_seed(args.seed, dropout_seed_offset(state))
     loaded = checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)
