@@ -55,6 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_shape_args(p)
     p.add_argument("--seq-length", type=int, default=32768)
+    p.add_argument("--num-key-value-heads", type=int, default=None, help="GQA (default: MHA)")
+    p.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    p.add_argument(
+        "--llama", action="store_true", help="SwiGLU, RMSNorm, no linear biases (Llama style)"
+    )
+    p.add_argument(
+        "--tiled-mlp-chunk-size", type=int, default=0, help="model flag (tokens per MLP tile)"
+    )
+    p.add_argument(
+        "--cpu-optimizer", action="store_true", help="optimizer state and step on the host"
+    )
+    p.add_argument(
+        "--cpu-offload-params",
+        action="store_true",
+        help="ZeRO 3: parameters, gradients and optimizer state on the host (FSDP2)",
+    )
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument(
         "--grad-accum",
@@ -214,7 +230,8 @@ MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusi
                   "no_bias_dropout_fusion", "no_loss_grad_in_forward",
                   "no_gradient_accumulation_fusion", "no_embedding_grads_in_place",
                   "no_overlap_param_gather",
-                  "no_overlap_param_gather_with_optimizer_step")  # fmt: skip
+                  "no_overlap_param_gather_with_optimizer_step", "cpu_optimizer",
+                  "cpu_offload_params")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -279,6 +296,14 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
     ]  # fmt: skip
     if args.precision != "fp32":
         out.append(f"--{args.precision}")
+    if args.num_key_value_heads:
+        out += ["--group-query-attention", "--num-query-groups", args.num_key_value_heads]
+    if args.ffn_hidden_size:
+        out += ["--ffn-hidden-size", args.ffn_hidden_size]
+    if args.llama:
+        out += ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear"]
+    if args.tiled_mlp_chunk_size:
+        out += ["--tiled-mlp-chunk-size", args.tiled_mlp_chunk_size]
     if args.attention == "sdpa":
         out.append("--use-flash-attn")
     elif args.attention == "triton":
@@ -335,6 +360,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
             (ParallelTransformerLayer,),
             zero_param_dtype(margs),
             forward_prefetch=not args.no_overlap_param_gather,
+            offload_params=margs.cpu_offload_params,
+            pin_memory=margs.offload_pin_memory,
         )
         optimizer = get_megatron_optimizer(model, margs)
         scheduler = get_optimizer_param_scheduler(optimizer, margs)
@@ -387,6 +414,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
         zero_stage=margs.zero_stage, precision=args.precision, device=device.type,
         fp32_param_gather=margs.fp32_param_gather, num_micro_batches=args.grad_accum,
+        optimizer_offload=bool(margs.cpu_optimizer) and not margs.cpu_offload_params,
+        param_offload=bool(margs.cpu_offload_params),
     )  # fmt: skip
     est = estimate_memory(config, setup)
     tokens = margs.global_batch_size * seq
@@ -416,12 +445,23 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "tflops_per_gpu": flops / (ms / 1000.0) / world / 1e12,
         "mfu": flops / (ms / 1000.0) / world / H100_BF16_PEAK_FLOPS,
         "peak_mem_gib": peak / GIB,
+        "peak_host_rss_gib": host_peak_bytes() / GIB, "predicted_host_gib": est.host / GIB,
+        "tiled_mlp_chunk_size": margs.tiled_mlp_chunk_size,
+        "cpu_optimizer": bool(margs.cpu_optimizer),
+        "cpu_offload_params": bool(margs.cpu_offload_params),
         "peak_mem_source": "LiveBytes (CPU tracker)" if tracker else "max_memory_allocated",
         "predicted_mem_gib": est.total / GIB, "predicted_peak_phase": est.peak_phase,
         "predicted_breakdown_gib": {k: getattr(est, k) / GIB for k in est.COMPONENTS},
         "profile": breakdown,
     }  # fmt: skip
     return out
+
+
+def host_peak_bytes() -> int:
+    """This process's peak resident host memory (pinned buffers included), max over ranks."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def free_memory(device: torch.device) -> None:
@@ -546,6 +586,17 @@ def report(results: list[dict], title: str) -> None:
                "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "loss grad in fwd", "grad-accum fusion", "gather in step", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
+    long_rows = [
+        [r["seq_length"], r.get("tiled_mlp_chunk_size", 0), "yes" if r["checkpoint_in_cpu"] else "no",
+         "yes" if r.get("cpu_optimizer") else "no", "yes" if r.get("cpu_offload_params") else "no",
+         r["ms_per_iter"] / 1000.0, 100.0 * r["mfu"], r["peak_mem_gib"], r["predicted_mem_gib"],
+         r.get("peak_host_rss_gib", 0.0), r.get("predicted_host_gib", 0.0)]
+        for r in results
+    ]  # fmt: skip
+    log0("\nmemory and offloads (host: peak resident memory of the process, predicted: the "
+         "offloaded bytes alone):\n\n" + markdown_table(
+        ["seq", "MLP tile", "ckpt in CPU", "CPU optimizer", "params on host", "s/iter", "MFU %",
+         "peak GPU GiB", "predicted GPU GiB", "peak host GiB", "predicted host GiB"], long_rows))  # fmt: skip
     for r in results:
         if r["profile"]:
             cats = r["profile"]["categories"]
@@ -568,7 +619,8 @@ def report(results: list[dict], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes)
+    host_collectives = args.cpu_optimizer or args.cpu_offload_params
+    rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes, host_collectives)
     if args.weak_scaling:
         degrees = [sp for sp in (1, 2, 4, 8, 16) if sp <= world and world % sp == 0]
         degrees = [sp for sp in degrees if args.num_attention_heads % sp == 0]

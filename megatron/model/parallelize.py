@@ -156,6 +156,8 @@ def apply_compile(stack: ParallelTransformer) -> None:
     for layer in stack.layers:
         attn = layer.self_attention
         attn._attend = torch.compiler.disable(attn._attend)
+        if layer.mlp.tile_tokens > 0:  # the tiled MLP runs eagerly, tile by tile
+            layer.mlp.forward = torch.compiler.disable(layer.mlp.forward)
         layer.forward = torch.compile(layer.forward, backend=compile_backend(), dynamic=False)
 
 

@@ -75,7 +75,6 @@ class TiledMLP(torch.autograd.Function):
         return (None, None, grad_x, *grad_params)
 
 
-@torch.compiler.disable  # a compiled layer calls it eagerly, tile by tile
 def tiled_mlp(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x_sbh: torch.Tensor,

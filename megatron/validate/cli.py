@@ -254,6 +254,8 @@ _SHOWN = {
     "compiled",
     "in-place-grads",
     "host-offload",
+    "host-optimizer",
+    "tiled-mlp",
     "all-to-all",
     "pipelined",
     "rank-major",
