@@ -13,6 +13,10 @@ per GPU; recomputation not counted), ``torch.cuda.max_memory_allocated`` (max ov
 next to ``megatron.planning.memory_model``'s prediction, and with ``--profile`` a kernel-time
 breakdown (GEMM, attention, all-to-all, other collectives, norms/elementwise, optimizer).
 
+The stall of ``--checkpoint-in-cpu`` (iteration time with it minus without, printed when a
+sweep has both): ``--sweep z1-full,z1-full-cic,z1-full-cic-ondemand`` (``ondemand``: the
+earlier scheme, copies on the compute stream and inputs fetched when needed).
+
 Modes: default (one configuration); ``--weak-scaling``: SP 1, 2, 4... on the same GPUs with
 the same tokens per GPU (``--seq-length`` x SP; the rest is data parallel). The longest
 sequence that fits: ``benchmarks/bench_max_seqlen.py``, which launches this script per length.
@@ -58,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-key-value-heads", type=int, default=None, help="GQA (default: MHA)")
     p.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
     p.add_argument(
-        "--llama", action="store_true", help="SwiGLU, RMSNorm, no linear biases (Llama style)"
+        "--llama",
+        action="store_true",
+        help="SwiGLU, RMSNorm, no linear biases, untied output layer (Llama style)",
     )
     p.add_argument(
         "--tiled-mlp-chunk-size", type=int, default=0, help="model flag (tokens per MLP tile)"
@@ -184,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-in-cpu", action="store_true", help="model flag (with --recompute full)"
     )
+    p.add_argument(
+        "--offload-on-demand",
+        action="store_true",
+        help="with --checkpoint-in-cpu: the earlier scheme (copies on the compute stream, each "
+        "input fetched when its recomputation asks), to measure what the side streams gain",
+    )
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
     p.add_argument("--trace", type=str, default=None, help="with --profile: write its trace here")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
@@ -223,6 +235,8 @@ SWITCH_TOKENS = {
     "nolgf": "no_loss_grad_in_forward", "nogaf": "no_gradient_accumulation_fusion",
     "noegip": "no_embedding_grads_in_place",
     "nooptag": "no_overlap_param_gather_with_optimizer_step",
+    "cic": "checkpoint_in_cpu", "ondemand": "offload_on_demand",
+    "cpuopt": "cpu_optimizer", "cpuparams": "cpu_offload_params",
 }  # fmt: skip
 MODEL_SWITCHES = ("torch_compile", "checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
@@ -246,7 +260,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
     (``--no-bias-dropout-fusion``), ``nolgf`` (``--no-loss-grad-in-forward``), ``nogaf``
     (``--no-gradient-accumulation-fusion``), ``noegip`` (``--no-embedding-grads-in-place``),
-    ``nooptag``
+    ``cic`` (``--checkpoint-in-cpu``), ``ondemand`` (``--offload-on-demand``), ``cpuopt``
+    (``--cpu-optimizer``), ``cpuparams`` (``--cpu-offload-params``), ``nooptag``
     (``--no-overlap-param-gather-with-optimizer-step``), ``ga<N>`` (``--grad-accum``), ``mb<N>``
     (``--micro-batch-size``); unnamed settings keep their flag values.
     """
@@ -301,7 +316,8 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
     if args.ffn_hidden_size:
         out += ["--ffn-hidden-size", args.ffn_hidden_size]
     if args.llama:
-        out += ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear"]
+        out += ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+                "--untie-embeddings-and-output-weights"]  # fmt: skip
     if args.tiled_mlp_chunk_size:
         out += ["--tiled-mlp-chunk-size", args.tiled_mlp_chunk_size]
     if args.attention == "sdpa":
@@ -314,6 +330,42 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
     if args.fp32_param_gather and args.zero_stage > 0 and args.precision != "fp32":
         out.append("--fp32-param-gather")
     return [str(x) for x in out]
+
+
+class _OnDemandOffload:
+    """--offload-on-demand: the earlier --checkpoint-in-cpu scheme, each copy on the compute
+    stream and each input fetched when its recomputation asks for it."""
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    @staticmethod
+    def pack(t):
+        if not t.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return t.device, host
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def offload_scheme(on_demand: bool):
+    """The --checkpoint-in-cpu scheme of one run (the model's own unless ``on_demand``)."""
+    import megatron.model.transformer as transformer
+
+    current = transformer.HostOffload
+    transformer.HostOffload = _OnDemandOffload if on_demand else current
+    try:
+        yield
+    finally:
+        transformer.HostOffload = current
 
 
 def mock_batches(vocab: int, mbs: int, seq: int, seed: int):
@@ -445,6 +497,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "tflops_per_gpu": flops / (ms / 1000.0) / world / 1e12,
         "mfu": flops / (ms / 1000.0) / world / H100_BF16_PEAK_FLOPS,
         "peak_mem_gib": peak / GIB,
+        "offload_on_demand": args.offload_on_demand,
         "peak_host_rss_gib": host_peak_bytes() / GIB, "predicted_host_gib": est.host / GIB,
         "tiled_mlp_chunk_size": margs.tiled_mlp_chunk_size,
         "cpu_optimizer": bool(margs.cpu_optimizer),
@@ -597,6 +650,17 @@ def report(results: list[dict], title: str) -> None:
          "offloaded bytes alone):\n\n" + markdown_table(
         ["seq", "MLP tile", "ckpt in CPU", "CPU optimizer", "params on host", "s/iter", "MFU %",
          "peak GPU GiB", "predicted GPU GiB", "peak host GiB", "predicted host GiB"], long_rows))  # fmt: skip
+    plain = {
+        r["seq_length"]: r["ms_per_iter"] for r in reversed(results) if not r["checkpoint_in_cpu"]
+    }
+    stalls = [
+        [r["seq_length"], "earlier (on demand)" if r.get("offload_on_demand") else "side streams",
+         r["ms_per_iter"] - plain[r["seq_length"]], r["peak_mem_gib"]]
+        for r in results if r["checkpoint_in_cpu"] and r["seq_length"] in plain
+    ]  # fmt: skip
+    if stalls:
+        log0("\n--checkpoint-in-cpu stall (ms/iteration with it minus without):\n\n"
+             + markdown_table(["seq", "scheme", "stall ms", "peak GPU GiB"], stalls))  # fmt: skip
     for r in results:
         if r["profile"]:
             cats = r["profile"]["categories"]
@@ -638,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'every step' if args.sync_every_step else 'deferred (back to back)'}"
         )
         try:
-            results.append(run_config(variant, seq, sp, world, device))
+            with offload_scheme(variant.offload_on_demand):
+                results.append(run_config(variant, seq, sp, world, device))
             free_memory(device)
         except Exception as err:  # OOM: report it (the max-seqlen driver reads the JSON)
             if not is_oom(err):

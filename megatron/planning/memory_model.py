@@ -290,8 +290,8 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     mask = n * h * (1 if setup.device == "cuda" else a) if config.hidden_dropout > 0 else 0
     out["attn_dropout_mask"] = mask
     out["mlp_norm"] = norm
-    if mlp_tile(config, setup):  # the tiled MLP keeps only its input (the norm's output)
-        out["fc1_input"] = final_hidden_bytes(config, setup) * n * h
+    if mlp_tile(config, setup):  # the tiled MLP keeps only its input, in the compute dtype
+        out["fc1_input"] = n * a * h
         out["fc1_output"] = out["fc2_input"] = 0
     else:
         out["fc1_input"] = n * a * h

@@ -230,7 +230,8 @@ def train_step_async(
             step(found_inf=found, grad_scale=divisor)
         elif found.item() == 0:
             step()
-        device_flags = [norm, found]
+        # (--cpu-offload-params: the norm is computed where the gradients are, the host)
+        device_flags = [norm.to(args.device_obj), found.to(args.device_obj)]
     # Reported losses: mean over micro-batches, then over data-parallel replicas.
     reported = [totals[n] for n in names]
     if names and state.dims.dp > 1:
