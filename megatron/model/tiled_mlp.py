@@ -9,7 +9,8 @@ one tile's ``[chunk, b, ffn]`` does. The price is one more MLP forward per backw
 
 The tiles split dimension 0 (the sequence, activations being ``[s, b, h]``); the MLP is
 pointwise in the tokens, so the result is the untiled one up to the weight gradients'
-summation order. The parameters are inputs of the autograd node, so their gradients flow to
+summation order (the weight gradients are summed over the tiles in fp32, then cast to the
+parameters' dtype, as one GEMM's fp32 accumulator would). The parameters are inputs of the autograd node, so their gradients flow to
 ``.grad`` as any other's (FSDP2's post-backward and gradient accumulation see nothing new).
 The recomputation runs under the autocast state of the forward; under autocast an fp32
 input is kept in the autocast dtype, as the first projection would cast it.
@@ -74,10 +75,15 @@ class TiledMLP(torch.autograd.Function):
                 grad_x[start : start + chunk] = grads[0]
                 grads = grads[1:]
             for i, g in zip(trainable, grads):
-                if g is not None:  # None: unused (the output bias, when a fused add adds it)
-                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+                if g is None:  # unused (the output bias, when a fused add adds it)
+                    continue
+                if grad_params[i] is None:  # the sum over tiles in fp32
+                    grad_params[i] = g.float() if g.dtype != torch.float64 else g
+                else:
+                    grad_params[i].add_(g)
             del y, grads
         ctx.fn = ctx.params = None
+        grad_params = [None if g is None else g.to(p.dtype) for g, p in zip(grad_params, params)]
         return (None, None, grad_x, *grad_params)
 
 

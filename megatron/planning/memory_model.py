@@ -447,14 +447,14 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     tile = mlp_tile(config, setup)
     if tile:
         # One tile: the recomputed FC1 output and FC2 input, their gradients; the whole
-        # input gradient; the tile's weight gradients before their sum (fp32 under autocast).
+        # input gradient; the tile's weight gradients beside their fp32 sum.
         c = tile * setup.micro_batch_size
         tile_bytes = c * a * (2 * up + 2 * ffn * (2 if config.swiglu else 1) + h)
         mlp_params = sum(
             _numel(s) for name, s in shapes.items() if name.startswith("transformer.layers.0.mlp.")
         )
         mlp = stream + tile_bytes + final_hidden_bytes(config, setup) * n * h
-        mlp += weight_grad_tmp + setup.layer_param_bytes * mlp_params
+        mlp += weight_grad_tmp + 4 * mlp_params  # a tile's, beside the fp32 sum
     # --delay-wgrad-compute (SP): the MLP's output gradients and its two linears' inputs
     # wait for dQ/dK/dV's exchange, which computes the weight gradients from them.
     delayed = n * a * (up + h + h + ffn) if config.impl.delay_wgrad_compute and p > 1 else 0

@@ -306,7 +306,7 @@ def _warn_if_host_memory_short(args: argparse.Namespace, model: torch.nn.Module)
 
     config = getattr(model, "config", None)
     offloaded = args.checkpoint_in_cpu or any_offload(args)
-    if config is None or args.rank != 0 or not offloaded:
+    if config is None or args.local_rank != 0 or not offloaded:  # one line per node
         return
     try:
         line = host_memory_warning(
