@@ -144,3 +144,16 @@ def test_no_saved_tensor_larger_than_a_tile(style):
         largest[tile] = max(sizes)
     assert largest[chunk] <= chunk * B * up
     assert largest[0] >= seq * B * mlp.dense_4h_to_h.in_features
+
+
+def test_compiled_layers_run_the_tiled_mlp_eagerly():
+    """--torch-compile composes: the tiled MLP stays out of the compiled graph."""
+    batch = make_batch(2, seed=3)
+    out = []
+    for extra in ({}, {"torch_compile": True}):
+        model = build_model(seed=2, tiled_mlp_chunk_size=16, **extra)
+        loss = forward_loss(model, batch)
+        loss.backward()
+        out.append((loss.item(), grads_of(model)))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6)
+    assert_grads_close(out[1][1], out[0][1], rtol=1e-5)
