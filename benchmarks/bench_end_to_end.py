@@ -13,6 +13,10 @@ per GPU; recomputation not counted), ``torch.cuda.max_memory_allocated`` (max ov
 next to ``megatron.planning.memory_model``'s prediction, and with ``--profile`` a kernel-time
 breakdown (GEMM, attention, all-to-all, other collectives, norms/elementwise, optimizer).
 
+The stall of ``--checkpoint-in-cpu`` (iteration time with it minus without, printed when a
+sweep has both): ``--sweep z1-full,z1-full-cic,z1-full-cic-ondemand`` (``ondemand``: the
+earlier scheme, copies on the compute stream and inputs fetched when needed).
+
 Modes: default (one configuration); ``--weak-scaling``: SP 1, 2, 4... on the same GPUs with
 the same tokens per GPU (``--seq-length`` x SP; the rest is data parallel). The longest
 sequence that fits: ``benchmarks/bench_max_seqlen.py``, which launches this script per length.
@@ -55,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_shape_args(p)
     p.add_argument("--seq-length", type=int, default=32768)
+    p.add_argument("--num-key-value-heads", type=int, default=None, help="GQA (default: MHA)")
+    p.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    p.add_argument(
+        "--llama",
+        action="store_true",
+        help="SwiGLU, RMSNorm, no linear biases, untied output layer (Llama style)",
+    )
+    p.add_argument(
+        "--tiled-mlp-chunk-size", type=int, default=0, help="model flag (tokens per MLP tile)"
+    )
+    p.add_argument(
+        "--cpu-optimizer", action="store_true", help="optimizer state and step on the host"
+    )
+    p.add_argument(
+        "--cpu-offload-params",
+        action="store_true",
+        help="ZeRO 3: parameters, gradients and optimizer state on the host (FSDP2)",
+    )
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument(
         "--grad-accum",
@@ -164,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-in-cpu", action="store_true", help="model flag (with --recompute full)"
     )
+    p.add_argument(
+        "--offload-on-demand",
+        action="store_true",
+        help="with --checkpoint-in-cpu: the earlier scheme (copies on the compute stream, each "
+        "input fetched when its recomputation asks), to measure what the side streams gain",
+    )
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
     p.add_argument("--trace", type=str, default=None, help="with --profile: write its trace here")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
@@ -203,6 +231,8 @@ SWITCH_TOKENS = {
     "nolgf": "no_loss_grad_in_forward", "nogaf": "no_gradient_accumulation_fusion",
     "noegip": "no_embedding_grads_in_place",
     "nooptag": "no_overlap_param_gather_with_optimizer_step",
+    "cic": "checkpoint_in_cpu", "ondemand": "offload_on_demand",
+    "cpuopt": "cpu_optimizer", "cpuparams": "cpu_offload_params",
 }  # fmt: skip
 MODEL_SWITCHES = ("checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "fused_residual_norm", "delay_wgrad_compute", "no_bias_gelu_fusion",
@@ -210,7 +240,8 @@ MODEL_SWITCHES = ("checkpoint_in_cpu", "cross_entropy_loss_fusion",
                   "no_bias_dropout_fusion", "no_loss_grad_in_forward",
                   "no_gradient_accumulation_fusion", "no_embedding_grads_in_place",
                   "no_overlap_param_gather",
-                  "no_overlap_param_gather_with_optimizer_step")  # fmt: skip
+                  "no_overlap_param_gather_with_optimizer_step", "cpu_optimizer",
+                  "cpu_offload_params")  # fmt: skip
 
 
 def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
@@ -225,7 +256,8 @@ def sweep_variants(args: argparse.Namespace) -> list[argparse.Namespace]:
     (``--fp32-residual-connection``), ``noprefetch`` (``--no-overlap-param-gather``), ``nobdf``
     (``--no-bias-dropout-fusion``), ``nolgf`` (``--no-loss-grad-in-forward``), ``nogaf``
     (``--no-gradient-accumulation-fusion``), ``noegip`` (``--no-embedding-grads-in-place``),
-    ``nooptag``
+    ``cic`` (``--checkpoint-in-cpu``), ``ondemand`` (``--offload-on-demand``), ``cpuopt``
+    (``--cpu-optimizer``), ``cpuparams`` (``--cpu-offload-params``), ``nooptag``
     (``--no-overlap-param-gather-with-optimizer-step``), ``ga<N>`` (``--grad-accum``), ``mb<N>``
     (``--micro-batch-size``); unnamed settings keep their flag values.
     """
@@ -273,6 +305,15 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
     ]  # fmt: skip
     if args.precision != "fp32":
         out.append(f"--{args.precision}")
+    if args.num_key_value_heads:
+        out += ["--group-query-attention", "--num-query-groups", args.num_key_value_heads]
+    if args.ffn_hidden_size:
+        out += ["--ffn-hidden-size", args.ffn_hidden_size]
+    if args.llama:
+        out += ["--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+                "--untie-embeddings-and-output-weights"]  # fmt: skip
+    if args.tiled_mlp_chunk_size:
+        out += ["--tiled-mlp-chunk-size", args.tiled_mlp_chunk_size]
     if args.attention == "sdpa":
         out.append("--use-flash-attn")
     elif args.attention == "triton":
@@ -283,6 +324,42 @@ def megatron_args(args, seq: int, sp: int, world: int) -> list[str]:
     if args.fp32_param_gather and args.zero_stage > 0 and args.precision != "fp32":
         out.append("--fp32-param-gather")
     return [str(x) for x in out]
+
+
+class _OnDemandOffload:
+    """--offload-on-demand: the earlier --checkpoint-in-cpu scheme, each copy on the compute
+    stream and each input fetched when its recomputation asks for it."""
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    @staticmethod
+    def pack(t):
+        if not t.is_cuda:
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return t.device, host
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def offload_scheme(on_demand: bool):
+    """The --checkpoint-in-cpu scheme of one run (the model's own unless ``on_demand``)."""
+    import megatron.model.transformer as transformer
+
+    current = transformer.HostOffload
+    transformer.HostOffload = _OnDemandOffload if on_demand else current
+    try:
+        yield
+    finally:
+        transformer.HostOffload = current
 
 
 def mock_batches(vocab: int, mbs: int, seq: int, seed: int):
@@ -327,6 +404,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
             (ParallelTransformerLayer,),
             parallel.zero_param_dtype,
             forward_prefetch=parallel.overlap_param_gather,
+            offload_params=tconfig.cpu_offload_params,
+            pin_memory=tconfig.offload_pin_memory,
         )
         optimizer = get_megatron_optimizer(model, tconfig)
         scheduler = get_optimizer_param_scheduler(optimizer, tconfig)
@@ -380,6 +459,8 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         num_gpus=world, sp=sp, micro_batch_size=margs.micro_batch_size,
         zero_stage=margs.zero_stage, precision=args.precision, device=device.type,
         fp32_param_gather=margs.fp32_param_gather, num_micro_batches=args.grad_accum,
+        optimizer_offload=bool(margs.cpu_optimizer) and not margs.cpu_offload_params,
+        param_offload=bool(margs.cpu_offload_params),
     )  # fmt: skip
     est = estimate_memory(config, setup)
     tokens = margs.global_batch_size * seq
@@ -408,12 +489,24 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "tflops_per_gpu": flops / (ms / 1000.0) / world / 1e12,
         "mfu": flops / (ms / 1000.0) / world / H100_BF16_PEAK_FLOPS,
         "peak_mem_gib": peak / GIB,
+        "offload_on_demand": args.offload_on_demand,
+        "peak_host_rss_gib": host_peak_bytes() / GIB, "predicted_host_gib": est.host / GIB,
+        "tiled_mlp_chunk_size": margs.tiled_mlp_chunk_size,
+        "cpu_optimizer": bool(margs.cpu_optimizer),
+        "cpu_offload_params": bool(margs.cpu_offload_params),
         "peak_mem_source": "LiveBytes (CPU tracker)" if tracker else "max_memory_allocated",
         "predicted_mem_gib": est.total / GIB, "predicted_peak_phase": est.peak_phase,
         "predicted_breakdown_gib": {k: getattr(est, k) / GIB for k in est.COMPONENTS},
         "profile": breakdown,
     }  # fmt: skip
     return out
+
+
+def host_peak_bytes() -> int:
+    """This process's peak resident host memory (pinned buffers included), max over ranks."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def free_memory(device: torch.device) -> None:
@@ -537,6 +630,28 @@ def report(results: list[dict], title: str) -> None:
                "fp32 gather", "CE fused", "norm fused", "biases in norm", "bias-GeLU fused", "QKV in send order", "residual", "gather prefetch", "wgrad delayed", "loss grad in fwd", "grad-accum fusion", "gather in step", "host sync", "ms/iter", "min ms", "tokens/s/GPU", "TFLOP/s/GPU", "MFU %", "peak GiB",
                "predicted GiB", "loss step 1", "loss last"]  # fmt: skip
     log0(f"\n{title}\n\n{markdown_table(headers, rows)}")
+    long_rows = [
+        [r["seq_length"], r.get("tiled_mlp_chunk_size", 0), "yes" if r["checkpoint_in_cpu"] else "no",
+         "yes" if r.get("cpu_optimizer") else "no", "yes" if r.get("cpu_offload_params") else "no",
+         r["ms_per_iter"] / 1000.0, 100.0 * r["mfu"], r["peak_mem_gib"], r["predicted_mem_gib"],
+         r.get("peak_host_rss_gib", 0.0), r.get("predicted_host_gib", 0.0)]
+        for r in results
+    ]  # fmt: skip
+    log0("\nmemory and offloads (host: peak resident memory of the process, predicted: the "
+         "offloaded bytes alone):\n\n" + markdown_table(
+        ["seq", "MLP tile", "ckpt in CPU", "CPU optimizer", "params on host", "s/iter", "MFU %",
+         "peak GPU GiB", "predicted GPU GiB", "peak host GiB", "predicted host GiB"], long_rows))  # fmt: skip
+    plain = {
+        r["seq_length"]: r["ms_per_iter"] for r in reversed(results) if not r["checkpoint_in_cpu"]
+    }
+    stalls = [
+        [r["seq_length"], "earlier (on demand)" if r.get("offload_on_demand") else "side streams",
+         r["ms_per_iter"] - plain[r["seq_length"]], r["peak_mem_gib"]]
+        for r in results if r["checkpoint_in_cpu"] and r["seq_length"] in plain
+    ]  # fmt: skip
+    if stalls:
+        log0("\n--checkpoint-in-cpu stall (ms/iteration with it minus without):\n\n"
+             + markdown_table(["seq", "scheme", "stall ms", "peak GPU GiB"], stalls))  # fmt: skip
     for r in results:
         if r["profile"]:
             cats = r["profile"]["categories"]
@@ -559,7 +674,8 @@ def report(results: list[dict], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes)
+    host_collectives = args.cpu_optimizer or args.cpu_offload_params
+    rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes, host_collectives)
     if args.weak_scaling:
         degrees = [sp for sp in (1, 2, 4, 8, 16) if sp <= world and world % sp == 0]
         degrees = [sp for sp in degrees if args.num_attention_heads % sp == 0]
@@ -576,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'every step' if args.sync_every_step else 'deferred (back to back)'}"
         )
         try:
-            results.append(run_config(variant, seq, sp, world, device))
+            with offload_scheme(variant.offload_on_demand):
+                results.append(run_config(variant, seq, sp, world, device))
             free_memory(device)
         except Exception as err:  # OOM: report it (the max-seqlen driver reads the JSON)
             if not is_oom(err):

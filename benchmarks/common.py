@@ -41,9 +41,10 @@ def add_model_shape_args(parser: argparse.ArgumentParser) -> None:
 
 
 def init_distributed(
-    cpu_smoke: bool, timeout_minutes: float = 10.0
+    cpu_smoke: bool, timeout_minutes: float = 10.0, host_collectives: bool = False
 ) -> tuple[int, int, torch.device]:
-    """Start the default process group from torchrun's environment; (rank, world, device)."""
+    """Start the default process group from torchrun's environment; (rank, world, device).
+    ``host_collectives``: gloo next to NCCL (collectives over host tensors: offloads)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -55,7 +56,8 @@ def init_distributed(
         if not cpu_smoke:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(
-            "gloo" if cpu_smoke else "nccl", timeout=timedelta(minutes=timeout_minutes)
+            "gloo" if cpu_smoke else "cpu:gloo,cuda:nccl" if host_collectives else "nccl",
+            timeout=timedelta(minutes=timeout_minutes),
         )
     rank, world = dist.get_rank(), dist.get_world_size()
     if cpu_smoke:

@@ -3,8 +3,23 @@
 
 Takes the same model/parallelism flags as ``pretrain_gpt.py`` plus ``--num-gpus`` and
 ``--gpu-memory-gb``, prints the peak broken down by component, and with ``--find-sp`` the
-smallest Ulysses degree that fits. Numbers are what ``torch.cuda.max_memory_allocated``
-would report; ``--reserve-gb`` is kept free for the CUDA context, NCCL and fragmentation.
+smallest Ulysses degree that fits; with ``--find-max-seq`` the longest sequence on
+``--num-gpus`` GPUs with ``--host-memory-gb`` of host memory per node (``--gpus-per-node``),
+and the flags that reach it (full recompute, ``--tiled-mlp-chunk-size``,
+``--checkpoint-in-cpu``, ``--cpu-optimizer``, ``--cpu-offload-params``: each rung of
+:mod:`megatron.planning.long_context` adds one). Numbers are what
+``torch.cuda.max_memory_allocated`` would report; ``--reserve-gb`` is kept free for the
+CUDA context, NCCL and fragmentation. The host memory line counts the offloaded states
+and activations of one GPU's process.
+
+Example: the longest sequence of a Llama-3-8B-shaped model on one 80 GB GPU, 256 GB host::
+
+    python tools/estimate_memory.py --num-layers 32 --hidden-size 4096 \
+        --num-attention-heads 32 --group-query-attention --num-query-groups 8 \
+        --ffn-hidden-size 14336 --swiglu --normalization RMSNorm \
+        --position-embedding-type rope --disable-bias-linear --seq-length 8192 \
+        --padded-vocab-size 128256 --micro-batch-size 1 --bf16 --use-flash-attn \
+        --num-gpus 1 --host-memory-gb 256 --find-max-seq
 
 Example (GPT-3 1.3B, 32K tokens, 4 GPUs)::
 
@@ -24,6 +39,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.errors import UsageError  # noqa: E402
+from megatron.planning.long_context import find_max_seq  # noqa: E402
+from megatron.planning.long_context import setup_from_args as _setup_from_args  # noqa: E402
 from megatron.planning.memory_model import (  # noqa: E402
     GIB,
     MemoryEstimate,
@@ -58,6 +75,13 @@ def _extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--padded-vocab-size", type=int, default=None, help="vocabulary after padding")
     g.add_argument("--find-sp", action="store_true", help="report the smallest SP degree that fits")
+    g.add_argument(
+        "--find-max-seq",
+        action="store_true",
+        help="report the longest sequence that fits (all GPUs one SP group) and its flags",
+    )
+    g.add_argument("--host-memory-gb", type=float, default=512.0, help="host memory per node, GiB")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="default: --num-gpus, at most 8")
     g.add_argument("--json", type=str, default=None, help="also write the estimate(s) here")
     return parser
 
@@ -82,8 +106,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.world_size, args.rank = args.num_gpus, 0
     if args.micro_batch_size is None:
         args.micro_batch_size = 1
-    if args.find_sp:
+    if args.find_sp or args.find_max_seq:
         args.ds_sequence_parallel_size = 1  # checked per candidate below
+    if args.gpus_per_node is None:
+        args.gpus_per_node = min(args.num_gpus, 8)
     if args.padded_vocab_size is None:
         if args.vocab_size is None:
             raise UsageError(
@@ -98,19 +124,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup:
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    sp = args.ds_sequence_parallel_size if sp is None else sp
-    per_step = args.micro_batch_size * (args.num_gpus // sp)  # samples per micro-batch step
-    return RunSetup(
-        num_gpus=args.num_gpus,
-        sp=sp,
-        micro_batch_size=args.micro_batch_size,
-        zero_stage=args.zero_stage,
-        precision=precision,
-        device="cpu" if args.device == "cpu" else "cuda",
-        fp32_param_gather=args.fp32_param_gather,
-        num_micro_batches=max(1, (args.global_batch_size or per_step) // per_step),
-    )
+    return _setup_from_args(args, sp)
 
 
 def format_estimate(est: MemoryEstimate, setup: RunSetup, budget: int) -> str:
@@ -135,8 +149,41 @@ def format_estimate(est: MemoryEstimate, setup: RunSetup, budget: int) -> str:
         f"buffers {layer['all_to_all'] / GIB:.3f} GiB",
         f"{'fits' if est.total <= budget else 'does NOT fit'} in {budget / GIB:.1f} GiB "
         "(GPU memory minus --reserve-gb)",
+        f"host memory per GPU process (offloaded states and activations): {est.host / GIB:.2f} GiB",
     ]
     return "\n".join(lines)
+
+
+def _report_max_seq(args: argparse.Namespace, config, budget: int) -> int:
+    host = int(args.host_memory_gb * GIB)
+    best, tried = find_max_seq(config, setup_from_args(args, 1), budget, host, args.gpus_per_node)
+    print(
+        f"{args.num_gpus} GPU(s) of {args.gpu_memory_gb:g} GiB ({budget / GIB:.1f} usable), "
+        f"{args.host_memory_gb:g} GiB host memory per node of {args.gpus_per_node} GPU(s)\n"
+    )
+    print("| settings | longest sequence | SP | peak GPU GiB | host GiB per node |")
+    print("|---|---:|---:|---:|---:|")
+    for plan in tried:
+        gpu = f"{plan.estimate.total / GIB:.1f}" if plan.estimate else "-"
+        host_gib = f"{plan.estimate.host * args.gpus_per_node / GIB:.1f}" if plan.estimate else "-"
+        print(f"| {plan.rung} | {plan.seq_length} | {plan.sp} | {gpu} | {host_gib} |")
+    print()
+    if best is None:
+        print("no sequence of one 1024-token tile per GPU fits: more GPUs or memory needed")
+        return 1
+    flags = " ".join(best.flags) or "(none beyond the given ones)"
+    print(
+        f"longest sequence: {best.seq_length} tokens ({best.rung}); flags: "
+        f"--seq-length {best.seq_length} --ds-sequence-parallel-size {best.sp} {flags}"
+    )
+    if args.json:
+        payload = {
+            "best": {**vars(best), "estimate": best.estimate.as_dict()},
+            "tried": [{**vars(p), "estimate": p.estimate and p.estimate.as_dict()} for p in tried],
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
         config = ModelConfig.from_args(args)
         budget = int((args.gpu_memory_gb - args.reserve_gb) * GIB)
+        if args.find_max_seq:
+            return _report_max_seq(args, config, budget)
         if args.find_sp:
             best, tried = find_min_sp(config, setup_from_args(args, 1), budget)
             print("| SP | peak GiB | fits |\n|---:|---:|---|")

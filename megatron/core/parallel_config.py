@@ -63,8 +63,12 @@ class ParallelConfig:
             raise UsageError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ParallelConfig:
-        """The layout of validated arguments (``args.device_obj`` set by start-up)."""
+    def from_args(
+        cls, args: argparse.Namespace, distributed_backend: str | None = None
+    ) -> ParallelConfig:
+        """The layout of validated arguments (``args.device_obj`` set by start-up);
+        ``distributed_backend`` overrides the flag's backend (start-up passes
+        ``cpu:gloo,cuda:nccl`` when tensors are offloaded to the host)."""
         device = torch.device(args.device_obj)
         return cls(
             world_size=args.world_size,
@@ -83,7 +87,8 @@ class ParallelConfig:
                 args.no_overlap_param_gather or args.no_overlap_param_gather_with_optimizer_step
             ),
             gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion,
-            distributed_backend=args.distributed_backend
+            distributed_backend=distributed_backend
+            or args.distributed_backend
             or ("nccl" if device.type == "cuda" else "gloo"),
             distributed_timeout_minutes=args.distributed_timeout_minutes,
         )

@@ -17,6 +17,7 @@ from megatron.data.batch import padded_seq_length, sequence_shard_unit
 from megatron.errors import UsageError
 from megatron.initialize.arguments import COMPAT_ONLY, build_parser
 from megatron.initialize.deepspeed_config import apply_deepspeed_config
+from megatron.initialize.long_context_args import check_long_context_args
 from megatron.model.config import derive_shape
 
 logger = logging.getLogger(__name__)
@@ -247,9 +248,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     _check_model_shape(args)
     _check_sequence_parallel(args)
     deepspeed_lines = _apply_deepspeed_config(args)
+    offload_notes = check_long_context_args(args)
     _check_batch(args)
     _check_precision(args)
     _check_training(args)
     _check_evaluation(args)
-    args.compat_warnings = compat_warnings(args) + deepspeed_lines
+    args.compat_warnings = compat_warnings(args) + deepspeed_lines + offload_notes
     return args

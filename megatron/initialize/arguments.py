@@ -11,6 +11,8 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 
+from megatron.initialize.long_context_args import add_long_context_args
+
 # Flags accepted so existing scripts run, with what they mean here. Each one that is set
 # earns one start-up warning (see argument_checks.warn_compat_flags).
 COMPAT_ONLY = {
@@ -466,6 +468,7 @@ def build_parser(extra_args_provider: Callable | None = None) -> argparse.Argume
         _add_checkpointing_args,
         _add_mixed_precision_args,
         _add_distributed_args,
+        add_long_context_args,
         _add_validation_args,
         _add_data_args,
         _add_logging_args,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from megatron.errors import UsageError
 from megatron.initialize.deepspeed_keys import SECTIONS, TOP_LEVEL, UNSET
+from megatron.initialize.long_context_args import apply_offload_fields
 
 # Top-level fields refused when set: what they ask for is not built.
 REFUSED = {
@@ -174,6 +175,7 @@ class _Config:
         self.args, self.cfg, self.path = args, cfg, args.deepspeed_config
         self._default = defaults
         self.notes: list[str] = []
+        self.lines: list[str] = []  # whole lines to log once (the offload mapping's)
 
     def error(self, what: str) -> UsageError:
         return UsageError(f"--deepspeed_config {self.path}: {what}")
@@ -223,17 +225,19 @@ def _check_names(c: _Config) -> None:
                 )
 
 
-def _offload_fields(ds_cfg: dict, args: argparse.Namespace) -> None:
-    """ZeRO's offload fields (zero_optimization.offload_optimizer / offload_param, and the
-    older cpu_offload spellings): refused; CPU offload is chosen by its own flags."""
-    zero = ds_cfg.get("zero_optimization") or {}
-    for name in OFFLOAD_FIELDS:
+def _offload_fields(c: _Config) -> None:
+    """ZeRO's offload fields: ``offload_optimizer`` / ``offload_param`` map to the CPU
+    offload flags (:func:`~megatron.initialize.long_context_args.apply_offload_fields`);
+    the older ``cpu_offload*`` spellings are refused with the current names."""
+    zero = c.cfg.get("zero_optimization") or {}
+    for name in OFFLOAD_FIELDS[2:]:
         if _active(zero.get(name)):
-            raise UsageError(
-                f"--deepspeed_config {args.deepspeed_config}: zero_optimization.{name} is not "
-                "read from the config; use the CPU offload flags instead (docs/flags.md) and "
-                "remove the field"
+            raise c.error(
+                f"zero_optimization.{name} is DeepSpeed's old spelling; use "
+                'zero_optimization.offload_optimizer / offload_param ({"device": "cpu"}) or '
+                "the CPU offload flags (--cpu-optimizer, --cpu-offload-params)"
             )
+    c.lines += apply_offload_fields(zero, c.args, c.path)
 
 
 def _batch(c: _Config) -> None:
@@ -405,7 +409,7 @@ def _other_honoured(c: _Config) -> None:
     zero = cfg.get("zero_optimization") or {}
     if "stage" in zero:
         c.merge("zero_optimization.stage", "zero_stage", int(zero["stage"]))
-    _offload_fields(cfg, a)
+    _offload_fields(c)
     if "gradient_clipping" in cfg:
         c.merge("gradient_clipping", "clip_grad", float(cfg["gradient_clipping"]))
     if "steps_per_print" in cfg and int(cfg["steps_per_print"]) != a.log_interval:
@@ -466,8 +470,8 @@ def apply_deepspeed_config(
     _scheduler(c)
     _other_honoured(c)
     if not c.notes:
-        return []
-    return [
+        return c.lines
+    return c.lines + [
         f"--deepspeed_config {c.path}: {len(c.notes)} field(s) change nothing here: "
         + "; ".join(c.notes)
     ]

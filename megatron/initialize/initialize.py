@@ -19,6 +19,7 @@ from megatron.errors import UsageError
 from megatron.global_vars import set_args
 from megatron.initialize.argument_checks import validate_args
 from megatron.initialize.arguments import parse_args
+from megatron.initialize.long_context_args import distributed_backend
 
 logger = logging.getLogger("megatron")
 
@@ -109,7 +110,9 @@ def initialize_megatron(
             load_args_from_checkpoint(args)
         validate_args(args)
         args.device_obj = resolve_device(args)
-        parallel = ParallelConfig.from_args(args)
+        # with a host offload on CUDA the group serves host tensors too (cpu:gloo,cuda:nccl)
+        backend = distributed_backend(args, args.device_obj.type)
+        parallel = ParallelConfig.from_args(args, backend)
     except UsageError as err:
         exit_with_usage_error(err, args.rank)
     for line in args.compat_warnings:

@@ -51,6 +51,7 @@ class ImplConfig:
     recompute_num_layers: int | None = None  # full only; default 1
     checkpoint_in_cpu: bool = False  # full recompute only: checkpointed inputs wait in host memory
     sp_rank_major_qkv: bool = True  # SP: Q/K/V projected straight into the send layout
+    tiled_mlp_chunk_size: int = 0  # > 0: the MLP over tiles of this many tokens; 0: whole
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -60,6 +61,10 @@ class ImplConfig:
             )
         if self.loss_chunk_size < 0:
             raise UsageError(f"--loss-chunk-size {self.loss_chunk_size} must be >= 0")
+        if self.tiled_mlp_chunk_size < 0:
+            raise UsageError(
+                f"--tiled-mlp-chunk-size {self.tiled_mlp_chunk_size} must be >= 0 (0: off)"
+            )
         if self.sdpa_block_size < 0:
             raise UsageError(f"--sdpa-block-size {self.sdpa_block_size} must be >= 0")
         g = self.recompute_granularity
@@ -119,6 +124,7 @@ class ImplConfig:
             recompute_num_layers=args.recompute_num_layers,
             checkpoint_in_cpu=args.checkpoint_in_cpu,
             sp_rank_major_qkv=not args.no_sp_rank_major_qkv,
+            tiled_mlp_chunk_size=args.tiled_mlp_chunk_size,
         )
 
 

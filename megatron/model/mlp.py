@@ -5,7 +5,10 @@ first projection's bias is added inside the GeLU kernel, whose backward also sum
 gradient (:func:`megatron.ops.bias_gelu`: Triton on CUDA, else PyTorch's ops, same function).
 
 Both projections are :class:`~megatron.model.deferred_wgrad.DeferrableLinear`: plain linears
-unless the parallelisation step queues their weight gradients (``--delay-wgrad-compute``)."""
+unless the parallelisation step queues their weight gradients (``--delay-wgrad-compute``).
+With ``tile_tokens`` > 0 (set by the parallelisation step, ``--tiled-mlp-chunk-size``) the
+block runs over tiles of that many tokens, forward and backward
+(:mod:`megatron.model.tiled_mlp`)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 
 from megatron.model import deferred_wgrad
 from megatron.model.config import ModelConfig
+from megatron.model.tiled_mlp import tiled_mlp
 from megatron.ops import bias_gelu
 
 
@@ -44,6 +48,7 @@ class ParallelMLP(torch.nn.Module):
         )
         self.dense_4h_to_h.is_output_projection = True  # scaled init
         self.set_wgrad_queue(wgrad_queue)
+        self.tile_tokens = 0  # > 0: computed over tiles of this many tokens (tiled_mlp)
 
     def set_wgrad_queue(self, queue: deferred_wgrad.WgradQueue | None) -> None:
         """Where both projections' weight gradients wait (None: computed in place)."""
@@ -52,6 +57,14 @@ class ParallelMLP(torch.nn.Module):
     def forward(self, hidden_sbh: torch.Tensor, add_output_bias: bool = True) -> torch.Tensor:
         """``add_output_bias`` False: the second projection skips its bias (the caller's
         fused add + norm adds it)."""
+        if self.tile_tokens > 0:
+            params = [p for p in self.parameters() if p.requires_grad]
+            return tiled_mlp(
+                lambda x: self._forward(x, add_output_bias), hidden_sbh, self.tile_tokens, params
+            )
+        return self._forward(hidden_sbh, add_output_bias)
+
+    def _forward(self, hidden_sbh: torch.Tensor, add_output_bias: bool) -> torch.Tensor:
         fuse_bias = self.bias_gelu_fusion  # then the GeLU op adds the first linear's bias
         x = self.dense_h_to_4h(hidden_sbh, add_bias=not fuse_bias)  # [s, b, ffn or 2 ffn]
         if fuse_bias:

@@ -8,7 +8,8 @@ this order, what changes how that math runs on several ranks and in memory:
    attention wrapped in :class:`~megatron.core.sequence.layer.DistributedAttention`, the
    Q/K/V projection routed through the all-to-all's send order where it can be, and with
    ``--delay-wgrad-compute`` the weight gradients queued behind the backward all-to-alls;
-2. activation recomputation and its CPU offload (:func:`apply_recompute`).
+2. activation recomputation and its CPU offload (:func:`apply_recompute`);
+3. the MLP over tiles of tokens (:func:`apply_tiled_mlp`).
 
 ZeRO through FSDP2 (:func:`apply_zero`) comes last, once the model is on its device (the
 training loop calls it). A new parallelism or fast path is one more ``apply_*`` here.
@@ -44,6 +45,7 @@ def parallelize(
     if sp > 1:
         apply_sequence_parallel(stack, config, sp_group)
     apply_recompute(stack, config)
+    apply_tiled_mlp(stack, config)
     return model
 
 
@@ -137,17 +139,48 @@ def apply_recompute(stack: ParallelTransformer, config: ModelConfig) -> None:
     stack.checkpoint_in_cpu = config.impl.checkpoint_in_cpu
 
 
+def apply_tiled_mlp(stack: ParallelTransformer, config: ModelConfig) -> None:
+    """``--tiled-mlp-chunk-size`` > 0: every layer's MLP runs over tiles of that many local
+    tokens and recomputes one tile at a time in backward (:mod:`megatron.model.tiled_mlp`).
+    Its weight gradients are then summed tile by tile inside that backward: with
+    ``--delay-wgrad-compute`` they are not deferred (the output projection's still are)."""
+    chunk = config.impl.tiled_mlp_chunk_size
+    if chunk <= 0:
+        return
+    deferred = any(layer.mlp.dense_h_to_4h.wgrad_queue is not None for layer in stack.layers)
+    for layer in stack.layers:
+        layer.mlp.tile_tokens = chunk
+        layer.mlp.set_wgrad_queue(None)
+    if deferred:
+        logger.info(
+            "> --tiled-mlp-chunk-size %d: the MLP's weight gradients are summed over its "
+            "tiles in its backward, not deferred (--delay-wgrad-compute still defers the "
+            "attention output projection's)",
+            chunk,
+        )
+
+
 def apply_zero(
     model: torch.nn.Module,
     state: ParallelState,
     stage: int,
     param_dtype: torch.dtype | None = None,
     forward_prefetch: bool = True,
+    offload_params: bool = False,
+    pin_memory: bool = True,
 ) -> torch.nn.Module:
     """ZeRO ``stage`` through FSDP2 over the SP x DP mesh, each transformer layer one unit
-    (:func:`megatron.core.distributed.fsdp.shard_model_for_zero`); stage 0 leaves the model alone."""
+    (:func:`megatron.core.distributed.fsdp.shard_model_for_zero`); stage 0 leaves the model
+    alone. ``offload_params``: FSDP2's CPU offload of parameters, gradients and optimizer."""
     return shard_model_for_zero(
-        model, stage, state, (ParallelTransformerLayer,), param_dtype, forward_prefetch
+        model,
+        stage,
+        state,
+        (ParallelTransformerLayer,),
+        param_dtype,
+        forward_prefetch,
+        offload_params,
+        pin_memory,
     )
 
 

@@ -16,8 +16,9 @@ parallelism and recomputation are applied from outside
   segments). Under SP the recomputed forward repeats the attention all-to-alls in backward;
   every rank runs the same graph in the same order, so the collectives match.
 * ``checkpoint_in_cpu``: the input each checkpoint keeps for backward lives in pinned host
-  memory until the recomputation needs it: at the longest sequences these ``[s/p, b, h]``
-  inputs are most of what a fully recomputed model holds.
+  memory until shortly before the recomputation needs it (copied out and back on side
+  streams, :mod:`megatron.model.activation_offload`): at the longest sequences these
+  ``[s/p, b, h]`` inputs are most of what a fully recomputed model holds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from megatron.model.activation_offload import HostOffload
 from megatron.model.attention import ParallelAttention
 from megatron.model.config import ModelConfig
 from megatron.model.mlp import ParallelMLP
@@ -106,11 +108,14 @@ class ParallelTransformer(torch.nn.Module):
     ) -> torch.Tensor:
         x: Stream = hidden_sbh
         recompute = torch.is_grad_enabled()
+        # Around each checkpoint call: the inputs it saves for backward wait in host memory.
+        # (Tensors saved inside the checkpointed region are the checkpoint's own business.)
+        offload = HostOffload() if self.checkpoint_in_cpu and recompute else None
         for start, end, checkpointed in self.segments:
             if not (checkpointed and recompute):
                 x = self._run_layers(start, end, x, rotary, doc_ids)
                 continue
-            with self._inputs_kept_on_host():
+            with offload.hooks() if offload else contextlib.nullcontext():
                 x = checkpoint(
                     self._run_segment,
                     start,
@@ -122,28 +127,3 @@ class ParallelTransformer(torch.nn.Module):
                 )
         _, out = self.final_add_norm.norm(x, self.final_layernorm)
         return out
-
-    def _inputs_kept_on_host(self):
-        """Around one ``checkpoint`` call: the inputs it saves for backward go to pinned host
-        memory under ``checkpoint_in_cpu``. Tensors saved inside the checkpointed region are
-        not affected: the checkpoint's own hooks take precedence there."""
-        if not self.checkpoint_in_cpu:
-            return contextlib.nullcontext()
-        return torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host)
-
-
-def _to_host(t: torch.Tensor):
-    """Copy a GPU tensor to pinned host memory without waiting for it (stream-ordered, so the
-    source's memory is reused only after the copy); CPU tensors stay where they are."""
-    if not t.is_cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return t.device, host
-
-
-def _from_host(packed) -> torch.Tensor:
-    if isinstance(packed, torch.Tensor):
-        return packed
-    device, host = packed
-    return host.to(device, non_blocking=True)

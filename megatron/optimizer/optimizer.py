@@ -1,4 +1,5 @@
-"""The optimizer: PyTorch AdamW (fused on GPU) or SGD, no weight decay on biases and norms."""
+"""The optimizer: PyTorch AdamW (fused on GPU) or SGD, no weight decay on biases and norms;
+with ``--cpu-optimizer``/``--optimizer-cpu-offload`` AdamW's state and step on the host."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import torch
 
 from megatron.optimizer.adamw import AdamW
+from megatron.optimizer.host_offload import HostOffloadAdamW
 
 
 def param_groups(model: torch.nn.Module) -> list[dict]:
@@ -35,6 +37,16 @@ def get_megatron_optimizer(
         return torch.optim.SGD(
             groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.sgd_momentum
         )
+    if args.cpu_optimizer or args.optimizer_cpu_offload:
+        if not args.cpu_offload_params:  # (with it, the parameters are on the host already)
+            return HostOffloadAdamW(
+                groups,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_eps,
+                pin_memory=args.offload_pin_memory,
+            )
     return AdamW(
         groups,
         lr=args.lr,

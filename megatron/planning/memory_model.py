@@ -26,6 +26,13 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
   unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32
   states (and a step scalar) per tensor.
+* ``--tiled-mlp-chunk-size``: the MLP saves only its input; its backward holds one tile's
+  recomputed intermediates and gradients, the input gradient and a tile's weight gradients.
+* Host offload: ``--cpu-optimizer`` takes AdamW's states off the GPU (the host holds them,
+  an fp32 parameter copy and a gradient buffer); ``--cpu-offload-params`` (FSDP2) also the
+  sharded parameters and gradients. ``--checkpoint-in-cpu`` keeps the group inputs on the
+  host; two are on the GPU in backward (the one recomputed and the next, fetched ahead).
+  ``MemoryEstimate.host`` is the pinned host memory of one GPU's process.
 * The chunked loss, given the loss mask as in training, computes its gradients in forward
   and keeps them (fp32 weight and hidden-state gradients) until backward; without the
   mask's in-forward path it keeps the final hidden states (fp32; the residual's dtype after
@@ -66,6 +73,8 @@ class RunSetup:
     device: str = "cuda"
     fp32_param_gather: bool = False
     num_micro_batches: int = 1
+    optimizer_offload: bool = False  # --cpu-optimizer: AdamW state + fp32 copy on the host
+    param_offload: bool = False  # --cpu-offload-params: FSDP2 keeps shards on the host
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -80,6 +89,8 @@ class RunSetup:
             raise UsageError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         if self.num_micro_batches < 1:
             raise UsageError(f"{self.num_micro_batches} micro-batches per step: must be >= 1")
+        if self.param_offload and self.zero_stage != 3:
+            raise UsageError("--cpu-offload-params needs --zero-stage 3")
 
     @property
     def compute_bytes(self) -> int:
@@ -116,6 +127,7 @@ class MemoryEstimate:
     activations_saved: int  # everything saved at the end of forward
     tokens_per_gpu: int
     details: dict = field(default_factory=dict)
+    host: int = 0  # host memory of this GPU's process: offloaded states and activations
 
     COMPONENTS = (
         "params",
@@ -256,6 +268,12 @@ def _classic_square_bytes(config: ModelConfig, setup: RunSetup, a: int) -> int:
     return b * q_max * s * s * per_elem + s * s
 
 
+def mlp_tile(config: ModelConfig, setup: RunSetup) -> int:
+    """Tokens per tile of the tiled MLP (0: untiled, also when one tile holds them all)."""
+    chunk = config.impl.tiled_mlp_chunk_size
+    return chunk if 0 < chunk < config.seq_length // setup.sp else 0
+
+
 MLP_SAVED_KEYS = ("mlp_norm", "fc1_input", "fc1_output", "fc2_input", "mlp_dropout_mask")
 
 
@@ -287,9 +305,13 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     mask = n * h * (1 if setup.device == "cuda" else a) if config.hidden_dropout > 0 else 0
     out["attn_dropout_mask"] = mask
     out["mlp_norm"] = norm
-    out["fc1_input"] = n * a * h
-    out["fc1_output"] = n * a * up  # GeLU input, or SwiGLU's gate|up
-    out["fc2_input"] = n * a * ffn * (2 if config.swiglu else 1)  # (+ SwiGLU's silu output)
+    if mlp_tile(config, setup):  # the tiled MLP keeps only its input, in the compute dtype
+        out["fc1_input"] = n * a * h
+        out["fc1_output"] = out["fc2_input"] = 0
+    else:
+        out["fc1_input"] = n * a * h
+        out["fc1_output"] = n * a * up  # GeLU input, or SwiGLU's gate|up
+        out["fc2_input"] = n * a * ffn * (2 if config.swiglu else 1)  # (+ SwiGLU's silu output)
     out["mlp_dropout_mask"] = mask
     return out
 
@@ -438,6 +460,17 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     # FC1-output gradient (SwiGLU: the gate and up gradients). The FC2-input gradient
     # replaces FC2's saved input, which is freed by then.
     mlp = stream + n * a * up + weight_grad_tmp
+    tile = mlp_tile(config, setup)
+    if tile:
+        # One tile: the recomputed FC1 output and FC2 input, their gradients; the whole
+        # input gradient; the tile's weight gradients beside their fp32 sum.
+        c = tile * setup.micro_batch_size
+        tile_bytes = c * a * (2 * up + 2 * ffn * (2 if config.swiglu else 1) + h)
+        mlp_params = sum(
+            _numel(s) for name, s in shapes.items() if name.startswith("transformer.layers.0.mlp.")
+        )
+        mlp = stream + tile_bytes + final_hidden_bytes(config, setup) * n * h
+        mlp += weight_grad_tmp + 4 * mlp_params  # a tile's, beside the fp32 sum
     # --delay-wgrad-compute (SP): the MLP's output gradients and its two linears' inputs
     # wait for dQ/dK/dV's exchange, which computes the weight gradients from them.
     delayed = n * a * (up + h + h + ffn) if config.impl.delay_wgrad_compute and p > 1 else 0
@@ -509,13 +542,13 @@ def _backward_saved(
     k = config.impl.recompute_num_layers
     if config.impl.recompute_method == "uniform":
         in_group = (left - 1) % k + 1  # layers of the recomputed group not yet back-propagated
-        # --checkpoint-in-cpu: only the group being recomputed has its input back on the GPU
-        groups_kept = 1 if on_host else math.ceil(left / k)
+        # --checkpoint-in-cpu: the group being recomputed and the next one (fetched ahead)
+        groups_kept = min(2, math.ceil(left / k)) if on_host else math.ceil(left / k)
         return groups_kept * group_input + in_group * act["per_layer"], in_group * per_layer_lowp
     # block: the first k layers were checkpointed one by one, the rest kept everything
     plain = max(0, left - k)
     recomputed = 1 if left <= k else 0
-    inputs_kept = recomputed if on_host else min(left, k)
+    inputs_kept = min(2, left) * recomputed if on_host else min(left, k)
     saved = plain * act["per_layer"] + inputs_kept * group_input + recomputed * act["per_layer"]
     return saved, (plain + recomputed) * per_layer_lowp
 
@@ -552,7 +585,11 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
     def waiting(layers_left: int) -> int:
         return 4 * (z["root"] + layers_left * z["per_layer"]) if accumulating else 0
 
-    base = {"params": z["params"], "optimizer": z["optimizer"]}
+    base = {
+        "params": 0 if setup.param_offload else z["params"],
+        "optimizer": 0 if setup.optimizer_offload or setup.param_offload else z["optimizer"],
+    }
+    sharded_grad_bytes = 0 if setup.param_offload else 4  # finished layers' shards
     zeros = dict.fromkeys(MemoryEstimate.COMPONENTS, 0)
     phases: list[tuple[str, dict[str, int]]] = []
     phases.append(
@@ -601,9 +638,9 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
         # Gradients so far: the output layer's and final norm's (unsharded under ZeRO until
         # the root's backward ends), finished layers' (sharded under ZeRO), the current one's.
         finished = done * (z["per_layer"] if zero == 0 else z["layer_local"])
-        grads = 4 * (z["out_params"] + finished)
+        grads = 4 * z["out_params"] + sharded_grad_bytes * finished
         if accumulating:  # the root's gradients are among those waiting
-            grads = 4 * finished + waiting(L - done)
+            grads = sharded_grad_bytes * finished + waiting(L - done)
         common = {**zeros, **base, "params_unsharded": unsharded(L - done), "params_lowp": lowp}
         layer = L - done
         phases.append(
@@ -659,7 +696,8 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
                 )
     # Optimizer step: all gradients; foreach AdamW (CPU) makes fp32 temporaries, fused doesn't.
     fused = setup.device == "cuda"
-    step_tmp = 0 if fused else 4 * z["local"]
+    on_cpu = setup.optimizer_offload or setup.param_offload  # the step runs on the host
+    step_tmp = 0 if fused or on_cpu else 4 * z["local"]
     bucket = min(4 * z["total"], 128 * 2**20) if zero == 0 and n_gpus > 1 else 0
     phases.append(
         (
@@ -667,7 +705,7 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
             {
                 **zeros,
                 **base,
-                "grads": 4 * z["local"],
+                "grads": sharded_grad_bytes * z["local"],
                 "working": max(step_tmp, bucket),
             },
         )
@@ -680,6 +718,7 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
         activations_per_layer=act["per_layer"],
         activations_saved=saved_total,
         tokens_per_gpu=n,
+        host=host_bytes(config, setup, z),
         details={
             "num_params": z["total"],
             "params_per_gpu": z["local"],
@@ -689,6 +728,23 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
             "phases": {nm: sum(c.values()) for nm, c in phases[:4] + phases[-1:]},
         },
     )
+
+
+def host_bytes(config: ModelConfig, setup: RunSetup, z: dict | None = None) -> int:
+    """Host memory of one GPU's process for what is offloaded: AdamW's states, an fp32
+    parameter copy and a gradient buffer (``--cpu-optimizer``) or the sharded parameters,
+    gradients and states (``--cpu-offload-params``), 16 bytes per local parameter either
+    way; the recomputed groups' inputs under ``--checkpoint-in-cpu``."""
+    z = z or _zero_bytes(config, setup)
+    out = 0
+    if setup.optimizer_offload or setup.param_offload:
+        out += 16 * z["local"] + 4 * len(parameter_shapes(config))
+    if config.impl.checkpoint_in_cpu and config.impl.recompute_granularity == "full":
+        k, L = config.impl.recompute_num_layers, config.num_layers
+        groups = k if config.impl.recompute_method == "block" else math.ceil(L / k)
+        n, h = _dims(config, setup)["n"], config.hidden_size
+        out += groups * residual_bytes(config, setup) * n * h
+    return out
 
 
 def valid_sp_degrees(config: ModelConfig, num_gpus: int) -> list[int]:

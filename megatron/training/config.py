@@ -61,6 +61,12 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     sgd_momentum: float = 0.9
+    # host offload (--cpu-optimizer / --optimizer-cpu-offload: AdamW's state and step on the
+    # host; --cpu-offload-params: FSDP2 keeps parameters and gradients there too)
+    cpu_optimizer: bool = False
+    optimizer_cpu_offload: bool = False
+    cpu_offload_params: bool = False
+    offload_pin_memory: bool = True
     # learning-rate and weight-decay schedule
     min_lr: float = 0.0
     lr_decay_style: str = "linear"

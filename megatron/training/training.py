@@ -30,6 +30,7 @@ from megatron.core.random import dropout_seed_offset, set_random_seed
 from megatron.errors import UsageError
 from megatron.global_vars import get_args
 from megatron.initialize.initialize import exit_with_usage_error, initialize_megatron
+from megatron.initialize.long_context_args import any_offload
 from megatron.model.parallelize import apply_zero, set_micro_batch_sync
 from megatron.optimizer.adamw import AdamW
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
@@ -236,7 +237,8 @@ def train_step_async(
             step(found_inf=found, grad_scale=divisor)
         elif found.item() == 0:
             step()
-        device_flags = [norm, found]
+        # (--cpu-offload-params: the norm is computed where the gradients are, the host)
+        device_flags = [norm.to(parallel.device), found.to(parallel.device)]
     # Reported losses: mean over micro-batches, then over data-parallel replicas.
     reported = [totals[n] for n in names]
     if names and state.dims.dp > 1:
@@ -304,6 +306,28 @@ def pretrain(
         exit_with_usage_error(err, args.rank)
 
 
+def _warn_if_host_memory_short(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """One line when the offloads' predicted host memory exceeds this node's MemAvailable."""
+    from megatron.planning.long_context import (
+        host_memory_warning,
+        local_process_count,
+        setup_from_args,
+    )
+
+    config = getattr(model, "config", None)
+    offloaded = args.checkpoint_in_cpu or any_offload(args)
+    if config is None or args.local_rank != 0 or not offloaded:  # one line per node
+        return
+    try:
+        line = host_memory_warning(
+            config, setup_from_args(args), local_process_count(args.world_size)
+        )
+    except UsageError:  # a layout the memory model does not cover: nothing to say
+        return
+    if line:
+        logger.warning(line)
+
+
 def build_grad_scaler(config: TrainingConfig) -> ConstantGradScaler:
     """fp16: a dynamic (or --loss-scale static) scaler; bf16/fp32: a constant scale of 1.
     The loss-scale flags may come from --deepspeed_config's fp16 block."""
@@ -355,10 +379,13 @@ def _pretrain(
         parallel.zero_stage,
         parallel.zero_param_dtype,
         forward_prefetch=parallel.overlap_param_gather,
+        offload_params=config.cpu_offload_params,
+        pin_memory=config.offload_pin_memory,
     )
     optimizer = get_megatron_optimizer(model, config)
     scheduler = get_optimizer_param_scheduler(optimizer, config)
     scaler = build_grad_scaler(config)
+    _warn_if_host_memory_short(args, model)
     ts = TrainState()
     set_random_seed(config.seed, dropout_seed_offset(state))
     loaded = checkpointing.load_checkpoint(args, state, model, optimizer, scheduler, scaler, ts)

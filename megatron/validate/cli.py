@@ -252,6 +252,8 @@ _SHOWN = {
     "ce-fused",
     "in-place-grads",
     "host-offload",
+    "host-optimizer",
+    "tiled-mlp",
     "all-to-all",
     "rank-major",
     "delayed-wgrad",

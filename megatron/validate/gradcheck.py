@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.data.batch import slice_batch_for_sequence_parallel
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
 from megatron.model.attention_backends import SDPAAttention
+from megatron.optimizer.host_offload import HostOffloadAdamW
 from megatron.validate.rows import BATCH, PLAIN, Row, model_shape
 
 EOD = 0
@@ -71,6 +72,8 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ce-fused": (("~_ce_fwd_kernel", "~_ce_bwd_kernel"),),
     "in-place-grads": (("_LookupAddingToGradBackward", "ChunkedMaskedCrossEntropySumBackward"),),
     "host-offload": (("~Memcpy DtoH (Device -> Pinned)",),),  # not a pageable .item() read
+    "host-optimizer": (("~Memcpy DtoH", "~Memcpy HtoD"),),
+    "tiled-mlp": (("TiledMLPBackward",),),
     "all-to-all": (
         ("SeqToHeadAllToAllBackward",),
         ("FusedQKVSeqToHeadBackward",),
@@ -188,6 +191,36 @@ def forward_backward(
     return Grads(total, grads)
 
 
+def offloaded_step_check(model: torch.nn.Module) -> list[str]:
+    """One AdamW step with the state on the host (:class:`HostOffloadAdamW`) against
+    ``torch.optim.AdamW`` on copies with the same gradients: failures (the updated weights
+    differ by more than 1e-6 relative, a state is not in host memory, or not pinned on
+    CUDA), none when all is well."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.detach().clone()
+    hyper = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    torch.optim.AdamW(copies, **hyper).step()
+    optimizer = HostOffloadAdamW(params, **hyper)
+    optimizer.step()
+    failures = offloaded_state_check(optimizer)
+    worst = max(((p - c).norm() / c.norm().clamp_min(1e-30)).item() for p, c in zip(params, copies))
+    if not worst <= 1e-6:
+        failures.append(f"host-offloaded AdamW step differs from AdamW by {worst:.3g}")
+    return failures
+
+
+def offloaded_state_check(optimizer: HostOffloadAdamW) -> list[str]:
+    """Failures when a moment of ``optimizer`` is not in (pinned, on CUDA) host memory."""
+    for state in optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state[key]
+            if t.device.type != "cpu" or (torch.cuda.is_available() and not t.is_pinned()):
+                return [f"optimizer state {key} is on {t.device} (pinned: {t.is_pinned()})"]
+    return []
+
+
 @dataclass
 class Result:
     row: Row
@@ -286,6 +319,7 @@ class Checker:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             got = forward_backward(model, local, autocast, sp_group)
+            step_failures = offloaded_step_check(model) if row.optimizer_offload else []
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         events = prof.events()
@@ -298,6 +332,7 @@ class Checker:
         loss_err = abs(got.loss - ref.loss) / abs(ref.loss)
         if not loss_err <= self.floor:
             failures.insert(0, f"loss {got.loss:.6f} against {ref.loss:.6f}")
+        failures = step_failures + failures
         missing = [t for t in row.expect if t not in seen]
         others = sorted((seen & set(ATTENTION)) - set(row.expect))
         if missing:

@@ -30,6 +30,7 @@ PLAIN = {
     "recompute_granularity": None,
     "checkpoint_in_cpu": False,
     "sp_rank_major_qkv": False,
+    "tiled_mlp_chunk_size": 0,
 }
 
 # Model shapes per device kind: (common, GPT-3 style, Llama style, batch size).
@@ -75,6 +76,8 @@ class Row:
     micro_batches: int = 1
     sp: int = 1
     flash_attn: bool = False  # the sdpa backend with the flash_attn package (else torch SDPA)
+    # then one AdamW step with the state on the host against the same step on the device
+    optimizer_offload: bool = False
 
 
 def _attention(backend: str, model: str, packed: bool, device_type: str) -> str:
@@ -182,6 +185,22 @@ def single_gpu_rows(device_type: str) -> list[Row]:
                 m,
                 {**recompute_full, "checkpoint_in_cpu": True},
                 ("classic", "host-offload") if device_type == "cuda" else ("classic",),
+            ),
+            Row(f"{m}/tiled-mlp", m, {"tiled_mlp_chunk_size": seq // 4}, ("classic", "tiled-mlp")),
+            # The long-context settings together: tiled MLP, recompute, activation and
+            # optimizer offload (--cpu-optimizer).
+            Row(
+                f"{m}/long-context-offload",
+                m,
+                {
+                    **recompute_full,
+                    "checkpoint_in_cpu": True,
+                    "tiled_mlp_chunk_size": seq // 4,
+                    "attention_backend": "sdpa",
+                },
+                (att("sdpa"), "tiled-mlp")
+                + (("host-offload", "host-optimizer") if device_type == "cuda" else ()),
+                optimizer_offload=True,
             ),
         ]
         # All together, as the example launch scripts run them (FUSED=1, recompute).

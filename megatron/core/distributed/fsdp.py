@@ -31,8 +31,14 @@ def shard_model_for_zero(
     block_types: tuple,
     param_dtype: torch.dtype | None = None,
     forward_prefetch: bool = True,
+    offload_params: bool = False,
+    pin_memory: bool = True,
 ) -> torch.nn.Module:
     """ZeRO 1/2/3 with FSDP2 over the SP x DP mesh; stage 0 leaves the model alone.
+
+    ``offload_params`` (``--cpu-offload-params``): FSDP2's ``CPUOffloadPolicy``, the sharded
+    parameters and gradients in host memory (pinned where CUDA is: ``pin_memory``), so the
+    optimizer state and step follow them there.
 
     Stage 1 and 2 keep parameters unsharded between forward and backward
     (``reshard_after_forward=False``); stage 3 reshards them. With ``param_dtype`` bf16/fp16
@@ -43,7 +49,12 @@ def shard_model_for_zero(
     """
     if stage == 0:
         return model
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     if stage == 1:
         logger.info(
@@ -59,10 +70,15 @@ def shard_model_for_zero(
         logger.info("> ZeRO: transformer layers all-gather their weights in %s", param_dtype)
     elif param_dtype not in (None, torch.float32):
         raise ValueError(f"param_dtype {param_dtype}: expected bfloat16, float16 or float32")
+    root_kwargs = {}
+    if offload_params:
+        policy = CPUOffloadPolicy(pin_memory=pin_memory and torch.cuda.is_available())
+        block_kwargs["offload_policy"] = root_kwargs["offload_policy"] = policy
+        logger.info("> ZeRO: parameters, gradients and optimizer state in host memory")
     blocks = [m for m in model.modules() if isinstance(m, block_types)]
     for module in blocks:
         fully_shard(module, mesh=state.sdp_mesh, reshard_after_forward=reshard, **block_kwargs)
-    fully_shard(model, mesh=state.sdp_mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=state.sdp_mesh, reshard_after_forward=reshard, **root_kwargs)
     # Forward prefetch (``forward_prefetch``, --no-overlap-param-gather turns it off): each
     # block starts the next one's all-gather. Without it a block's all-gather is issued when
     # the CPU reaches that block, and Ulysses forward passes are CPU-bound, so the GPU waits.
