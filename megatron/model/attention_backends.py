@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from megatron.model.attention_step import CLASSIC_STEP, SDPA_STEP, AttentionStep
+from megatron.model.attention_step import CLASSIC_STEP, SDPA_STEP, TRITON_STEP, AttentionStep
 from megatron.model.blockwise_attention import (
     blockwise_causal_attention,
     blockwise_causal_usable,
@@ -188,9 +188,7 @@ class SDPAAttention(LocalAttention):
 class TritonAttention(LocalAttention):
     """``--use-flash-attn-triton``: megatron.ops.flash_attn_triton (attention dropout unsupported)."""
 
-    # The Triton kernel's own step (an AttentionStep subclass with separate q/k document ids
-    # and offsets) replaces this; until then its blocks run the classic step.
-    step = CLASSIC_STEP
+    step = TRITON_STEP
 
     def __init__(self, attention_dropout: float, softmax_scale: float) -> None:
         super().__init__(attention_dropout, softmax_scale)
