@@ -135,7 +135,8 @@ def _attn_bwd(do, q, k, v, o, lse, layout: str, causal: bool, shift: int, scale:
     if fused:
         perm = (2, 0, 1, 3) if layout == "sbhd" else (0, 2, 1, 3)  # [b, hq, s, d] -> layout
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dq.copy_(dq_acc.permute(*perm).mul_(scale))
+        with torch.profiler.record_function("flash_attn_triton_fused_dq"):  # for the validation
+            dq.copy_(dq_acc.permute(*perm).mul_(scale))
         return dq, dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     bwd_dq_kernel[lambda meta: (triton.cdiv(s_q, meta["BLOCK_M"]), b * hq)](

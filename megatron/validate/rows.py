@@ -77,6 +77,8 @@ class Row:
     micro_batches: int = 1
     sp: int = 1
     flash_attn: bool = False  # the sdpa backend with the flash_attn package (else torch SDPA)
+    fused_dq: bool = False  # the Triton backward with dQ in the dK/dV kernel
+    step_blocks: int = 0  # > 0: attention by the backend's step over this many blocks
 
 
 def _attention(backend: str, model: str, packed: bool, device_type: str) -> str:
@@ -89,10 +91,11 @@ def _attention(backend: str, model: str, packed: bool, device_type: str) -> str:
         return "flash_attn"
     if device_type != "cuda":
         return "cpu-flash"  # PyTorch's fused CPU kernel, also with a document mask
-    # torch SDPA on CUDA: cuDNN for plain causal attention; with a document mask or GQA
-    # PyTorch chooses another kernel (measured; see docs/validation.md).
+    # On CUDA packed documents take the Triton kernel (megatron.ops.attention_choice); causal
+    # attention torch SDPA: cuDNN, or with GQA the flash kernel PyTorch picks (measured; see
+    # docs/validation.md).
     if packed:
-        return "efficient"
+        return "triton"
     return "flash" if model == "llama" else "cudnn"
 
 
@@ -136,6 +139,22 @@ def single_gpu_rows(device_type: str) -> list[Row]:
                 packed=True,
             ),
             Row(f"{m}/triton+docs", m, {"attention_backend": "triton"}, ("triton",), packed=True),
+            Row(
+                f"{m}/triton-fused-dq+docs",
+                m,
+                {"attention_backend": "triton"},
+                ("triton", "triton-fused-dq") if device_type != "cuda" else ("triton-fused-dq",),
+                packed=True,
+                fused_dq=True,
+            ),
+            Row(
+                f"{m}/triton-step+docs",
+                m,
+                {"attention_backend": "triton"},
+                ("triton-step",),
+                packed=True,
+                step_blocks=4,
+            ),
             Row(
                 f"{m}/flash_attn+docs",
                 m,
