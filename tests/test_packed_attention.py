@@ -118,3 +118,18 @@ def test_document_bounds_and_cu_seqlens() -> None:
     assert document_bounds(doc_ids) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
     cu, longest = cu_seqlens(doc_ids)
     assert cu.tolist() == [0, 2, 5, 6, 12] and longest == 6
+
+
+def test_triton_backend_fallback_builds_no_s_by_s_tensor() -> None:
+    """Head dim 40 (not a Triton kernel's): SDPA per document, no dense mask."""
+    from megatron.ops.flash_attn_triton import flash_attn_triton
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(S, B, 2, 40, generator=g, requires_grad=True) for _ in "qkv")
+    _, _, _, doc_ids = _inputs()
+    out, grads, dout, largest = _run_recorded(
+        lambda: flash_attn_triton(q, k, v, doc_ids=doc_ids, softmax_scale=SCALE), q, k, v
+    )
+    assert largest < S * S, largest
+    ref = _reference(q, k, v, doc_ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

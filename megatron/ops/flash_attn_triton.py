@@ -3,7 +3,8 @@
 ``flash_attn_triton(q, k, v)`` computes softmax(q k^T * scale) v with causal and/or packed
 document masking (``doc_ids``), GQA/MQA (k/v with fewer heads, never repeated in memory) and
 strided "sbhd"/"bshd" inputs. Kernels live in ``flash_attn_triton_fwd`` / ``_bwd``; head dims
-other than 64/96/128 (or CPU tensors without the Triton interpreter) fall back to PyTorch SDPA.
+other than 64/96/128 (or CPU tensors without the Triton interpreter) fall back to PyTorch SDPA
+(per document with doc_ids: no [s, s] mask).
 
 ``flash_attn_step_forward`` / ``flash_attn_step_backward`` run the same kernels as one local
 attention step (megatron.model.attention_step): queries and keys of different lengths and
@@ -247,6 +248,22 @@ def attention_reference(
     return o_bhsd.permute(*inv).contiguous()
 
 
+def _fallback(q, k, v, causal: bool, scale: float, doc_ids, layout: str) -> torch.Tensor:
+    """PyTorch SDPA for what the kernels do not take, in O(s) memory: one call (its own
+    causal mask), or one call per document (megatron.ops.packed_attention)."""
+    from megatron.ops.packed_attention import document_loop_attention
+
+    q_s, k_s, v_s = (t.transpose(0, 1) if layout == "bshd" else t for t in (q, k, v))  # sbhd
+    if doc_ids is not None:
+        out = document_loop_attention(q_s, k_s, v_s, doc_ids, softmax_scale=scale, causal=causal)
+    else:
+        out = F.scaled_dot_product_attention(
+            *(t.permute(1, 2, 0, 3) for t in (q_s, k_s, v_s)), is_causal=causal, scale=scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        ).permute(2, 0, 1, 3)  # fmt: skip
+    return (out.transpose(0, 1) if layout == "bshd" else out).contiguous()
+
+
 def flash_attn_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -275,9 +292,7 @@ def flash_attn_triton(
         reason = f"{q.device.type} tensors need CUDA (or TRITON_INTERPRET=1)"
     if reason is not None:
         _warn_once(reason)
-        return attention_reference(
-            q, k, v, causal=causal, softmax_scale=softmax_scale, doc_ids=doc_ids, layout=layout
-        )
+        return _fallback(q, k, v, causal, softmax_scale, doc_ids, layout)
     return FlashAttnTritonFunction.apply(q, k, v, causal, float(softmax_scale), doc_ids, layout)
 
 

@@ -36,8 +36,9 @@ def document_loop_attention(
     *,
     softmax_scale: float,
     dropout_p: float = 0.0,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal SDPA per document (PyTorch picks cuDNN/flash for each slice)."""
+    """SDPA per document, causal by default (PyTorch picks cuDNN/flash for each slice)."""
     hq, hkv = q.shape[2], k.shape[2]
     rows = []
     for row, bounds in enumerate(document_bounds(doc_ids)):
@@ -46,7 +47,7 @@ def document_loop_attention(
             # [1, h, L, d] views of this document's tokens
             qd, kd, vd = (t[start:end, row : row + 1].permute(1, 2, 0, 3) for t in (q, k, v))
             o = F.scaled_dot_product_attention(
-                qd, kd, vd, dropout_p=dropout_p, is_causal=True, scale=softmax_scale,
+                qd, kd, vd, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale,
                 enable_gqa=hq != hkv,
             )  # fmt: skip
             outs.append(o.permute(2, 0, 1, 3))  # [L, 1, hq, d]
