@@ -22,13 +22,16 @@ from megatron.model.attention_step import CLASSIC_STEP, TRITON_STEP, TritonStep,
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# The interpreter: fp32, exact dots. On a GPU fp16 (fp32 kernels compile for minutes there).
+DTYPE, TOL = (torch.float16, 1e-2) if CUDA else (torch.float32, 2e-5)
 S, B, HQ, D, SCALE = 48, 2, 4, 64, 0.125
 # Packed rows: three documents; one document. Non-decreasing, so any slice is too.
 DOCS = torch.tensor([[0] * 10 + [1] * 23 + [2] * 15, [5] * 48], dtype=torch.int32)
 
 
-def _inputs(s_q: int, s_k: int, hkv: int, dtype=torch.float32, seed: int = 0):
+def _inputs(s_q: int, s_k: int, hkv: int, dtype=DTYPE, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
 
     def t(s, h):
@@ -37,8 +40,10 @@ def _inputs(s_q: int, s_k: int, hkv: int, dtype=torch.float32, seed: int = 0):
     return t(s_q, HQ), t(s_k, hkv), t(s_k, hkv), t(s_q, HQ)  # q, k, v, dout
 
 
-def _close(got, want, tol):
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+def _close(got, want, tol=TOL):
+    """Norm-relative error below ``tol`` (absolute when ``want`` is zero)."""
+    err = (got.double() - want.double()).norm().item()
+    assert err <= tol * max(want.double().norm().item(), 1.0), (err, tol)
 
 
 # (q rows, k rows, causal, with documents): on, below, across and above-but-near the diagonal.
@@ -64,10 +69,10 @@ def test_step_matches_classic(name: str, hkv: int) -> None:
     out, lse = TRITON_STEP(q, k, v, **kw)
     ref_out, ref_lse = CLASSIC_STEP(q, k, v, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == torch.float32
-    _close(out, ref_out, 1e-4)
+    _close(out, ref_out)
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), seen)  # -inf exactly where no key is seen
-    _close(lse[seen], ref_lse[seen], 1e-4)
+    _close(lse[seen], ref_lse[seen])
     # Backward from a "merged" output and lse that are not this block's own (as after merging
     # other key blocks): the kernel must use the given ones.
     merged_out = ref_out.float() * 0.7 + 0.1
@@ -76,7 +81,7 @@ def test_step_matches_classic(name: str, hkv: int) -> None:
     ref_grads = CLASSIC_STEP.backward(dout, q, k, v, merged_out, merged_lse, **kw)
     for got, want, like in zip(grads, ref_grads, (q, k, v)):
         assert got.shape == like.shape and got.dtype == like.dtype
-        _close(got, want, 1e-4)
+        _close(got, want)
 
 
 def test_two_key_blocks_merged_equal_one_call() -> None:
@@ -92,8 +97,8 @@ def test_two_key_blocks_merged_equal_one_call() -> None:
         for p in parts
     ]
     out, lse = merge(*res[0], *res[1])
-    _close(out, one_out, 1e-5)
-    _close(lse, one_lse, 1e-5)
+    _close(out, one_out)
+    _close(lse, one_lse)
     one = TRITON_STEP.backward(dout, q, k, v, one_out, one_lse, **kw, **docs,
                                k_doc_ids=DOCS.to(DEVICE))  # fmt: skip
     dq = torch.zeros_like(q)
@@ -104,9 +109,9 @@ def test_two_key_blocks_merged_equal_one_call() -> None:
         dq += g[0]
         dks.append(g[1])
         dvs.append(g[2])
-    _close(dq, one[0], 1e-4)
-    _close(torch.cat(dks), one[1], 1e-4)
-    _close(torch.cat(dvs), one[2], 1e-4)
+    _close(dq, one[0])
+    _close(torch.cat(dks), one[1])
+    _close(torch.cat(dvs), one[2])
 
 
 def test_chunked_causal_sequence_equals_full_attention() -> None:
@@ -130,14 +135,14 @@ def test_chunked_causal_sequence_equals_full_attention() -> None:
         for j in ks:
             o, lse = TRITON_STEP(q[i], k[j], v[j], **kw(i, j))
             acc = (o.float(), lse) if acc is None else merge(*acc, o, lse)
-        _close(acc[0], ref[i], 1e-4)
+        _close(acc[0], ref[i])
         for j in ks:
             dq, dk, dv = TRITON_STEP.backward(dout[i], q[i], k[j], v[j], *acc, **kw(i, j))
             grads[0][i] += dq
             grads[1][j] += dk
             grads[2][j] += dv
     for got, want in zip(grads, ref_grads):
-        _close(got, want, 1e-4)
+        _close(got, want)
 
 
 def test_queries_that_see_no_key() -> None:
@@ -151,16 +156,17 @@ def test_queries_that_see_no_key() -> None:
     ref_out, ref_lse = CLASSIC_STEP(q, k, v, **kw)
     assert torch.isneginf(lse[0, :, 8:]).all() and torch.isneginf(lse[1]).all()
     assert (out[8:, 0] == 0).all() and (out[:, 1] == 0).all()
-    _close(out, ref_out, 1e-4)
-    _close(lse[0, :, :8], ref_lse[0, :, :8], 1e-4)
+    _close(out, ref_out)
+    _close(lse[0, :, :8], ref_lse[0, :, :8])
     grads = TRITON_STEP.backward(dout, q, k, v, out, lse, **kw)
     ref_grads = CLASSIC_STEP.backward(dout, q, k, v, ref_out, ref_lse, **kw)
     for got, want in zip(grads, ref_grads):
         assert torch.isfinite(got).all()
-        _close(got, want, 1e-4)
+        _close(got, want)
     assert (grads[0][:, 1] == 0).all()
 
 
+@pytest.mark.skipif(CUDA, reason="the GPU runs every case in fp16")
 def test_fp16_step_close_to_classic() -> None:
     q, k, v, dout = _inputs(32, 40, 2, dtype=torch.float16, seed=9)
     kw = {"causal": "diagonal", "q_offset": 16, "k_offset": 0, "softmax_scale": SCALE,
@@ -186,7 +192,7 @@ def test_fused_dq_equals_two_kernels(name: str, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(fa, "FUSED_DQ", True)
     fused = TRITON_STEP.backward(dout, q, k, v, out, lse, **kw)
     for got, want in zip(fused, two):
-        _close(got, want, 1e-5)
+        _close(got, want)
     # And through autograd (the --use-flash-attn-triton path), GQA with documents.
     leaves = [t.clone().requires_grad_() for t in _inputs(S, S, 2, seed=12)[:3]]
     o = fa.flash_attn_triton(*leaves, doc_ids=DOCS.to(DEVICE), softmax_scale=SCALE)
@@ -194,7 +200,7 @@ def test_fused_dq_equals_two_kernels(name: str, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(fa, "FUSED_DQ", False)
     o = fa.flash_attn_triton(*leaves, doc_ids=DOCS.to(DEVICE), softmax_scale=SCALE)
     for got, want in zip(fused_grads, torch.autograd.grad(o, leaves, dout.new_ones(o.shape))):
-        _close(got, want, 1e-5)
+        _close(got, want)
 
 
 def test_unsupported_head_dim_runs_the_classic_step() -> None:

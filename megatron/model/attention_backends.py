@@ -122,7 +122,8 @@ PACKED_ROUTED_DEVICES = ("cuda",)
 
 
 class SDPAAttention(LocalAttention):
-    """``--use-flash-attn``: flash_attn v2 if importable, else torch SDPA."""
+    """``--use-flash-attn``: flash_attn v2 if importable, else the kernel chosen per mask by
+    megatron.ops.attention_choice (module docstring)."""
 
     step = SDPA_STEP
 
