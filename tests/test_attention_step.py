@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from megatron.model.attention_backends import build_local_attention
-from megatron.model.attention_step import CLASSIC_STEP, SDPA_STEP, ClassicStep, SDPAStep, merge
+from megatron.model.attention_step import (
+    CLASSIC_STEP,
+    SDPA_STEP,
+    ClassicStep,
+    SDPAStep,
+    TritonStep,
+    merge,
+)
 
 S, B, HQ, D, SCALE = 48, 2, 4, 8, 0.3
 DOCS = torch.tensor([[0] * 10 + [1] * 23 + [2] * 15, [5] * 48])  # [b, s]
@@ -131,6 +138,6 @@ def test_float32_inputs_give_float32_lse_and_reject_bad_arguments():
 
 
 def test_every_backend_exposes_a_step():
-    for name, kind in (("classic", ClassicStep), ("sdpa", SDPAStep), ("triton", ClassicStep)):
+    for name, kind in (("classic", ClassicStep), ("sdpa", SDPAStep), ("triton", TritonStep)):
         attn = build_local_attention(name, attention_dropout=0.0, softmax_scale=SCALE)
         assert isinstance(attn.step, kind)

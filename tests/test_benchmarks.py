@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,20 @@ def test_ab_cli_json_key_and_failures(fake_repo, tmp_path):
                    pairs=1, metric="x")  # fmt: skip
     with pytest.raises(ValueError, match="no match"):
         ab_compare([sys.executable, "bench.py"], "HEAD", "HEAD", repo, pairs=1, metric="nope")
+
+
+def test_attention_kernel_table_cpu_smoke(tmp_path):
+    """bench_attention_kernels.py's code path on CPU (Triton interpreter, tiny sizes)."""
+    out = tmp_path / "kernels.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_attention_kernels.py"), "--cpu-smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["results"]
+    got = {(r["mask"], r["method"]) for r in rows if "error" not in r}
+    assert got == {
+        ("causal", "triton"), ("causal", "triton-fused-dq"), ("documents", "triton"),
+        ("documents", "triton-fused-dq"), ("documents", "doc-loop"),
+    }  # fmt: skip
+    assert all(r["err_vs_first"] < 1e-4 for r in rows)

@@ -36,7 +36,9 @@ NOTES: dict[str, tuple[str, str]] = {
     ),
     "--use-flash-attn": (
         "changed",
-        "`flash_attn` v2 if importable, else PyTorch SDPA (cuDNN/flash)",
+        "`flash_attn` v2 if importable, else the measured fastest kernel per mask "
+        "(`megatron/ops/attention_choice.py`): PyTorch SDPA (cuDNN) for causal attention, "
+        "our Triton kernel for packed documents on GPUs",
     ),
     "--use-flash-attn-triton": (
         "changed",

@@ -182,7 +182,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--use-flash-attn-v2",
         dest="use_flash_attn",
         action="store_true",
-        help="flash_attn v2 if importable, else PyTorch SDPA",
+        help="flash_attn v2 if importable, else the kernel measured fastest for the mask on "
+        "this GPU (megatron/ops/attention_choice.py): PyTorch SDPA for causal attention, our "
+        "Triton kernel for packed documents (O(s) memory)",
     )
     g.add_argument(
         "--use-flash-attn-triton",

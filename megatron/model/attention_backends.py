@@ -7,10 +7,13 @@ over), and returns the context ``[s, b, hq, d]``. ``doc_ids`` ``[b, s]`` are per
 document ids of packed sequences: a query attends only to earlier keys of its own document.
 
 * ``classic``: fp32 matmul + softmax with an explicit mask; dropout on the probabilities.
-* ``sdpa``: ``flash_attn`` v2 when importable (CUDA, fp16/bf16), else PyTorch's
-  ``scaled_dot_product_attention`` (no backend forced: PyTorch picks cuDNN/flash/...); a
-  causal sequence of at least two ``sdpa_block_size`` blocks runs blockwise (cuDNN on CUDA,
-  the fused CPU kernel on CPU; ``megatron.model.blockwise_attention``).
+* ``sdpa``: ``flash_attn`` v2 when importable (CUDA, fp16/bf16), else the kernel that
+  ``megatron.ops.attention_choice`` measured fastest for the mask on this GPU: PyTorch's
+  ``scaled_dot_product_attention`` for causal attention (no backend forced: PyTorch picks
+  cuDNN/flash/...; a causal sequence of at least two ``sdpa_block_size`` blocks runs
+  blockwise, ``megatron.model.blockwise_attention``), this project's Triton kernel for packed
+  documents on CUDA (O(s) memory; per-document SDPA where it cannot run). On CPU packed
+  documents use SDPA with the dense ``[b, 1, s, s]`` mask, the reference at test sizes.
 * ``triton``: this project's Triton FlashAttention (imported lazily; no dropout).
 
 Every backend also exposes ``attn.step``, its local attention step (one query block against
@@ -26,12 +29,17 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from megatron.model.attention_step import CLASSIC_STEP, SDPA_STEP, AttentionStep
+from megatron.model.attention_step import CLASSIC_STEP, SDPA_STEP, TRITON_STEP, AttentionStep
 from megatron.model.blockwise_attention import (
     blockwise_causal_attention,
     blockwise_causal_usable,
 )
-from megatron.ops import contiguous_grad
+from megatron.ops import attention_choice, contiguous_grad
+from megatron.ops.packed_attention import (
+    cu_seqlens,
+    document_loop_attention,
+    varlen_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +101,10 @@ def _load_flash_attn():
         import flash_attn
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
-        logger.info("> attention: flash_attn is not installed; --use-flash-attn uses torch SDPA")
+        logger.info(
+            "> attention: flash_attn is not installed; --use-flash-attn picks its kernels "
+            "from megatron/ops/attention_choice.py"
+        )
         return None
     if not str(getattr(flash_attn, "__version__", "0")).startswith("2."):
         logger.warning(
@@ -105,23 +116,14 @@ def _load_flash_attn():
     return flash_attn_func, flash_attn_varlen_func
 
 
-def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative document lengths over the flattened [b * s] tokens, and the longest one.
-
-    A document starts at the start of each row and wherever the id changes along a row.
-    (One host sync for the maximum length, which flash_attn's varlen API needs.)
-    """
-    b, s = doc_ids.shape
-    starts = torch.ones(b, s, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_idx = starts.flatten().nonzero().flatten()
-    end = torch.tensor([b * s], device=doc_ids.device, dtype=start_idx.dtype)
-    cu = torch.cat((start_idx, end)).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max().item())
+# Devices on which packed documents take an O(s) kernel (megatron.ops.attention_choice);
+# elsewhere (CPU) the dense [b, 1, s, s] mask and SDPA, the reference at test sizes.
+PACKED_ROUTED_DEVICES = ("cuda",)
 
 
 class SDPAAttention(LocalAttention):
-    """``--use-flash-attn``: flash_attn v2 if importable, else torch SDPA."""
+    """``--use-flash-attn``: flash_attn v2 if importable, else the kernel chosen per mask by
+    megatron.ops.attention_choice (module docstring)."""
 
     step = SDPA_STEP
 
@@ -150,6 +152,12 @@ class SDPAAttention(LocalAttention):
     def forward(self, q, k, v, *, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self._flash_usable(q):
             return self._flash_attn(q, k, v, doc_ids)
+        if doc_ids is not None and q.device.type in PACKED_ROUTED_DEVICES:
+            return self._packed(q, k, v, doc_ids)
+        if doc_ids is None and q.is_cuda and self._choose(q, "causal").kernel == "triton":
+            from megatron.ops.flash_attn_triton import flash_attn_triton  # imports triton
+
+            return flash_attn_triton(q, k, v, causal=True, softmax_scale=self.softmax_scale)
         hq, hkv = q.shape[2], k.shape[2]
         q_bhsd, k_bhsd, v_bhsd = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self._blockwise(q_bhsd, k_bhsd, doc_ids):
@@ -172,6 +180,32 @@ class SDPAAttention(LocalAttention):
             out_bhsd = contiguous_grad(out_bhsd)
         return out_bhsd.permute(2, 0, 1, 3)  # [s, b, hq, d]
 
+    def _packed(self, q, k, v, doc_ids: torch.Tensor) -> torch.Tensor:
+        """Packed documents in O(s) memory by the kernel of megatron.ops.attention_choice."""
+        choice = self._choose(q, "documents")
+        if choice.kernel == "triton":
+            from megatron.ops.flash_attn_triton import flash_attn_triton  # imports triton
+
+            return flash_attn_triton(
+                q, k, v, causal=True, softmax_scale=self.softmax_scale, doc_ids=doc_ids
+            )
+        if choice.kernel == "varlen":
+            return varlen_attention(q, k, v, doc_ids, softmax_scale=self.softmax_scale)
+        return document_loop_attention(
+            q, k, v, doc_ids, softmax_scale=self.softmax_scale, dropout_p=self._dropout()
+        )
+
+    def _choose(self, q: torch.Tensor, mask: str) -> attention_choice.Choice:
+        """The table's kernel for this call (megatron.ops.attention_choice), logged once."""
+        choice = attention_choice.choose(
+            q.device, mask=mask, seq=q.shape[0], head_dim=q.shape[3], dtype=q.dtype,
+            dropout=self._dropout() > 0,
+        )  # fmt: skip
+        attention_choice.log_choice(
+            attention_choice.gpu_type(q.device), mask, choice.kernel, choice.why
+        )
+        return choice
+
     def _flash_attn(self, q, k, v, doc_ids) -> torch.Tensor:
         flash_attn_func, flash_attn_varlen_func = self._flash
         s, b, hq, d = q.shape
@@ -179,7 +213,7 @@ class SDPAAttention(LocalAttention):
         if doc_ids is None:
             q_bshd, k_bshd, v_bshd = (t.transpose(0, 1) for t in (q, k, v))
             return flash_attn_func(q_bshd, k_bshd, v_bshd, **kw).transpose(0, 1)
-        cu, max_len = doc_cu_seqlens(doc_ids)
+        cu, max_len = cu_seqlens(doc_ids)
         q_t, k_t, v_t = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (q, k, v))
         out = flash_attn_varlen_func(q_t, k_t, v_t, cu, cu, max_len, max_len, **kw)
         return out.view(b, s, hq, d).transpose(0, 1)  # [s, b, hq, d]
@@ -188,9 +222,7 @@ class SDPAAttention(LocalAttention):
 class TritonAttention(LocalAttention):
     """``--use-flash-attn-triton``: megatron.ops.flash_attn_triton (attention dropout unsupported)."""
 
-    # The Triton kernel's own step (an AttentionStep subclass with separate q/k document ids
-    # and offsets) replaces this; until then its blocks run the classic step.
-    step = CLASSIC_STEP
+    step = TRITON_STEP
 
     def __init__(self, attention_dropout: float, softmax_scale: float) -> None:
         super().__init__(attention_dropout, softmax_scale)

@@ -38,9 +38,11 @@ Contract of ``AttentionStep`` (every local attention backend exposes one as ``at
 ``merge(out_a, lse_a, out_b, lse_b)`` combines two blocks' results over disjoint keys, in
 float32 (or wider); cast the final output to the model's dtype. ``ClassicStep`` is the
 reference (fp32 matmul + softmax with an explicit mask); ``SDPAStep`` runs the fused kernels
-that return the log-sum-exp (cuDNN on CUDA, the flash kernel on CPU) and falls back to the
-classic step where they cannot take the case. A new kernel (e.g. the Triton one) plugs in by
-subclassing ``AttentionStep`` and implementing ``_forward`` and ``_backward``.
+that return the log-sum-exp (cuDNN on CUDA, the flash kernel on CPU) and hands what they
+cannot take to the Triton step on CUDA (the classic step on CPU); ``TritonStep`` runs this
+project's Triton kernels, which take every case (documents, offsets, GQA) in one call. A new
+kernel plugs in by subclassing ``AttentionStep`` and implementing ``_forward`` and
+``_backward``.
 """
 
 from __future__ import annotations
@@ -237,14 +239,20 @@ def _cudnn_usable(q_bhsd: torch.Tensor) -> bool:
 class SDPAStep(AttentionStep):
     """Fused kernels that return the log-sum-exp: cuDNN on CUDA, the flash kernel on CPU.
 
-    Falls back to ``ClassicStep`` for documents (neither kernel takes separate q/k document
-    ids), for a causal block that is not square with equal offsets (the kernels' causal mask
-    is the aligned diagonal), and on CUDA for what cuDNN does not take (dtypes other than
-    fp16/bf16, head dim above 128, cuDNN attention disabled). On CUDA, GQA repeats K/V for
-    the cuDNN call (and sums dK/dV over the group); the CPU kernel takes GQA as it is.
+    Hands to another step documents (neither kernel takes separate q/k document ids), a
+    causal block that is not square with equal offsets (the kernels' causal mask is the
+    aligned diagonal), and on CUDA what cuDNN does not take (dtypes other than fp16/bf16,
+    head dim above 128, cuDNN attention disabled): on CUDA the Triton step (O(s) memory; it
+    falls back to the classic step for what it cannot run), on CPU the classic step. On
+    CUDA, GQA repeats K/V for the cuDNN call (and sums dK/dV over the group); the CPU kernel
+    takes GQA as it is.
     """
 
     classic = ClassicStep()
+
+    def _other(self, q_sbhd: Tensor) -> AttentionStep:
+        """The step for blocks the fused kernel does not take."""
+        return TRITON_STEP if q_sbhd.is_cuda else self.classic
 
     @staticmethod
     def kernel_takes(q_sbhd: Tensor, k_sbhd: Tensor, blk: Block) -> bool:
@@ -256,7 +264,7 @@ class SDPAStep(AttentionStep):
 
     def _forward(self, q_sbhd, k_sbhd, v_sbhd, blk):
         if not self.kernel_takes(q_sbhd, k_sbhd, blk):
-            return self.classic._forward(q_sbhd, k_sbhd, v_sbhd, blk)
+            return self._other(q_sbhd)._forward(q_sbhd, k_sbhd, v_sbhd, blk)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q_sbhd, k_sbhd, v_sbhd))  # [b, h, s, d]
         if q.is_cuda:
             k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
@@ -272,7 +280,8 @@ class SDPAStep(AttentionStep):
 
     def _backward(self, dout_sbhd, q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, blk):
         if not self.kernel_takes(q_sbhd, k_sbhd, blk):
-            return self.classic._backward(dout_sbhd, q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, blk)
+            other = self._other(q_sbhd)
+            return other._backward(dout_sbhd, q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, blk)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q_sbhd, k_sbhd, v_sbhd))  # [b, h, s, d]
         out = out_sbhd.permute(1, 2, 0, 3).to(q.dtype)
         # cuDNN's backward (torch 2.11) returns wrong gradients for a dout laid out
@@ -320,5 +329,52 @@ def _sum_heads(g_bhsd: torch.Tensor, hkv: int) -> torch.Tensor:
     return g_bhsd if hq == hkv else g_bhsd.reshape(b, hkv, hq // hkv, s, d).sum(2)
 
 
+class TritonStep(AttentionStep):
+    """This project's Triton FlashAttention kernels (megatron.ops.flash_attn_triton) as a step.
+
+    Takes every case of the contract in one kernel call: separate query and key document ids
+    (non-decreasing along the sequence, as packed sequences and their slices are), causal
+    blocks at any offsets, GQA without repeating K/V. Falls back to ``ClassicStep`` where the
+    kernels cannot run: head dims other than 64/96/128, float64, or a CPU without the Triton
+    interpreter.
+    """
+
+    classic = ClassicStep()
+
+    @staticmethod
+    def kernel_takes(q_sbhd: Tensor) -> bool:
+        """Whether the Triton kernels run this block (else the classic step)."""
+        from megatron.ops.flash_attn_triton import step_unsupported  # imports triton: lazily
+
+        return step_unsupported(q_sbhd) is None
+
+    @staticmethod
+    def _kw(blk: Block) -> dict:
+        return {
+            "causal": blk.masked,
+            "shift": blk.q_offset - blk.k_offset,
+            "softmax_scale": blk.scale,
+            "q_doc_ids": blk.q_doc_ids,
+            "k_doc_ids": blk.k_doc_ids,
+        }
+
+    def _forward(self, q_sbhd, k_sbhd, v_sbhd, blk):
+        if not self.kernel_takes(q_sbhd):
+            return self.classic._forward(q_sbhd, k_sbhd, v_sbhd, blk)
+        from megatron.ops.flash_attn_triton import flash_attn_step_forward
+
+        return flash_attn_step_forward(q_sbhd, k_sbhd, v_sbhd, **self._kw(blk))
+
+    def _backward(self, dout_sbhd, q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, blk):
+        if not self.kernel_takes(q_sbhd):
+            return self.classic._backward(dout_sbhd, q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, blk)
+        from megatron.ops.flash_attn_triton import flash_attn_step_backward
+
+        return flash_attn_step_backward(
+            dout_sbhd, q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, **self._kw(blk)
+        )
+
+
 CLASSIC_STEP = ClassicStep()
 SDPA_STEP = SDPAStep()
+TRITON_STEP = TritonStep()

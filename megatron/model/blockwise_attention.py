@@ -12,6 +12,9 @@ backward does not slow down with the length.
 Each block is one step of the SDPA backend (megatron.model.attention_step: cuDNN on CUDA, the
 fused CPU kernel on CPU, for tests), merged by its log-sum-exp merge. No dropout, no
 document mask, equal query and key/value heads: the caller falls back to one call otherwise.
+
+``blockwise_step_attention`` is the general form over any backend's step, with documents and
+GQA, forward and backward both by steps (the local half of ring attention).
 """
 
 from __future__ import annotations
@@ -82,3 +85,66 @@ def blockwise_causal_attention(
 ) -> torch.Tensor:
     """Causal softmax attention ``[b, h, s, d]``, computed in ``block``-token square blocks."""
     return _BlockwiseCausal.apply(q_bhsd, k_bhsd, v_bhsd, block, scale)
+
+
+class _BlockwiseSteps(torch.autograd.Function):
+    """Causal attention ``[s, b, h, d]`` (k/v: hkv heads) as steps of ``step`` over square
+    blocks: every (query block, key block) pair on or below the diagonal, merged by
+    log-sum-exp; the backward runs every pair's step backward from the merged output and
+    log-sum-exp, as ring attention does with the K/V blocks of other ranks."""
+
+    @staticmethod
+    def forward(ctx, q_sbhd, k_sbhd, v_sbhd, step, block: int, scale: float, doc_ids):
+        s = q_sbhd.shape[0]
+        bounds = [(i, min(i + block, s)) for i in range(0, s, block)]
+        outs, lses = [], []
+        for qi, (q0, q1) in enumerate(bounds):
+            acc = None
+            for k0, k1 in bounds[: qi + 1]:
+                o, lse = step(q_sbhd[q0:q1], k_sbhd[k0:k1], v_sbhd[k0:k1],
+                              **_pair_kw(doc_ids, q0, q1, k0, k1, scale))  # fmt: skip
+                acc = (o.to(lse.dtype), lse) if acc is None else merge(*acc, o, lse)
+            outs.append(acc[0])
+            lses.append(acc[1])
+        out_sbhd = torch.cat(outs).to(q_sbhd.dtype)
+        lse_bhs = torch.cat(lses, dim=2)
+        ctx.step, ctx.bounds, ctx.scale = step, bounds, scale
+        ctx.save_for_backward(q_sbhd, k_sbhd, v_sbhd, out_sbhd, lse_bhs, doc_ids)
+        return out_sbhd
+
+    @staticmethod
+    def backward(ctx, dout_sbhd):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+        for qi, (q0, q1) in enumerate(ctx.bounds):
+            for k0, k1 in ctx.bounds[: qi + 1]:
+                grads = ctx.step.backward(
+                    dout_sbhd[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1],
+                    lse[:, :, q0:q1], **_pair_kw(doc_ids, q0, q1, k0, k1, ctx.scale),
+                )  # fmt: skip
+                dq[q0:q1] += grads[0]
+                dk[k0:k1] += grads[1]
+                dv[k0:k1] += grads[2]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _pair_kw(doc_ids, q0: int, q1: int, k0: int, k1: int, scale: float) -> dict:
+    docs = (
+        {} if doc_ids is None else {"q_doc_ids": doc_ids[:, q0:q1], "k_doc_ids": doc_ids[:, k0:k1]}
+    )
+    return {"causal": "diagonal", "q_offset": q0, "k_offset": k0, "softmax_scale": scale, **docs}
+
+
+def blockwise_step_attention(
+    q_sbhd: torch.Tensor,
+    k_sbhd: torch.Tensor,
+    v_sbhd: torch.Tensor,
+    step,
+    block: int,
+    scale: float,
+    doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention ``[s, b, hq, d]`` (packed documents by ``doc_ids`` ``[b, s]``) computed
+    by an ``AttentionStep`` over ``block``-token blocks (any length; the last may be shorter).
+    ``python -m megatron.validate`` runs a backend's step in the model through it."""
+    return _BlockwiseSteps.apply(q_sbhd, k_sbhd, v_sbhd, step, block, scale, doc_ids)

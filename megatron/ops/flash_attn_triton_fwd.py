@@ -5,6 +5,13 @@ non-contiguous views along the head dim work without copies; only the last dim m
 Scores live in the log2 domain: ``qk_scale = softmax_scale * log2(e)`` so ``exp2`` replaces
 ``exp`` and the saved LSE is ``m + log2(sum(exp2(s - m)))`` of the scaled scores ``s``.
 
+Queries and keys may differ in number (``NQ``, ``NK``) and carry their own document ids
+(``DOCQ``, ``DOCK``, both non-decreasing along the sequence): query ``i`` sees key ``j`` when
+their documents agree and, if ``CAUSAL``, ``j <= i + SHIFT`` (``SHIFT`` = query offset - key
+offset of the block; 0 for one self-attention). ``QDS``/``QDE`` give, per query, the range
+``[start, end)`` of keys of its document. A query that sees no key gets a zero output row
+and LSE ``-inf``.
+
 The key loop of a query block is split into three ranges of key blocks (see
 ``query_block_key_ranges``): leading masked blocks (document starts), fully visible blocks
 (no mask math at all) and trailing masked blocks (causal diagonal, document ends, ragged
@@ -46,12 +53,13 @@ def _config(shape: Shape) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-def tune_args(shapes: list[Shape], fp32_shape: Shape) -> dict:
+def tune_args(shapes: list[Shape], fp32_shape: Shape, key=tuple(TUNE_KEY), **extra) -> dict:
     """``triton.autotune`` arguments: configs from ``shapes`` (first = default, the only one
     below AUTOTUNE_MIN_SEQ), ``fp32_shape`` alone for fp32 inputs (FMA dots, no tensor cores:
-    big tiles would spill), one small fixed config in the interpreter (fast CPU tests)."""
+    big tiles would spill), one small fixed config in the interpreter (fast CPU tests).
+    ``extra``: more ``triton.autotune`` arguments (e.g. ``reset_to_zero``)."""
     if INTERPRET:
-        return {"configs": [_config((16, 16, 1, 1))], "key": TUNE_KEY}
+        return {"configs": [_config((16, 16, 1, 1))], "key": list(key), **extra}
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         if named_args["Q"].dtype == torch.float32:
@@ -61,8 +69,9 @@ def tune_args(shapes: list[Shape], fp32_shape: Shape) -> dict:
 
     return {
         "configs": [_config(sh) for sh in shapes],
-        "key": TUNE_KEY,
+        "key": list(key),
         "prune_configs_by": {"early_config_prune": prune},
+        **extra,
     }
 
 
@@ -74,14 +83,14 @@ FWD_SHAPES = [
 
 # fmt: off
 @triton.jit
-def query_block_key_ranges(DS, DE, m0, N, CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def query_block_key_ranges(DS, DE, m0, NQ, NK, SHIFT, CAUSAL: tl.constexpr,
+                           HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key-block ranges for query rows [m0, m0 + BLOCK_M).
 
     Returns (lo, a, b, hi): blocks [lo, a) and [b, hi) need masks, [a, b) are fully visible to
-    every query row < N. DS/DE point at this batch row's per-token document start / end.
+    every query row < NQ. DS/DE point at this batch row's per-query key range of its document.
     """
-    m_last = tl.minimum(m0 + BLOCK_M, N) - 1
+    m_last = tl.minimum(m0 + BLOCK_M, NQ) - 1
     if HAS_DOC:
         lo = tl.load(DS + m0)  # first key any row may see
         full_lo = tl.load(DS + m_last)  # keys from the last row's document start...
@@ -90,11 +99,11 @@ def query_block_key_ranges(DS, DE, m0, N, CAUSAL: tl.constexpr, HAS_DOC: tl.cons
     else:
         lo = 0
         full_lo = 0
-        full_hi = N
-        hi = N
+        full_hi = NK
+        hi = NK
     if CAUSAL:
-        hi = tl.minimum(hi, m_last + 1)
-        full_hi = tl.minimum(full_hi, m0 + 1)
+        hi = tl.maximum(tl.minimum(hi, m_last + SHIFT + 1), 0)
+        full_hi = tl.maximum(tl.minimum(full_hi, m0 + SHIFT + 1), 0)
     lo_blk = lo // BLOCK_N
     hi_blk = tl.cdiv(hi, BLOCK_N)
     a = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N), lo_blk), hi_blk)
@@ -104,7 +113,7 @@ def query_block_key_ranges(DS, DE, m0, N, CAUSAL: tl.constexpr, HAS_DOC: tl.cons
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, n0, offs_m, doc_q,
-               DOC_row, N, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               DOCK_row, NK, SHIFT, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_DOC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block of the online softmax: returns updated (acc, l_i, m_i)."""
@@ -114,7 +123,7 @@ def _fwd_block(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, n0, offs_
     kT_ptrs = K_head + n0.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]
     v_ptrs = V_head + n0.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
     if MASKED:
-        k_ok = offs_k < N
+        k_ok = offs_k < NK
         kT = tl.load(kT_ptrs, mask=k_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         v = tl.load(v_ptrs, mask=k_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     elif HEAD_DIM != BLOCK_D:
@@ -127,9 +136,9 @@ def _fwd_block(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, n0, offs_
     if MASKED:
         keep = k_ok[None, :]
         if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_k[None, :])
+            keep = keep & (offs_m[:, None] + SHIFT >= offs_k[None, :])
         if HAS_DOC:
-            doc_k = tl.load(DOC_row + offs_k, mask=k_ok, other=-1)
+            doc_k = tl.load(DOCK_row + offs_k, mask=k_ok, other=-1)
             keep = keep & (doc_q[:, None] == doc_k[None, :])
         qk = qk * qk_scale + tl.where(keep, 0.0, MASK_VALUE)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -147,7 +156,7 @@ def _fwd_block(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, n0, offs_
 
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, start, end, offs_m, doc_q,
-              DOC_row, N, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              DOCK_row, NK, SHIFT, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_DOC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """Run ``_fwd_block`` over key blocks [start, end)."""
@@ -155,29 +164,32 @@ def _fwd_loop(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, start, end
         n = start
         while n < end:
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs,
-                                       n * BLOCK_N, offs_m, doc_q, DOC_row, N, qk_scale, MASKED,
-                                       CAUSAL, HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                       n * BLOCK_N, offs_m, doc_q, DOCK_row, NK, SHIFT, qk_scale,
+                                       MASKED, CAUSAL, HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       DOT_PREC)
             n += 1
     else:
         for n in range(start, end):
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs,
-                                       n * BLOCK_N, offs_m, doc_q, DOC_row, N, qk_scale, MASKED,
-                                       CAUSAL, HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                                       n * BLOCK_N, offs_m, doc_q, DOCK_row, NK, SHIFT, qk_scale,
+                                       MASKED, CAUSAL, HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N,
+                                       DOT_PREC)
     return acc, l_i, m_i
 
 
 @triton.autotune(**tune_args(FWD_SHAPES, fp32_shape=(64, 32, 4, 2)))
 @triton.jit
-def flash_fwd_kernel(Q, K, V, OUT, LSE, DOC, DS, DE,
+def flash_fwd_kernel(Q, K, V, OUT, LSE, DOCQ, DOCK, QDS, QDE,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                     N, H, qk_scale, seq_bucket,
+                     NQ, NK, H, SHIFT, qk_scale, seq_bucket,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (query blocks, batch * q heads). OUT is written in the layout its strides describe;
-    LSE is [batch, q heads, N] fp32 (log2 domain). DOC/DS/DE: [batch, N] int32 doc id, doc
-    start, doc end of each token (dummies unless HAS_DOC)."""
+    LSE is [batch, q heads, NQ] fp32 (log2 domain; -inf where a query sees no key). DOCQ, QDS,
+    QDE: [batch, NQ] int32 doc id and key range of each query; DOCK: [batch, NK] doc id of each
+    key (dummies unless HAS_DOC)."""
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest query blocks first
@@ -188,35 +200,39 @@ def flash_fwd_kernel(Q, K, V, OUT, LSE, DOC, DS, DE,
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = (offs_m < NQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = offs_m.to(tl.int64)[:, None]
     q = tl.load(Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh + rows * stride_qs
                 + offs_d[None, :], mask=mask, other=0.0)
     K_head = K + b64 * stride_kb + (off_h // GROUP).to(tl.int64) * stride_kh
     V_head = V + b64 * stride_vb + (off_h // GROUP).to(tl.int64) * stride_vh
-    DOC_row = DOC + b64 * N
+    DOCK_row = DOCK + b64 * NK
     if HAS_DOC:
-        doc_q = tl.load(DOC_row + offs_m, mask=offs_m < N, other=-2)
+        doc_q = tl.load(DOCQ + b64 * NQ + offs_m, mask=offs_m < NQ, other=-2)
     else:
         doc_q = offs_m  # unused
-    lo, a, b, hi = query_block_key_ranges(DS + b64 * N, DE + b64 * N, m0, N, CAUSAL, HAS_DOC,
-                                          BLOCK_M, BLOCK_N)
+    lo, a, b, hi = query_block_key_ranges(QDS + b64 * NQ, QDE + b64 * NQ, m0, NQ, NK, SHIFT,
+                                          CAUSAL, HAS_DOC, BLOCK_M, BLOCK_N)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, lo, a,
-                              offs_m, doc_q, DOC_row, N, qk_scale, True, CAUSAL, HAS_DOC,
-                              HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                              offs_m, doc_q, DOCK_row, NK, SHIFT, qk_scale, True, CAUSAL,
+                              HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, a, b,
-                              offs_m, doc_q, DOC_row, N, qk_scale, False, CAUSAL, HAS_DOC,
-                              HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                              offs_m, doc_q, DOCK_row, NK, SHIFT, qk_scale, False, CAUSAL,
+                              HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, b, hi,
-                              offs_m, doc_q, DOC_row, N, qk_scale, True, CAUSAL, HAS_DOC,
-                              HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
+                              offs_m, doc_q, DOCK_row, NK, SHIFT, qk_scale, True, CAUSAL,
+                              HAS_DOC, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PREC)
 
-    acc = acc / l_i[:, None]
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < N)
+    # A row that saw no key: its running max stayed at -inf or near MASK_VALUE.
+    empty = m_i < MASK_VALUE * 0.5
+    l_i = tl.where(empty, 1.0, l_i)
+    acc = tl.where(empty[:, None], 0.0, acc / l_i[:, None])
+    lse = tl.where(empty, -float("inf"), m_i + tl.math.log2(l_i))
+    tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
     tl.store(OUT + b64 * stride_ob + off_h.to(tl.int64) * stride_oh + rows * stride_os
              + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 # fmt: on

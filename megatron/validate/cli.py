@@ -245,6 +245,8 @@ _SHOWN = {
     "math",
     "cpu-flash",
     "triton",
+    "triton-fused-dq",
+    "triton-step",
     "flash_attn",
     "blockwise",
     "add-norm",

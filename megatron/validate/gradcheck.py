@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from megatron.data.batch import slice_batch_for_sequence_parallel
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
-from megatron.model.attention_backends import SDPAAttention
+from megatron.model.attention_backends import LocalAttention, SDPAAttention
+from megatron.model.blockwise_attention import blockwise_step_attention
 from megatron.optimizer.host_offload import HostOffloadAdamW
 from megatron.validate.rows import BATCH, PLAIN, Row, model_shape
 
@@ -65,6 +66,8 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
             "~bwd_dq_kernel",
         ),
     ),
+    "triton-fused-dq": (("flash_attn_triton_fused_dq", "~bwd_dkdv_kernel"),),
+    "triton-step": (("_BlockwiseStepsBackward", "~flash_fwd_kernel", "~bwd_dkdv_kernel"),),
     "flash_attn": (("FlashAttnFuncBackward",), ("FlashAttnVarlenFuncBackward",)),
     "blockwise": (("_BlockwiseCausalBackward",),),
     "add-norm": (("FusedAddNormBackward", "~_add_norm_fwd_kernel", "~_add_norm_bwd_kernel"),),
@@ -82,7 +85,10 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "rank-major": (("_RankMajorLinearBackward", "RankMajorQKVSeqToHeadBackward"),),
     "delayed-wgrad": (("_LinearDeferredWgradBackward",),),
 }
-ATTENTION = ("classic", "cudnn", "flash", "efficient", "math", "cpu-flash", "triton", "flash_attn")
+ATTENTION = (
+    "classic", "cudnn", "flash", "efficient", "math", "cpu-flash", "triton", "triton-step",
+    "flash_attn",
+)  # fmt: skip
 
 
 def seen_tokens(names: Counter, kernels: list[str], device_type: str) -> set[str]:
@@ -309,6 +315,8 @@ class Checker:
             for module in model.modules():
                 if isinstance(module, SDPAAttention):
                     module._flash = None
+        if row.step_blocks:
+            _attention_by_steps(model, cfg.seq_length // row.sp // row.step_blocks)
         if self.model_hook is not None:
             self.model_hook(model)
         sp_rank = 0 if sp_group is None else dist.get_rank(sp_group)
@@ -317,7 +325,7 @@ class Checker:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities) as prof, _fused_dq(row.fused_dq):
             got = forward_backward(model, local, autocast, sp_group)
             step_failures = offloaded_step_check(model) if row.optimizer_offload else []
             if self.device.type == "cuda":
@@ -352,6 +360,35 @@ class Checker:
             "; ".join(failures),
             errors,
         )
+
+
+def _attention_by_steps(model: GPTModel, block: int) -> None:
+    """Every local attention computed by its backend's step over ``block``-token blocks
+    (megatron.model.blockwise_attention.blockwise_step_attention), as ring attention would."""
+    for module in model.modules():
+        if isinstance(module, LocalAttention):
+
+            def forward(q, k, v, *, doc_ids=None, m=module):
+                return blockwise_step_attention(q, k, v, m.step, block, m.softmax_scale, doc_ids)
+
+            module.forward = forward
+
+
+class _fused_dq:
+    """The Triton backward with dQ in the dK/dV kernel (flash_attn_triton.FUSED_DQ) inside."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            import megatron.ops.flash_attn_triton as fa  # imports triton
+
+            self.fa, self.saved, fa.FUSED_DQ = fa, fa.FUSED_DQ, True
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            self.fa.FUSED_DQ = self.saved
 
 
 class _no_tf32:

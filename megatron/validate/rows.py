@@ -78,6 +78,8 @@ class Row:
     flash_attn: bool = False  # the sdpa backend with the flash_attn package (else torch SDPA)
     # then one AdamW step with the state on the host against the same step on the device
     optimizer_offload: bool = False
+    fused_dq: bool = False  # the Triton backward with dQ in the dK/dV kernel
+    step_blocks: int = 0  # > 0: attention by the backend's step over this many blocks
 
 
 def _attention(backend: str, model: str, packed: bool, device_type: str) -> str:
@@ -90,8 +92,11 @@ def _attention(backend: str, model: str, packed: bool, device_type: str) -> str:
         return "flash_attn"
     if device_type != "cuda":
         return "cpu-flash"  # PyTorch's fused CPU kernel, also with a document mask
-    # torch SDPA on CUDA: torch 2.11 with cuDNN 9.19 picks cuDNN for causal attention, with
-    # GQA and with a document mask too (measured on an H100; see docs/validation.md).
+    # torch SDPA on CUDA: torch 2.11 with cuDNN 9.19 picks cuDNN for causal attention, also
+    # with GQA (measured on an H100; see docs/validation.md). Packed documents take the
+    # Triton kernel (megatron.ops.attention_choice), never a dense mask.
+    if packed:
+        return "triton"
     return "cudnn"
 
 
@@ -135,6 +140,22 @@ def single_gpu_rows(device_type: str) -> list[Row]:
                 packed=True,
             ),
             Row(f"{m}/triton+docs", m, {"attention_backend": "triton"}, ("triton",), packed=True),
+            Row(
+                f"{m}/triton-fused-dq+docs",
+                m,
+                {"attention_backend": "triton"},
+                ("triton", "triton-fused-dq") if device_type != "cuda" else ("triton-fused-dq",),
+                packed=True,
+                fused_dq=True,
+            ),
+            Row(
+                f"{m}/triton-step+docs",
+                m,
+                {"attention_backend": "triton"},
+                ("triton-step",),
+                packed=True,
+                step_blocks=4,
+            ),
             Row(
                 f"{m}/flash_attn+docs",
                 m,
