@@ -18,6 +18,7 @@ ALLOWED_FILES = {
     "initialize/arguments.py",
     "initialize/argument_checks.py",
     "initialize/deepspeed_config.py",  # --deepspeed_config, read during validation
+    "initialize/long_context_args.py",  # the offload flags, checked during validation
     "initialize/initialize.py",
     "tokenizer/files.py",
 }

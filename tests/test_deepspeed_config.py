@@ -152,8 +152,8 @@ def test_optimizer_and_scheduler_map_to_flags(tmp_path):
 REFUSALS = [
     ({"fp16_enabled": True}, "'fp16_enabled' is not a DeepSpeed config field"),
     ({"fp16": {"enabled": True, "loss_scal": 0}}, "fp16.loss_scal is not a DeepSpeed field of fp16"),
-    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
-     "zero_optimization.offload_param is not read from the config; use the CPU offload flags"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+     "zero_optimization.offload_param"),
     ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, "zero_optimization.cpu_offload"),
     ({"amp": {"enabled": True}}, "amp: Apex AMP is not used; use --fp16 or --bf16"),
     ({"gradient_allreduce_op": "sum"}, "gradients are averaged over the data-parallel ranks"),
@@ -217,3 +217,19 @@ def test_megatron_deepspeed_template_with_prescaled_gradients(tmp_path):
     assert (
         ": 1 field(s) change nothing here: prescale_gradients=true (gradients are reduced" in line
     )
+
+
+def test_offload_fields_map_to_the_cpu_offload_flags(tmp_path):
+    """zero_optimization.offload_optimizer / offload_param with device cpu turn on the
+    host offload flags; a DeepSpeed engine knob is named in a start-up line."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu", "buffer_count": 4},
+            "offload_param": {"device": "cpu", "pin_memory": False},
+        },
+    }
+    args = _args(tmp_path, cfg)
+    assert args.cpu_optimizer and args.cpu_offload_params and not args.offload_pin_memory
+    assert any("buffer_count" in line for line in args.compat_warnings)
