@@ -199,3 +199,48 @@ def _train_all(runs: list[str]) -> list[list[float]]:
         flags = run.split(" --load ")
         out.append(run_training(f"--load {flags[1]}", base=flags[0].replace("pretrain_gpt.py", "")))
     return out
+
+
+def test_pipeline_layer_files_without_zero_files(tmp_path):
+    """GPTModelPipe's layer_XX files hold the (bf16) weights when no ZeRO files are there;
+    ZeRO 3 without its optimizer files has no weights at all: one line."""
+    src = tmp_path / "pipe"
+    shutil.copytree(os.path.join(FIXTURES, "mds_llama_pipe_bf16"), src)
+    for file in (src / "global_step20").glob("bf16_zero_pp_rank_*"):
+        file.unlink()
+    import_foreign(str(src), str(tmp_path / "out"))
+    sd, meta, path = load_model_state(str(tmp_path / "out"))
+    assert meta["param_groups"] is None  # weights only: the optimizer starts fresh
+    ref = {k: v for k, v in gen.true_weights("llama").items()}
+    torch.testing.assert_close(
+        sd["transformer.layers.1.mlp.dense_4h_to_h.weight"],
+        ref["language_model.encoder.layers.1.mlp.dense_4h_to_h.weight"].bfloat16().float(),
+    )
+    src3 = tmp_path / "zero3"
+    shutil.copytree(os.path.join(FIXTURES, "mds_gpt_zero3_fp16"), src3)
+    for file in (src3 / "global_step20").glob("*optim_states.pt"):
+        file.unlink()
+    with pytest.raises(UsageError, match="no weights found"):
+        import_foreign(str(src3), str(tmp_path / "out3"))
+
+
+def test_command_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_convert_tool",
+        os.path.join(os.path.dirname(HERE), "tools", "checkpoint_convert.py"),
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    src = os.path.join(FIXTURES, "mds_gpt_zero1_fp16")
+    assert tool.main(["import", "--from", src, "--to", str(tmp_path / "a"), "--no-optim"]) == 0
+    out = capsys.readouterr().out
+    assert "imported Megatron-DeepSpeed (ZeRO 1, DP 2)" in out and "--num-layers 2" in out
+    assert tool.main(["import", "--from", src]) == 2
+    assert "needs --to DIR" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    (bad / "latest").write_text("..")
+    with pytest.raises(UsageError, match="expected"):
+        import_foreign(str(bad), str(tmp_path / "b"))

@@ -242,9 +242,10 @@ def read_deepspeed(root: str, with_optim: bool = True) -> ForeignCheckpoint:
         label = "model states only"
         if with_optim:
             logger.warning("WARNING: %s: no ZeRO optimizer files; the optimizer starts fresh", path)
-    if not raw:
+    if not any(isinstance(t, torch.Tensor) and t.numel() for t in raw.values()):
         raise UsageError(
-            f"{path}: no weights found (ZeRO 3 needs its zero_pp_rank_* optimizer files)"
+            f"{path}: no weights found (ZeRO 3 keeps them only in its "
+            "zero_pp_rank_*_optim_states.pt files, which are missing); restore them"
         )
     weights = _legacy_names(raw) if universal or optim_files else rename(raw)
     sched = state.get("lr_scheduler") or {}

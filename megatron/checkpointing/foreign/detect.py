@@ -46,7 +46,9 @@ def ds_tag_dir(root: str) -> str:
     for tracker in ("latest_universal", "latest"):
         file = os.path.join(root, tracker)
         if os.path.isfile(file):
-            return os.path.join(root, read_text_tracker(file, r"[A-Za-z0-9_.-]{1,200}"))
+            # a tag names a directory inside root: never "." or ".."
+            tag = read_text_tracker(file, r"(?!\.\.?$)[A-Za-z0-9_.-]{1,200}")
+            return os.path.join(root, tag)
     return root
 
 
