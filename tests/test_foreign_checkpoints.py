@@ -35,9 +35,10 @@ CASES = {
     "mlm_core_llama_tp2_pp2": "Megatron-LM legacy torch (TP 2, PP 2)",
     "mlm_torch_dist_llama": "Megatron-LM torch_dist",
     "mds_gpt_zero1_fp16": "Megatron-DeepSpeed (ZeRO 1, DP 2)",
-    "mds_llama_pipe_bf16": "Megatron-DeepSpeed (ZeRO 1 bf16, DP 2)",
+    "mds_llama_pipe_pp2_bf16": "Megatron-DeepSpeed (ZeRO 1 bf16, DP 2, PP 2)",
     "mds_gpt_zero3_fp16": "Megatron-DeepSpeed (ZeRO 3, DP 2)",
     "mds_llama_zero2_contiguous_qkv": "Megatron-DeepSpeed (ZeRO 2, DP 2)",
+    "mds_gpt_tp2_zero1_contiguous_qkv": "Megatron-DeepSpeed (ZeRO 1, DP 2, TP 2)",
     "mds_gpt_universal": "Megatron-DeepSpeed (universal)",
 }
 ORIGINAL_VOCAB = 50  # the universal fixture drops the padding rows beyond it
@@ -205,7 +206,7 @@ def test_pipeline_layer_files_without_zero_files(tmp_path):
     """GPTModelPipe's layer_XX files hold the (bf16) weights when no ZeRO files are there;
     ZeRO 3 without its optimizer files has no weights at all: one line."""
     src = tmp_path / "pipe"
-    shutil.copytree(os.path.join(FIXTURES, "mds_llama_pipe_bf16"), src)
+    shutil.copytree(os.path.join(FIXTURES, "mds_llama_pipe_pp2_bf16"), src)
     for file in (src / "global_step20").glob("bf16_zero_pp_rank_*"):
         file.unlink()
     import_foreign(str(src), str(tmp_path / "out"))

@@ -40,8 +40,8 @@ from megatron.checkpointing.foreign.common import (
     flatten,
     pipe_names,
 )
-from megatron.checkpointing.foreign.detect import DS_MODEL_FILE, DS_ZERO3_MODEL_FILE, ds_tag_dir
-from megatron.checkpointing.foreign.mapping import rename
+from megatron.checkpointing.foreign.detect import DS_MODEL_FILE, ds_tag_dir
+from megatron.checkpointing.foreign.mapping import merge_tensor_parallel, rename
 from megatron.checkpointing.foreign.safe_load import StandIn, namespace_dict, safe_torch_load
 from megatron.errors import UsageError
 
@@ -50,43 +50,44 @@ logger = logging.getLogger(__name__)
 OPTIM_FILE = re.compile(r"(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 MODEL_FILE = DS_MODEL_FILE
-ZERO3_MODEL_FILE = DS_ZERO3_MODEL_FILE
+ZERO3_MODEL_FILE = re.compile(r"zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt")
 tag_dir = ds_tag_dir
 
 
-def _model_states(path: str) -> tuple[str, dict]:
-    names = sorted(os.listdir(path))
-    mp = sorted(n for n in names if MODEL_FILE.fullmatch(n))
-    if len(mp) > 1:
-        raise UsageError(
-            f"{path}: Megatron-DeepSpeed with tensor parallelism ({len(mp)} mp_rank files); "
-            "not supported: convert it to a universal checkpoint with TP 1 first"
-        )
-    file = os.path.join(path, mp[0] if mp else ZERO3_MODEL_FILE)
-    if not os.path.isfile(file):
+def _model_states(path: str) -> list[dict]:
+    """Each tensor-parallel rank's model states (``mp_rank_XX``; ZeRO 3: DP rank 0's file)."""
+    names = os.listdir(path)
+    found = {int(m.group(1)): n for n in names if (m := MODEL_FILE.fullmatch(n))}
+    found = found or {int(m.group(1)): n for n in names if (m := ZERO3_MODEL_FILE.fullmatch(n))}
+    if not found:
         raise UsageError(f"{path}: no mp_rank_00_model_states.pt; not a DeepSpeed checkpoint")
-    state = safe_torch_load(file, "DeepSpeed model states file")
-    if not isinstance(state, dict):
-        raise UsageError(f"{file}: not a DeepSpeed model states dict")
-    return file, state
+    if sorted(found) != list(range(len(found))):
+        raise UsageError(
+            f"{path}: model states of tensor-parallel ranks {sorted(found)}; some are missing"
+        )
+    states = []
+    for rank in range(len(found)):
+        file = os.path.join(path, found[rank])
+        state = safe_torch_load(file, "DeepSpeed model states file")
+        if not isinstance(state, dict):
+            raise UsageError(f"{file}: not a DeepSpeed model states dict")
+        states.append(state)
+    return states
 
 
-def _module_weights(path: str, state: dict) -> dict[str, torch.Tensor]:
-    """Legacy-named weights from ``module`` or, with pipeline layers, the layer files."""
+def _module_weights(path: str, state: dict, tp_rank: int) -> dict[str, torch.Tensor]:
+    """Weights from ``module`` (legacy names) or the layer files (pipeline names)."""
     if state.get("module"):
         return flatten(state["module"])
     out: dict[str, torch.Tensor] = {}
     for name in sorted(os.listdir(path)):
         m = LAYER_FILE.fullmatch(name)
-        if not m:
+        if not m or int(m.group(2)) != tp_rank:
             continue
-        if int(m.group(2)) != 0:
-            raise UsageError(f"{path}: Megatron-DeepSpeed with tensor parallelism; not supported")
         layer = safe_torch_load(os.path.join(path, name), "DeepSpeed layer file")
         for key, value in flatten(layer).items():
             out.setdefault(f"{int(m.group(1))}.{key}", value)  # a tied layer's copy: first wins
-    mapping = pipe_names(list(out))
-    return {mapping[k]: v for k, v in out.items()}
+    return out
 
 
 def _stage(osd: dict, bf16: bool) -> int:
@@ -216,49 +217,87 @@ def _legacy_names(sd: Tensors | None) -> Tensors | None:
     return rename({mapping[k]: v for k, v in sd.items()})
 
 
-def read_deepspeed(root: str, with_optim: bool = True) -> ForeignCheckpoint:
-    path = tag_dir(root)
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: the DeepSpeed tag directory named by 'latest' is missing")
-    names = os.listdir(path)
-    file, state = _model_states(path)
-    args = namespace_dict(state.get("args"))
-    universal = os.path.isdir(os.path.join(path, "zero")) and any(
-        os.path.isfile(os.path.join(path, "zero", n, "fp32.pt"))
-        for n in os.listdir(os.path.join(path, "zero"))
-    )
-    optim_files = sorted(
-        (n for n in names if OPTIM_FILE.fullmatch(n)),
-        key=lambda n: int(OPTIM_FILE.fullmatch(n).group(2)),
-    )
+def _read_rank(path, state, names, mp_rank, layer_rank, universal, with_optim):
+    """One model-parallel rank's (weights, exp_avg, exp_avg_sq, step, label), its own names."""
+    files = [n for n in names if (m := OPTIM_FILE.fullmatch(n)) and int(m.group(3)) == mp_rank]
+    files.sort(key=lambda n: int(OPTIM_FILE.fullmatch(n).group(2)))
     avg = sq = step = None
     if universal:
         raw, avg, sq, step = _read_universal(path, with_optim)
         label = "universal"
-    elif optim_files:
-        raw, avg, sq, step, label = _read_zero(path, state, optim_files, with_optim)
+    elif files:
+        raw, avg, sq, step, label = _read_zero(path, state, files, with_optim)
     else:
-        raw = _module_weights(path, state)
+        raw = _module_weights(path, state, layer_rank)
         label = "model states only"
-        if with_optim:
+        if with_optim and mp_rank == 0:
             logger.warning("WARNING: %s: no ZeRO optimizer files; the optimizer starts fresh", path)
     if not any(isinstance(t, torch.Tensor) and t.numel() for t in raw.values()):
         raise UsageError(
             f"{path}: no weights found (ZeRO 3 keeps them only in its "
             "zero_pp_rank_*_optim_states.pt files, which are missing); restore them"
         )
-    weights = _legacy_names(raw) if universal or optim_files else rename(raw)
-    sched = state.get("lr_scheduler") or {}
+    return raw, avg, sq, step, label
+
+
+def read_deepspeed(root: str, with_optim: bool = True) -> ForeignCheckpoint:
+    path = tag_dir(root)
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: the DeepSpeed tag directory named by 'latest' is missing")
+    names = os.listdir(path)
+    states = _model_states(path)
+    args = namespace_dict(states[0].get("args"))
+    zero = os.path.join(path, "zero")
+    universal = os.path.isdir(zero) and any(
+        os.path.isfile(os.path.join(zero, n, "fp32.pt")) for n in os.listdir(zero)
+    )
+    if universal:
+        states = states[:1]  # universal parameters are whole
+    pp = args.get("pipeline_model_parallel_size") or 1
+    ranks = [  # layer files are named by TP rank; with pipeline stages every stage's are 00
+        _read_rank(path, st, names, t, t if pp == 1 else 0, universal, with_optim)
+        for t, st in enumerate(states)
+    ]
+    tp = len(ranks)
+    interleaved = "ds_sequence_parallel_fpdt" not in args
+    swiglu = bool(args.get("swiglu"))
+    qkv_split = None
+    if pp > 1 and not universal:  # DeepSpeed's mp_rank counts pipeline stages x TP ranks
+        if tp != pp:
+            raise UsageError(
+                f"{path}: Megatron-DeepSpeed with pipeline ({pp} stages) and tensor parallelism "
+                "at once; not supported: convert it to a universal checkpoint first"
+            )
+        tp = 1
+    elif not interleaved and tp > 1:
+        heads = args.get("num_attention_heads") or 1
+        kv_heads = args.get("num_key_value_heads") or heads
+        d = args.get("kv_channels") or (args.get("hidden_size") or 0) // heads
+        qkv_split = [heads // tp * d, kv_heads // tp * d, kv_heads // tp * d]
+
+    def merged(i: int) -> Tensors | None:
+        parts = [r[i] for r in ranks]
+        if any(p is None for p in parts):
+            return None
+        if pp > 1 and not universal:  # stages hold disjoint parameters, pipeline-named
+            union: Tensors = {}
+            for part in parts:
+                union.update(part)
+            return _legacy_names(union)
+        return merge_tensor_parallel([_legacy_names(p) for p in parts], swiglu, qkv_split)
+
+    sched = states[0].get("lr_scheduler") or {}
+    label = ranks[0][4] + (f", TP {tp}" if tp > 1 else "") + (f", PP {pp}" if pp > 1 else "")
     return ForeignCheckpoint(
         layout=f"Megatron-DeepSpeed ({label})",
         directory=path,
         args=args,
-        iteration=as_int(state.get("iteration")) or as_int(state.get("global_steps")) or 0,
-        weights=weights,
-        qkv_interleaved="ds_sequence_parallel_fpdt" not in args,
-        exp_avg=_legacy_names(avg),
-        exp_avg_sq=_legacy_names(sq),
-        step=step,
+        iteration=as_int(states[0].get("iteration")) or as_int(states[0].get("global_steps")) or 0,
+        weights=merged(0),
+        qkv_interleaved=interleaved,
+        exp_avg=merged(1),
+        exp_avg_sq=merged(2),
+        step=ranks[0][3],
         scheduler_steps=as_int(sched.get("num_steps")) if isinstance(sched, dict) else None,
         vocab_divisor=(args.get("make_vocab_size_divisible_by") or 128)
         * (args.get("tensor_model_parallel_size") or 1),

@@ -98,9 +98,14 @@ def rename(sd: Tensors) -> Tensors:
     return out
 
 
-def _merge(key: str, parts: list[torch.Tensor], swiglu: bool) -> torch.Tensor:
+def _merge(
+    key: str, parts: list[torch.Tensor], swiglu: bool, qkv_split: list[int] | None
+) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0]
+    if qkv_split is not None and "query_key_value" in key:  # each rank's [q_r | k_r | v_r]
+        pieces = [p.split(qkv_split, dim=0) for p in parts]
+        return torch.cat([piece[i] for i in range(3) for piece in pieces], dim=0)
     if key.endswith(("word_embeddings.weight", "output_layer", "query_key_value.weight")) or (
         key.endswith(("query_key_value.bias", "dense_h_to_4h.weight", "dense_h_to_4h.bias"))
     ):
@@ -113,13 +118,18 @@ def _merge(key: str, parts: list[torch.Tensor], swiglu: bool) -> torch.Tensor:
     return parts[0]  # replicated: norms, position embeddings, row-parallel biases
 
 
-def merge_tensor_parallel(shards: list[Tensors], swiglu: bool) -> Tensors:
-    """One state dict from the tensor-parallel ranks' (already renamed) state dicts."""
+def merge_tensor_parallel(
+    shards: list[Tensors], swiglu: bool, qkv_split: list[int] | None = None
+) -> Tensors:
+    """One state dict from the tensor-parallel ranks' (already renamed) state dicts.
+
+    ``qkv_split``: the per-rank widths of q, k, v when each rank holds ``[q_r | k_r | v_r]``
+    (None: Megatron's per-group interleave, whose groups the ranks hold in order)."""
     keys = list(shards[0])
     for rank, shard in enumerate(shards[1:], 1):
         if set(shard) != set(keys):
             raise UsageError(f"tensor-parallel rank {rank} holds other parameters than rank 0")
-    return {k: _merge(k, [s[k] for s in shards], swiglu) for k in keys}
+    return {k: _merge(k, [s[k] for s in shards], swiglu, qkv_split) for k in keys}
 
 
 def split_tensor_parallel(sd: Tensors, tp: int, swiglu: bool) -> list[Tensors]:
