@@ -12,7 +12,10 @@
     <dir>/global_step100/zero_pp_rank_0_mp_rank_00_model_states.pt   ZeRO 3 (no weights in it)
     <dir>/global_step100_universal/zero/<param name>/{fp32,exp_avg,exp_avg_sq,step}.pt
 
-The optimizer files hold, per parameter group, each DP rank's slice of one flat fp32 vector
+``mp_rank_XX`` counts tensor-parallel ranks (merged like Megatron-LM's), or, with
+GPTModelPipe over pipeline stages, the stages (their parameters are disjoint and keep the
+global layer index in their names); both at once is refused. The optimizer files hold, per
+parameter group, each DP rank's slice of one flat fp32 vector
 (``single_partition_of_fp32_groups``; ZeRO 3: ``fp32_flat_groups``) and Adam's moments in
 the same layout. ZeRO 1/2 concatenate the ranks' slices and read the parameters of
 ``param_shapes`` one after another; ZeRO 3 splits every parameter into ``ceil(numel / ranks)``
