@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""Convert checkpoints between megatron-ulysses and Hugging Face (GPT-2 and Llama).
+"""Convert checkpoints between megatron-ulysses, Hugging Face (GPT-2 and Llama), Megatron-LM
+and Megatron-DeepSpeed.
 
 Export (any SP/DP/ZeRO layout; runs on one CPU process)::
 
     python tools/checkpoint_convert.py export --load ckpts --output hf_out --format hf
     python tools/checkpoint_convert.py export --load ckpts --output flat --format consolidated
+    python tools/checkpoint_convert.py export --load ckpts --output mlm --to-format megatron-lm
+
+Import a Megatron-LM (legacy torch or torch_dist) or Megatron-DeepSpeed (ZeRO 0-3, pipeline
+layers, universal) checkpoint, weights plus Adam state and iteration; ``--load`` continues it::
+
+    python tools/checkpoint_convert.py import --from megatron_ckpts --to ckpts
 
 Import a local HF directory (safetensors), then continue pretraining from it::
 
@@ -35,10 +42,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     exp.add_argument("--output", required=True, help="new directory for the exported model")
     exp.add_argument(
         "--format",
-        choices=("hf", "consolidated"),
+        "--to-format",
+        dest="format",
+        choices=("hf", "consolidated", "megatron-lm"),
         default="hf",
         help="hf: GPT2LMHeadModel or LlamaForCausalLM files; consolidated: one "
-        "model.safetensors with our parameter names and a config.json of our model flags",
+        "model.safetensors with our parameter names and a config.json of our model flags; "
+        "megatron-lm: Megatron-LM's legacy torch layout (iter_*/mp_rank_*/model_optim_rng.pt)",
+    )
+    exp.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="megatron-lm format: split into this many tensor-parallel ranks",
     )
     exp.add_argument("--iteration", type=int, default=None, help="default: the tracker's")
     exp.add_argument(
@@ -62,9 +78,27 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5.0,
         help="hf format: split model.safetensors into shards of at most this size",
     )
-    imp = sub.add_parser("import", help="local HF GPT-2 / Llama directory -> checkpoint")
-    imp.add_argument("--hf-dir", required=True, help="holds config.json and *.safetensors")
-    imp.add_argument("--save", required=True, help="new checkpoint directory")
+    imp = sub.add_parser(
+        "import", help="local HF GPT-2 / Llama directory, or Megatron-LM / -DeepSpeed -> checkpoint"
+    )
+    imp.add_argument("--hf-dir", default=None, help="holds config.json and *.safetensors")
+    imp.add_argument("--save", default=None, help="new checkpoint directory (with --hf-dir)")
+    imp.add_argument(
+        "--from",
+        dest="from_dir",
+        default=None,
+        help="a Megatron-LM or Megatron-DeepSpeed checkpoint directory (its save directory, "
+        "or one iteration's)",
+    )
+    imp.add_argument("--to", dest="to_dir", default=None, help="new checkpoint directory")
+    imp.add_argument("--no-optim", action="store_true", help="with --from: import the weights only")
+    imp.add_argument(
+        "--qkv-layout",
+        choices=("auto", "interleaved", "contiguous"),
+        default="auto",
+        help="with --from: the fused QKV rows' order in the source (auto: Megatron's per-group "
+        "interleave, or [q|k|v] for Megatron-DeepSpeed checkpoints written since 2024-12)",
+    )
     imp.add_argument(
         "--make-vocab-size-divisible-by",
         type=int,
@@ -83,10 +117,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron.checkpointing.foreign.convert import export_megatron_lm, import_foreign
     from megatron.checkpointing.hf_conversion_io import export_checkpoint, import_hf
 
     try:
-        if args.command == "export":
+        if args.command == "export" and args.format == "megatron-lm":
+            files = export_megatron_lm(
+                args.load, args.output, args.tensor_model_parallel_size, args.iteration
+            )
+            print(f"wrote {args.output}: {', '.join(files)}")
+        elif args.command == "export":
             if args.max_shard_size_gb <= 0:
                 raise UsageError(f"--max-shard-size-gb {args.max_shard_size_gb} must be > 0")
             if args.vocab_size is not None and args.format != "hf":
@@ -106,7 +146,20 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
             print(f"wrote {args.output}: {', '.join(files)}")
+        elif args.from_dir is not None or args.to_dir is not None:
+            if args.from_dir is None or args.to_dir is None or args.hf_dir or args.save:
+                raise UsageError(
+                    "import --from DIR needs --to DIR (and neither --hf-dir nor --save)"
+                )
+            path, flags, layout = import_foreign(
+                args.from_dir, args.to_dir, not args.no_optim, args.qkv_layout, args.seq_length
+            )
+            print(f"imported {layout} into {path}")
+            print("continue training with:")
+            print(f"  pretrain_gpt.py --load {args.to_dir} {' '.join(flags)} ...")
         else:
+            if args.hf_dir is None or args.save is None:
+                raise UsageError("import needs --hf-dir DIR --save DIR, or --from DIR --to DIR")
             path, flags = import_hf(
                 args.hf_dir, args.save, args.make_vocab_size_divisible_by, args.seq_length
             )

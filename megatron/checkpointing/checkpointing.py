@@ -45,6 +45,7 @@ from megatron.checkpointing.checks import (
     read_tracker,
     save_failure,
 )
+from megatron.checkpointing.foreign.detect import load_hint
 from megatron.checkpointing.hf_conversion import MODEL_SHAPE_ARG_KEYS
 from megatron.checkpointing.safety import (
     SafeFileSystemReader,
@@ -326,6 +327,9 @@ def find_checkpoint(root: str, announce: bool = False) -> str | None:
         return root
     if not os.path.isdir(root):
         return None
+    foreign = load_hint(root)  # Megatron-LM / Megatron-DeepSpeed: name the import command
+    if foreign is not None:
+        raise UsageError(foreign)
     if directory_iteration(root) is not None:
         raise UsageError(
             f"--load {root}: this checkpoint directory is incomplete (no {META} or .metadata); "
