@@ -29,6 +29,10 @@ NOTES: dict[str, tuple[str, str]] = {
         "changed",
         "Ulysses degree; SP groups are contiguous ranks, heads and sequence must divide by it",
     ),
+    "--context-parallel-size": (
+        "changed",
+        "ring attention degree R; composes with Ulysses: world = DP x R x U, load-balanced chunks",
+    ),
     "--sp-overlap-chunks": ("new", "pipeline the all-to-alls against attention over N head groups"),
     "--no-sp-rank-major-qkv": (
         "new",
@@ -126,7 +130,6 @@ NOTES: dict[str, tuple[str, str]] = {
         "refused",
         "Megatron-LM's tensor-parallel variant; use --ds-sequence-parallel-size",
     ),
-    "--context-parallel-size": ("refused", "above 1; use --ds-sequence-parallel-size"),
     "--tensor-model-parallel-size": ("refused", "above 1: tensor parallelism is not built"),
     "--pipeline-model-parallel-size": ("refused", "above 1: pipeline parallelism is not built"),
 }

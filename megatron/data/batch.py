@@ -1,5 +1,5 @@
 """Turning samples into model inputs: labels, loss mask, position ids, document ids, and the
-sequence-parallel slice of a batch."""
+sequence-parallel slice of a batch (after the ring's load-balanced permutation)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from megatron.core.sequence.ring import load_balanced_order
 from megatron.errors import UsageError
 
 SP_SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -74,6 +75,23 @@ def get_batch_from_samples(
         "position_ids": masks.position_ids,
         "doc_ids": masks.doc_ids,
     }
+
+
+def load_balance_for_context_parallel(batch: dict, cp: int) -> dict:
+    """The batch in ring attention's load-balanced token order (Megatron-LM's
+    ``get_batch_on_this_cp_rank``: ``2 cp`` chunks, ring rank i holds chunks i and
+    ``2cp-1-i``): ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` and ``doc_ids`` are
+    permuted alike (positions stay the tokens' own, so the model's math is unchanged). The
+    SP slice then cuts this order into ``cp x sp`` contiguous pieces, ring rank major."""
+    if cp == 1:
+        return batch
+    order = load_balanced_order(batch["tokens"].shape[1], cp)
+    out = dict(batch)
+    for key in (*SP_SLICED_KEYS, "doc_ids"):
+        value = batch.get(key)
+        if value is not None:
+            out[key] = value[:, order.to(value.device)]
+    return out
 
 
 def slice_batch_for_sequence_parallel(batch: dict, sp_rank: int, sp_size: int) -> dict:

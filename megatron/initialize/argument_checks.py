@@ -33,11 +33,6 @@ def _check_parallel_layout(args: argparse.Namespace) -> None:
             "--sequence-parallel is Megatron-LM's tensor-parallel sequence parallelism, which is not "
             "built here; for Ulysses sequence parallelism use --ds-sequence-parallel-size N"
         )
-    if args.context_parallel_size > 1:
-        raise UsageError(
-            f"--context-parallel-size {args.context_parallel_size}: ring context parallelism is not "
-            "built here; use --ds-sequence-parallel-size N (Ulysses) instead"
-        )
     if args.tensor_model_parallel_size > 1:
         raise UsageError(
             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}: tensor parallelism is not "
@@ -53,6 +48,7 @@ def _check_parallel_layout(args: argparse.Namespace) -> None:
         tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size,
         sp=args.ds_sequence_parallel_size,
+        cp=args.context_parallel_size,
     )
     args.data_parallel_size = dims.dp
 
@@ -114,6 +110,29 @@ def _check_sequence_parallel(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--seq-length {args.seq_length} is not divisible by --ds-sequence-parallel-size {sp}; "
             "every sequence-parallel rank holds an equal slice"
+        )
+    _check_context_parallel(args)
+
+
+def _check_context_parallel(args: argparse.Namespace) -> None:
+    cp, sp = args.context_parallel_size, args.ds_sequence_parallel_size
+    if cp == 1:
+        return
+    if args.seq_length % (2 * cp) or args.seq_length % (cp * sp):
+        raise UsageError(
+            f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size "
+            f"({2 * cp}) and by --context-parallel-size x --ds-sequence-parallel-size ({cp * sp}): "
+            "each ring rank holds two equal chunks, split equally over its Ulysses ranks"
+        )
+    if args.sp_overlap_chunks > 1:
+        raise UsageError(
+            f"--sp-overlap-chunks {args.sp_overlap_chunks} and --context-parallel-size {cp}: the "
+            "pipelined all-to-alls do not run ring attention; drop one"
+        )
+    if args.attention_dropout > 0:
+        raise UsageError(
+            f"--attention-dropout {args.attention_dropout} and --context-parallel-size {cp}: ring "
+            "attention has no attention dropout; use --attention-dropout 0"
         )
 
 

@@ -118,6 +118,7 @@ def initialize_megatron(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel_size=args.ds_sequence_parallel_size,
+        context_parallel_size=args.context_parallel_size,
         device_type=args.device_obj.type,
     )
     logger.info("> initialized parallel layout: %s", state.dims.describe())

@@ -590,6 +590,8 @@ def log_training_iteration(
             tflops=tflops,
             peak_mem_gb=peak,
             eta_s=seconds * (train_iters - ts.iteration),
+            ulysses=args.ds_sequence_parallel_size,
+            ring=args.context_parallel_size,
         )
     )
     scalars = {
