@@ -65,3 +65,28 @@ def test_resume_across_layouts(tmp_path):
             assert run == pytest.approx(full[3:], rel=1e-4)
     (run,) = get_world(1).run(_save_then_resume, tmp, "", "")
     assert run == pytest.approx(full[3:], rel=1e-4)
+
+
+def _meta(version, layout) -> bytes:
+    import json
+
+    meta = {"iteration": 3, "train_state": {}, "scheduler": {}, "args": {}, "param_groups": None}
+    if version is not None:
+        meta["format_version"] = version
+    return json.dumps({**meta, "layout": layout}).encode()
+
+
+def test_meta_validator_reads_both_formats():
+    """Version 1 layouts (no ring degree) still load; version 2 needs "cp"; others refused."""
+    from megatron.checkpointing.checks import parse_meta
+    from megatron.errors import UsageError
+
+    old = {"world_size": 2, "sp": 2, "dp": 1}
+    assert parse_meta(_meta(1, old), "iter_0000003/meta.json")["layout"] == old
+    assert parse_meta(_meta(None, old), "iter_0000003/meta.json")["layout"] == old
+    new = {**old, "cp": 1}
+    assert parse_meta(_meta(2, new), "iter_0000003/meta.json")["layout"] == new
+    with pytest.raises(UsageError, match="lacks positive world_size, sp, dp, cp"):
+        parse_meta(_meta(2, old), "iter_0000003/meta.json")
+    with pytest.raises(UsageError, match="format_version 3"):
+        parse_meta(_meta(3, new), "iter_0000003/meta.json")
