@@ -48,7 +48,7 @@ def load_balanced_order(seq: int, cp: int) -> Tensor:
     return torch.cat([chunks[k] for r in range(cp) for k in chunks_of_rank(r, cp)])
 
 
-def _pair(i: int, j: int, c: int) -> tuple[slice, slice, str]:
+def step_rows(i: int, j: int, c: int) -> tuple[slice, slice, str]:
     """Local query rows, key rows of rank ``j``'s block, and the causal mode of that call."""
     if j == i:
         return slice(0, 2 * c), slice(0, 2 * c), "diagonal"
@@ -81,7 +81,7 @@ def _doc_spans(doc_ids: Tensor | None, i: int, cp: int, c: int) -> list[bool]:
     blocks = doc_ids.unflatten(1, (cp, 2 * c))  # [b, cp, 2c]
     flags = []
     for j in range(cp):
-        qs, ks, _ = _pair(i, j, c)
+        qs, ks, _ = step_rows(i, j, c)
         qd, kd = blocks[:, i, qs], blocks[:, j, ks]
         overlap = (qd.amin(1) <= kd.amax(1)) & (kd.amin(1) <= qd.amax(1))
         flags.append(overlap.any())
@@ -104,7 +104,7 @@ class _RingAttention(torch.autograd.Function):
             if t < cp - 1:
                 kv_next, works = _exchange(kv, group)
             if spans[j]:
-                qs, ks, causal = _pair(i, j, c)
+                qs, ks, causal = step_rows(i, j, c)
                 kw = {}
                 if docs is not None:
                     kw = {"q_doc_ids": docs[:, i, qs], "k_doc_ids": docs[:, j, ks]}
@@ -139,7 +139,7 @@ class _RingAttention(torch.autograd.Function):
                 kv_next, kv_works = _exchange(kv, group)
             part = torch.zeros_like(kv, dtype=lse.dtype)  # this rank's share of j's dK/dV
             if ctx.spans[j]:
-                qs, ks, causal = _pair(i, j, c)
+                qs, ks, causal = step_rows(i, j, c)
                 kw = {}
                 if docs is not None:
                     kw = {"q_doc_ids": docs[:, i, qs], "k_doc_ids": docs[:, j, ks]}
