@@ -3,7 +3,8 @@
 
 Takes the same model/parallelism flags as ``pretrain_gpt.py`` plus ``--num-gpus`` and
 ``--gpu-memory-gb``, prints the peak broken down by component, and with ``--find-sp`` the
-smallest Ulysses degree that fits. Numbers are what ``torch.cuda.max_memory_allocated``
+smallest split of the sequence that fits: a Ulysses degree U (at most ``--gpus-per-node``)
+times a ring degree R (``--context-parallel-size``), Ulysses preferred at equal U x R. Numbers are what ``torch.cuda.max_memory_allocated``
 would report; ``--reserve-gb`` is kept free for the CUDA context, NCCL and fragmentation.
 
 Example (GPT-3 1.3B, 32K tokens, 4 GPUs)::
@@ -29,7 +30,7 @@ from megatron.planning.memory_model import (  # noqa: E402
     MemoryEstimate,
     RunSetup,
     estimate_memory,
-    find_min_sp,
+    find_sequence_split,
 )
 
 LABELS = {
@@ -57,7 +58,17 @@ def _extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="GiB kept free for the CUDA context, NCCL buffers and allocator fragmentation",
     )
     g.add_argument("--padded-vocab-size", type=int, default=None, help="vocabulary after padding")
-    g.add_argument("--find-sp", action="store_true", help="report the smallest SP degree that fits")
+    g.add_argument(
+        "--find-sp",
+        action="store_true",
+        help="report the smallest Ulysses x ring split of the sequence that fits",
+    )
+    g.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=8,
+        help="--find-sp: the largest Ulysses degree (its all-to-alls stay inside a node)",
+    )
     g.add_argument("--json", type=str, default=None, help="also write the estimate(s) here")
     return parser
 
@@ -84,6 +95,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.micro_batch_size = 1
     if args.find_sp:
         args.ds_sequence_parallel_size = 1  # checked per candidate below
+        args.context_parallel_size = 1
     validate_args(args)
     if args.padded_vocab_size is None:
         if args.vocab_size is None:
@@ -97,13 +109,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup:
+def setup_from_args(
+    args: argparse.Namespace, sp: int | None = None, cp: int | None = None
+) -> RunSetup:
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     sp = args.ds_sequence_parallel_size if sp is None else sp
-    per_step = args.micro_batch_size * (args.num_gpus // sp)  # samples per micro-batch step
+    cp = args.context_parallel_size if cp is None else cp
+    per_step = args.micro_batch_size * (args.num_gpus // (sp * cp))  # samples per step
     return RunSetup(
         num_gpus=args.num_gpus,
         sp=sp,
+        cp=cp,
         micro_batch_size=args.micro_batch_size,
         zero_stage=args.zero_stage,
         precision=precision,
@@ -116,7 +132,8 @@ def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup
 def format_estimate(est: MemoryEstimate, setup: RunSetup, budget: int) -> str:
     """The breakdown as a markdown table plus a one-line verdict."""
     lines = [
-        f"SP {setup.sp} x DP {setup.num_gpus // setup.sp}, ZeRO {setup.zero_stage}, "
+        f"SP {setup.sp} x {f'CP {setup.cp} x ' if setup.cp > 1 else ''}"
+        f"DP {setup.num_gpus // (setup.sp * setup.cp)}, ZeRO {setup.zero_stage}, "
         f"{setup.precision}, {est.tokens_per_gpu} tokens per GPU, "
         f"{est.details['params_per_gpu'] / 1e6:.1f}M of {est.details['num_params'] / 1e6:.1f}M "
         "parameters per GPU",
@@ -147,27 +164,37 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig.from_args(args)
         budget = int((args.gpu_memory_gb - args.reserve_gb) * GIB)
         if args.find_sp:
-            best, tried = find_min_sp(config, setup_from_args(args, 1), budget)
-            print("| SP | peak GiB | fits |\n|---:|---:|---|")
-            for sp, est in tried:
-                print(
-                    f"| {sp} | {est.total / GIB:.2f} | {'yes' if est.total <= budget else 'no'} |"
-                )
+            best, tried = find_sequence_split(
+                config, setup_from_args(args, 1, 1), budget, args.gpus_per_node
+            )
+            print("| Ulysses U | ring R | peak GiB | fits |\n|---:|---:|---:|---|")
+            for (sp, cp), est in tried:
+                fits = "yes" if est.total <= budget else "no"
+                print(f"| {sp} | {cp} | {est.total / GIB:.2f} | {fits} |")
             print()
             if best is None:
-                print(f"no SP degree up to {args.num_gpus} fits in {budget / GIB:.1f} GiB")
+                print(
+                    f"no Ulysses x ring split on {args.num_gpus} GPUs fits in {budget / GIB:.1f} GiB"
+                )
             else:
-                print(f"smallest SP degree that fits: {best}")
-            chosen = tried[-1]  # the fitting degree, or the largest one tried
-            estimates = {sp: est for sp, est in tried}
+                print(
+                    f"smallest split that fits: Ulysses {best[0]} x ring {best[1]} "
+                    "(--ds-sequence-parallel-size, --context-parallel-size)"
+                )
+            chosen = tried[-1]  # the fitting split, or the largest one tried
+            estimates = dict(tried)
         else:
             setup = setup_from_args(args)
-            chosen = (setup.sp, estimate_memory(config, setup))
+            chosen = ((setup.sp, setup.cp), estimate_memory(config, setup))
             estimates = dict([chosen])
-        sp, est = chosen
-        print(format_estimate(est, setup_from_args(args, sp), budget))
+        (sp, cp), est = chosen
+        print(format_estimate(est, setup_from_args(args, sp, cp), budget))
         if args.json:
-            payload = {str(k): v.as_dict() for k, v in estimates.items()}
+
+            def key(split: tuple[int, int]) -> str:  # "U" alone without a ring, else "UxR"
+                return str(split[0]) if split[1] == 1 else f"{split[0]}x{split[1]}"
+
+            payload = {key(k): v.as_dict() for k, v in estimates.items()}
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"budget_bytes": budget, "estimates_by_sp": payload}, f, indent=2)
     except UsageError as err:

@@ -21,7 +21,11 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   log-sum-exp (``sdpa``/``triton``) or the ``[b, h/p, s, s]`` fp32 probabilities (``classic``).
 * Under SP the saved q/k/v are the all-to-all's receive buffer (K/V heads replicated up to
   ``p`` when fewer), and the context is copied once more on its way back to ``[s/p, b, h]``.
-* ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered weights
+* Under ring attention (``cp`` > 1) each rank holds ``s / (sp cp)`` tokens; the local
+  attention keeps q, k, v, the merged output and log-sum-exp whatever the backend (a step's
+  probabilities never outlive it), and its backward adds the K/V block in flight and the
+  fp32 dK/dV accumulators that travel with it (received, accumulating, being sent).
+* ZeRO via FSDP2 over all GPUs (SP x CP x DP): stages 1/2 keep the all-gathered weights
   from forward to backward; stage 3 holds the root module (embeddings, final norm) plus
   about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
   unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32
@@ -47,7 +51,8 @@ MISC_BYTES_PER_TOKEN = 16  # labels copy and per-token losses (int64 / fp32)
 
 @dataclass(frozen=True)
 class RunSetup:
-    """How the model is trained: GPUs, SP degree, micro-batch, ZeRO stage, precision.
+    """How the model is trained: GPUs, Ulysses (``sp``) and ring (``cp``) degrees,
+    micro-batch, ZeRO stage, precision.
 
     ``device="cpu"`` switches the details that differ on CPU (dropout masks have the input's
     dtype instead of bool; RMSNorm is composed of ops that keep ``x * rstd``; gloo's
@@ -59,6 +64,7 @@ class RunSetup:
     num_gpus: int = 1
     sp: int = 1
     micro_batch_size: int = 1
+    cp: int = 1
     zero_stage: int = 0
     precision: str = "bf16"
     device: str = "cuda"
@@ -73,6 +79,11 @@ class RunSetup:
         if self.sp < 1 or self.num_gpus % self.sp != 0:
             raise UsageError(
                 f"--ds-sequence-parallel-size {self.sp} must divide --num-gpus {self.num_gpus}"
+            )
+        if self.cp < 1 or self.num_gpus % (self.sp * self.cp) != 0:
+            raise UsageError(
+                f"--ds-sequence-parallel-size {self.sp} x --context-parallel-size {self.cp} must "
+                f"divide --num-gpus {self.num_gpus}"
             )
         if self.micro_batch_size < 1:
             raise UsageError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
@@ -190,7 +201,7 @@ def _dims(config: ModelConfig, setup: RunSetup) -> dict:
     hkv = config.num_key_value_heads
     hkv_eff = hkv if p == 1 or hkv % p == 0 else p  # K/V heads replicated up to p
     return {
-        "n": setup.micro_batch_size * config.seq_length // p,  # local tokens
+        "n": setup.micro_batch_size * config.seq_length // (p * setup.cp),  # local tokens
         "a": setup.compute_bytes,
         "h": config.hidden_size,
         "hd": config.num_attention_heads * config.kv_channels,  # query width
@@ -256,7 +267,7 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     rope_copies = config.position_embedding_type == "rope" and p == 1
     norm = n * _norm_bytes_per_token(config, setup)
     out: dict[str, int] = {"attn_norm": norm, "qkv_input": n * a * h}
-    if config.impl.attention_backend == "classic" and not selective:
+    if config.impl.attention_backend == "classic" and not selective and setup.cp == 1:
         # q and k upcast to fp32 (k expanded over the GQA group), v expanded, context copy.
         out["attention_inputs"] = n * (8 * hd + a * hd)
         out["attention_scores"] = _classic_square_bytes(config, setup, a)
@@ -405,13 +416,21 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     activation gradients around them (the fp32 residual-stream gradient included)."""
     g = _dims(config, setup)
     n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
-    if config.impl.attention_backend == "classic":
+    kvx = x - hd  # K and V width (replicated heads included)
+    # Ring: the K/V block in flight and the fp32 dK/dV received, accumulated and being sent.
+    ring = n * (2 * a * kvx + 3 * 4 * kvx) if setup.cp > 1 else 0
+    if config.impl.attention_backend == "classic" and setup.cp > 1:
+        s, b, cp = config.seq_length, setup.micro_batch_size, setup.cp
+        # one step's fp32 probabilities and their gradient: [b, h/p, 2s/(2cp), s/(2cp)]
+        squares = b * (config.num_attention_heads // p) * (s // cp) * (s // (2 * cp)) * 8
+        workspace = squares + n * (a * x + 4 * hd) + ring
+    elif config.impl.attention_backend == "classic":
         s, b = config.seq_length, setup.micro_batch_size
         # fp32 gradients of the probabilities and of the scores, after the value gradient.
         squares = b * (config.num_attention_heads // p) * s * s * 8
         workspace = squares + n * a * hd
     else:
-        workspace = n * (a * x + 4 * hd)
+        workspace = n * (a * x + 4 * hd) + ring
     shapes = parameter_shapes(config)
     largest_linear = max(_numel(s) for name, s in shapes.items() if _is_linear(name))
     # Autocast over fp32 weights: a weight's low-precision gradient before its cast to fp32.
@@ -513,6 +532,12 @@ def estimate_memory(config: ModelConfig, setup: RunSetup) -> MemoryEstimate:
         raise UsageError(
             f"--seq-length {config.seq_length} is not divisible by --ds-sequence-parallel-size "
             f"{setup.sp}"
+        )
+    cp = setup.cp
+    if cp > 1 and (config.seq_length % (2 * cp) or config.seq_length % (cp * setup.sp)):
+        raise UsageError(
+            f"--seq-length {config.seq_length} is not divisible by 2 x --context-parallel-size "
+            f"{cp} and by --context-parallel-size x --ds-sequence-parallel-size"
         )
     z = _zero_bytes(config, setup)
     act = saved_activation_bytes(config, setup)
@@ -703,4 +728,37 @@ def find_min_sp(
         tried.append((sp, est))
         if est.total <= budget_bytes:
             return sp, tried
+    return None, tried
+
+
+def valid_sequence_splits(
+    config: ModelConfig, num_gpus: int, max_ulysses: int | None = None
+) -> list[tuple[int, int]]:
+    """(Ulysses U, ring R) pairs this model accepts on ``num_gpus`` GPUs, U at most
+    ``max_ulysses`` (the GPUs of one node: the all-to-alls stay inside it); ordered by the
+    sequence's degree U x R, then the larger Ulysses degree first (one all-to-all inside a
+    node moves less per rank than a ring's R - 1 K/V hops; README, "Choosing U and R")."""
+    out = []
+    for sp in valid_sp_degrees(config, num_gpus):
+        if max_ulysses is not None and sp > max_ulysses:
+            continue
+        for cp in range(1, num_gpus // sp + 1):
+            s = config.seq_length
+            if (num_gpus // sp) % cp or s % (2 * cp if cp > 1 else 1) or s % (sp * cp):
+                continue
+            out.append((sp, cp))
+    return sorted(out, key=lambda uc: (uc[0] * uc[1], -uc[0]))
+
+
+def find_sequence_split(
+    config: ModelConfig, setup: RunSetup, budget_bytes: int, max_ulysses: int | None = None
+) -> tuple[tuple[int, int] | None, list[tuple[tuple[int, int], MemoryEstimate]]]:
+    """The first (U, R) of :func:`valid_sequence_splits` whose estimate fits
+    ``budget_bytes`` (None if none does), and the estimate of every split tried."""
+    tried = []
+    for sp, cp in valid_sequence_splits(config, setup.num_gpus, max_ulysses):
+        est = estimate_memory(config, replace(setup, sp=sp, cp=cp))
+        tried.append(((sp, cp), est))
+        if est.total <= budget_bytes:
+            return (sp, cp), tried
     return None, tried
