@@ -165,7 +165,7 @@ def apply_zero(
     param_dtype: torch.dtype | None = None,
     forward_prefetch: bool = True,
 ) -> torch.nn.Module:
-    """ZeRO ``stage`` through FSDP2 over the SP x DP mesh, each transformer layer one unit
+    """ZeRO ``stage`` through FSDP2 over the DP x CP x SP mesh, each transformer layer one unit
     (:func:`megatron.core.distributed.fsdp.shard_model_for_zero`); stage 0 leaves the model alone."""
     return shard_model_for_zero(
         model, stage, state, (ParallelTransformerLayer,), param_dtype, forward_prefetch

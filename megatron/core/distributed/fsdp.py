@@ -33,7 +33,7 @@ def shard_model_for_zero(
     param_dtype: torch.dtype | None = None,
     forward_prefetch: bool = True,
 ) -> torch.nn.Module:
-    """ZeRO 1/2/3 with FSDP2 over the SP x DP mesh; stage 0 leaves the model alone.
+    """ZeRO 1/2/3 with FSDP2 over the DP x CP x SP mesh; stage 0 leaves the model alone.
 
     Stage 1 and 2 keep parameters unsharded between forward and backward
     (``reshard_after_forward=False``); stage 3 reshards them. With ``param_dtype`` bf16/fp16
