@@ -149,7 +149,7 @@ class _RingAttention(torch.autograd.Function):
                     kv[0, ks],
                     kv[1, ks],
                     out[qs],
-                    lse[..., qs],
+                    lse[..., qs].contiguous(),  # a kernel may assume packed statistics
                     causal=causal,
                     softmax_scale=ctx.scale,
                     **kw,
