@@ -22,17 +22,12 @@ FULL = {"recompute_granularity": "full", "recompute_method": "uniform"}
 
 # (id, U, R, overrides, batch, packed documents)
 CASES = {
-    2: [
-        ("gpt-classic", 1, 2, {}, 2, False),
-        ("llama-sdpa-packed", 1, 2, {**LLAMA, **SDPA}, 2, True),
-    ],
+    2: [("llama-sdpa-packed", 1, 2, {**LLAMA, **SDPA}, 2, True)],
     4: [
-        ("gpt-classic", 2, 2, {}, 2, False),
+        ("gpt-classic-selective", 2, 2, SELECTIVE, 2, False),
         ("gpt-sdpa-packed-chunked", 2, 2, {**SDPA, "loss_chunk_size": 24}, 2, True),
-        ("llama-gqa2-sdpa-selective", 2, 2, {**LLAMA, **SDPA, **SELECTIVE}, 2, False),
         ("llama-mqa-packed-full", 2, 2, {**MQA, **FULL}, 2, True),
-        ("gpt-ring4-sdpa", 1, 4, SDPA, 2, False),
-        ("llama-ring4-packed", 1, 4, LLAMA, 2, True),
+        ("llama-gqa2-ring4-packed", 1, 4, LLAMA, 2, True),
     ],
 }
 
