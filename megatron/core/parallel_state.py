@@ -71,9 +71,10 @@ class ParallelDims:
         return (self.pp, self.dp, self.cp, self.sp, self.tp)
 
     def describe(self) -> str:
+        ring = f"CP {self.cp} x " if self.cp > 1 else ""
         return (
-            f"world {self.world_size} = PP {self.pp} x DP {self.dp} x CP {self.cp} x "
-            f"SP {self.sp} x TP {self.tp}"
+            f"world {self.world_size} = PP {self.pp} x DP {self.dp} x {ring}SP {self.sp} x "
+            f"TP {self.tp}"
         )
 
 
