@@ -1,6 +1,7 @@
 """Pretrain a GPT with Ulysses sequence parallelism (Megatron's pretrain_gpt.py).
 
 Launch: ``torchrun --nproc-per-node N pretrain_gpt.py --ds-sequence-parallel-size N ...``
+(with ``--context-parallel-size R`` the sequence is sharded ``N x R`` ways: Ulysses x ring).
 """
 
 from __future__ import annotations
@@ -35,13 +36,19 @@ def model_provider(pre_process: bool = True, post_process: bool = True) -> GPTMo
     get_tokenizer()  # sets args.padded_vocab_size
     state = parallel_state.get_parallel_state()
     sp_group = state.sp_group if state.dims.sp > 1 else None
-    return GPTModel(ModelConfig.from_args(args), sp_group=sp_group, device=args.device_obj)
+    cp_group = state.cp_group if state.dims.cp > 1 else None
+    return GPTModel(
+        ModelConfig.from_args(args), sp_group=sp_group, device=args.device_obj, cp_group=cp_group
+    )
 
 
 def get_batch(data_iterator):
-    """This SP rank's slice of the next micro-batch, on the training device."""
+    """This rank's slice of the next micro-batch, on the training device: with ring
+    attention the tokens are first put in its load-balanced order, then cut into one piece
+    per (ring rank, Ulysses rank)."""
     from megatron.data.batch import (
         get_batch_from_samples,
+        load_balance_for_context_parallel,
         pad_batch_for_sharding,
         sequence_shard_unit,
         slice_batch_for_sequence_parallel,
@@ -60,8 +67,9 @@ def get_batch(data_iterator):
     if batch["doc_ids"] is None:  # no --reset-attention-mask: attention is plain causal
         del batch["doc_ids"]
     # a sequence that does not split evenly is padded (out of the loss)
-    batch = pad_batch_for_sharding(batch, sequence_shard_unit(state.dims.sp))
-    batch = slice_batch_for_sequence_parallel(batch, state.sp_rank, state.dims.sp)
+    batch = pad_batch_for_sharding(batch, sequence_shard_unit(state.dims.sp, state.dims.cp))
+    batch = load_balance_for_context_parallel(batch, state.dims.cp)
+    batch = slice_batch_for_sequence_parallel(batch, state.seq_rank, state.dims.seq)
     device = args.device_obj
     if device.type == "cuda":  # from pageable memory a non_blocking copy may sync the stream
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
@@ -69,9 +77,10 @@ def get_batch(data_iterator):
 
 
 def loss_func(loss_mask: torch.Tensor, per_token_loss):
-    """Mean over the micro-batch's valid tokens of the whole sequence (same on every SP rank)."""
+    """Mean over the micro-batch's valid tokens of the whole sequence (same on every rank of
+    the Ulysses x ring group)."""
     state = parallel_state.get_parallel_state()
-    group = state.sp_group if state.dims.sp > 1 else None
+    group = state.seq_group if state.dims.seq > 1 else None
     loss = masked_lm_loss(per_token_loss, loss_mask, group)
     return loss, {"lm loss": loss.detach()}
 

@@ -136,9 +136,16 @@ ERRORS = [
     ),
     (TINY + " --sequence-parallel", 1, "use --ds-sequence-parallel-size"),
     (
+        TINY + " --context-parallel-size 2 --ds-sequence-parallel-size 2",
+        6,
+        "world size 6 is not divisible by tensor-parallel (1) x pipeline-parallel (1) x "
+        "sequence-parallel (2) x context-parallel (2) = 4",
+    ),
+    (
         TINY + " --context-parallel-size 2",
         2,
-        "--context-parallel-size 2: ring context parallelism is not built here; use --ds-sequence-parallel-size",
+        "--attention-dropout 0.1 and --context-parallel-size 2: ring attention has no attention "
+        "dropout; use --attention-dropout 0",
     ),
     (TINY.replace("--micro-batch-size 1", ""), 1, "--micro-batch-size is required"),
     (

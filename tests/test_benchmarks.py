@@ -147,3 +147,18 @@ def test_attention_kernel_table_cpu_smoke(tmp_path):
         ("documents", "triton-fused-dq"), ("documents", "doc-loop"),
     }  # fmt: skip
     assert all(r["err_vs_first"] < 1e-4 for r in rows)
+
+
+def test_ring_one_gpu_cpu_smoke(tmp_path):
+    """The one-GPU ring benchmark's code path on tiny CPU shapes: every ring rank's steps
+    give the single call's output, and --out writes JSON and markdown."""
+    out = tmp_path / "ring.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_ring_one_gpu.py"), "--cpu-smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["ring"] for r in results] == [2, 4]
+    assert all(r["max_rel_diff"] < 1e-5 for r in results)
+    assert "| seq | R |" in out.with_suffix(".md").read_text()

@@ -404,7 +404,33 @@ def test_cli(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["estimates_by_sp"]["2"]["tokens_per_gpu"] == 4096
     assert main([*common, "--find-sp", "--gpu-memory-gb", "0.2", "--reserve-gb", "0"]) == 0
-    assert "smallest SP degree that fits: 4" in capsys.readouterr().out
+    assert "smallest split that fits: Ulysses 4 x ring 1" in capsys.readouterr().out
+    # Ulysses capped at 2 GPUs per node: the ring takes the rest.
+    find = [*common, "--find-sp", "--gpu-memory-gb", "0.2", "--reserve-gb", "0"]
+    assert main([*find, "--gpus-per-node", "2", "--json", str(out)]) == 0
+    assert "smallest split that fits: Ulysses 2 x ring 2" in capsys.readouterr().out
+    assert json.loads(out.read_text())["estimates_by_sp"]["2x2"]["tokens_per_gpu"] == 2048
+    assert main([*common, "--ds-sequence-parallel-size", "2", "--context-parallel-size", "2",
+                 "--attention-dropout", "0"]) == 0  # fmt: skip
+    assert "SP 2 x CP 2 x DP 1, ZeRO 3, bf16, 2048 tokens per GPU" in capsys.readouterr().out
     no_vocab = [a for a in common if a not in ("--vocab-size", "1000")]
     assert main(no_vocab) == 2
     assert "--padded-vocab-size" in capsys.readouterr().err
+
+
+def test_ring_splits_the_tokens_and_adds_its_buffers():
+    """U x R shards the tokens U x R ways; the ring's K/V block and fp32 dK/dV accumulators
+    are in the attention workspace; splits are ordered by degree, Ulysses first."""
+    config = tiny_config(attention_backend="sdpa")
+    ulysses = mm.estimate_memory(config, mm.RunSetup(num_gpus=4, sp=4))
+    hybrid = mm.estimate_memory(config, mm.RunSetup(num_gpus=4, sp=2, cp=2))
+    ring = mm.estimate_memory(config, mm.RunSetup(num_gpus=4, cp=4))
+    assert ulysses.tokens_per_gpu == hybrid.tokens_per_gpu == ring.tokens_per_gpu == 16
+    work = [e.details["layer_backward"]["attention_workspace"] for e in (ulysses, hybrid, ring)]
+    assert work[0] < work[1] == work[2]  # the same tokens and heads per rank: the same buffers
+    splits = mm.valid_sequence_splits(config, 8)
+    assert splits[:4] == [(1, 1), (2, 1), (1, 2), (4, 1)]
+    assert (8, 1) in splits and (2, 4) in splits
+    assert max(u for u, _ in mm.valid_sequence_splits(config, 8, max_ulysses=2)) == 2
+    with pytest.raises(UsageError, match="x --context-parallel-size 3 must divide"):
+        mm.RunSetup(num_gpus=4, sp=2, cp=3)

@@ -70,3 +70,41 @@ def test_mesh_matches_layout():
         assert r["sp_rank"] == rank % 2 and r["dp_rank"] == rank // 2 and r["sdp_rank"] == rank
         assert r["src"] == rank - rank % 2
         assert r["sizes"] == (2, 2, 4)
+
+
+def test_layout_with_ring():
+    """World 16 = DP 2 x CP 2 x SP 4: Ulysses groups contiguous, rings strided by SP."""
+    lay = rank_layout(16, sp=4, cp=2)
+    assert lay["sp"][:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert lay["cp"][:2] == [[0, 4], [1, 5]]
+    assert lay["dp"][:2] == [[0, 8], [1, 9]]
+    assert lay["seq"] == [list(range(8)), list(range(8, 16))]
+    assert lay["sdp"] == [list(range(16))]
+    with pytest.raises(UsageError, match=r"context-parallel \(2\) = 8"):
+        rank_layout(12, sp=4, cp=2)
+
+
+def _cp_groups():
+    from megatron.core import mpu
+
+    state = mpu.initialize_model_parallel(sequence_parallel_size=1, context_parallel_size=2)
+    return {
+        "cp": dist.get_process_group_ranks(mpu.get_context_parallel_group()),
+        "cp_ranks": mpu.get_context_parallel_global_ranks(),
+        "cp_rank": mpu.get_context_parallel_rank(),
+        "cp_size": mpu.get_context_parallel_world_size(),
+        "seq": dist.get_process_group_ranks(mpu.get_sequence_and_context_parallel_group()),
+        "dp_cp": dist.get_process_group_ranks(mpu.get_data_parallel_group(True)),
+        "dp_cp_size": mpu.get_data_parallel_world_size(with_context_parallel=True),
+        "dp_cp_rank": mpu.get_data_parallel_rank(with_context_parallel=True),
+        "seq_rank": state.seq_rank,
+        "sdp_size": mpu.get_sequence_data_parallel_world_size(),
+    }
+
+
+def test_context_parallel_getters():
+    for rank, r in enumerate(get_world(4).run(_cp_groups)):
+        assert r["cp"] == r["cp_ranks"] == r["seq"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert r["cp_rank"] == r["seq_rank"] == rank % 2 and r["cp_size"] == 2
+        assert r["dp_cp"] == [0, 1, 2, 3] and r["dp_cp_size"] == 4 and r["dp_cp_rank"] == rank
+        assert r["sdp_size"] == 4

@@ -3,9 +3,10 @@
 
 Takes the same model/parallelism flags as ``pretrain_gpt.py`` plus ``--num-gpus`` and
 ``--gpu-memory-gb``, prints the peak broken down by component, and with ``--find-sp`` the
-smallest Ulysses degree that fits; with ``--find-max-seq`` the longest sequence on
-``--num-gpus`` GPUs with ``--host-memory-gb`` of host memory per node (``--gpus-per-node``),
-and the flags that reach it (full recompute, ``--tiled-mlp-chunk-size``,
+smallest split of the sequence that fits: a Ulysses degree U (at most ``--gpus-per-node``)
+times a ring degree R (``--context-parallel-size``), Ulysses preferred at equal U x R; with
+``--find-max-seq`` the longest sequence on ``--num-gpus`` GPUs with ``--host-memory-gb`` of
+host memory per node, and the flags that reach it (full recompute, ``--tiled-mlp-chunk-size``,
 ``--checkpoint-in-cpu``, ``--cpu-optimizer``, ``--cpu-offload-params``: each rung of
 :mod:`megatron.planning.long_context` adds one). Numbers are what
 ``torch.cuda.max_memory_allocated`` would report; ``--reserve-gb`` is kept free for the
@@ -46,7 +47,7 @@ from megatron.planning.memory_model import (  # noqa: E402
     MemoryEstimate,
     RunSetup,
     estimate_memory,
-    find_min_sp,
+    find_sequence_split,
 )
 
 LABELS = {
@@ -74,14 +75,24 @@ def _extra_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="GiB kept free for the CUDA context, NCCL buffers and allocator fragmentation",
     )
     g.add_argument("--padded-vocab-size", type=int, default=None, help="vocabulary after padding")
-    g.add_argument("--find-sp", action="store_true", help="report the smallest SP degree that fits")
+    g.add_argument(
+        "--find-sp",
+        action="store_true",
+        help="report the smallest Ulysses x ring split of the sequence that fits",
+    )
     g.add_argument(
         "--find-max-seq",
         action="store_true",
         help="report the longest sequence that fits (all GPUs one SP group) and its flags",
     )
     g.add_argument("--host-memory-gb", type=float, default=512.0, help="host memory per node, GiB")
-    g.add_argument("--gpus-per-node", type=int, default=None, help="default: --num-gpus, at most 8")
+    g.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node (default: --num-gpus, at most 8); --find-sp's largest Ulysses "
+        "degree (its all-to-alls stay inside a node)",
+    )
     g.add_argument("--json", type=str, default=None, help="also write the estimate(s) here")
     return parser
 
@@ -108,6 +119,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.micro_batch_size = 1
     if args.find_sp or args.find_max_seq:
         args.ds_sequence_parallel_size = 1  # checked per candidate below
+        args.context_parallel_size = 1
     if args.gpus_per_node is None:
         args.gpus_per_node = min(args.num_gpus, 8)
     if args.padded_vocab_size is None:
@@ -123,14 +135,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup:
-    return _setup_from_args(args, sp)
+def setup_from_args(
+    args: argparse.Namespace, sp: int | None = None, cp: int | None = None
+) -> RunSetup:
+    return _setup_from_args(args, sp, cp)
 
 
 def format_estimate(est: MemoryEstimate, setup: RunSetup, budget: int) -> str:
     """The breakdown as a markdown table plus a one-line verdict."""
     lines = [
-        f"SP {setup.sp} x DP {setup.num_gpus // setup.sp}, ZeRO {setup.zero_stage}, "
+        f"SP {setup.sp} x {f'CP {setup.cp} x ' if setup.cp > 1 else ''}"
+        f"DP {setup.num_gpus // (setup.sp * setup.cp)}, ZeRO {setup.zero_stage}, "
         f"{setup.precision}, {est.tokens_per_gpu} tokens per GPU, "
         f"{est.details['params_per_gpu'] / 1e6:.1f}M of {est.details['num_params'] / 1e6:.1f}M "
         "parameters per GPU",
@@ -196,27 +211,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.find_max_seq:
             return _report_max_seq(args, config, budget)
         if args.find_sp:
-            best, tried = find_min_sp(config, setup_from_args(args, 1), budget)
-            print("| SP | peak GiB | fits |\n|---:|---:|---|")
-            for sp, est in tried:
-                print(
-                    f"| {sp} | {est.total / GIB:.2f} | {'yes' if est.total <= budget else 'no'} |"
-                )
+            best, tried = find_sequence_split(
+                config, setup_from_args(args, 1, 1), budget, args.gpus_per_node
+            )
+            print("| Ulysses U | ring R | peak GiB | fits |\n|---:|---:|---:|---|")
+            for (sp, cp), est in tried:
+                fits = "yes" if est.total <= budget else "no"
+                print(f"| {sp} | {cp} | {est.total / GIB:.2f} | {fits} |")
             print()
             if best is None:
-                print(f"no SP degree up to {args.num_gpus} fits in {budget / GIB:.1f} GiB")
+                print(
+                    f"no Ulysses x ring split on {args.num_gpus} GPUs fits in {budget / GIB:.1f} GiB"
+                )
             else:
-                print(f"smallest SP degree that fits: {best}")
-            chosen = tried[-1]  # the fitting degree, or the largest one tried
-            estimates = {sp: est for sp, est in tried}
+                print(
+                    f"smallest split that fits: Ulysses {best[0]} x ring {best[1]} "
+                    "(--ds-sequence-parallel-size, --context-parallel-size)"
+                )
+            chosen = tried[-1]  # the fitting split, or the largest one tried
+            estimates = dict(tried)
         else:
             setup = setup_from_args(args)
-            chosen = (setup.sp, estimate_memory(config, setup))
+            chosen = ((setup.sp, setup.cp), estimate_memory(config, setup))
             estimates = dict([chosen])
-        sp, est = chosen
-        print(format_estimate(est, setup_from_args(args, sp), budget))
+        (sp, cp), est = chosen
+        print(format_estimate(est, setup_from_args(args, sp, cp), budget))
         if args.json:
-            payload = {str(k): v.as_dict() for k, v in estimates.items()}
+
+            def key(split: tuple[int, int]) -> str:  # "U" alone without a ring, else "UxR"
+                return str(split[0]) if split[1] == 1 else f"{split[0]}x{split[1]}"
+
+            payload = {key(k): v.as_dict() for k, v in estimates.items()}
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"budget_bytes": budget, "estimates_by_sp": payload}, f, indent=2)
     except UsageError as err:

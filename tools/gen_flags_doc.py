@@ -30,6 +30,10 @@ NOTES: dict[str, tuple[str, str]] = {
         "Ulysses degree; SP groups are contiguous ranks; at most the head count (uneven head "
         "splits and sequence padding where they do not divide)",
     ),
+    "--context-parallel-size": (
+        "changed",
+        "ring attention degree R; composes with Ulysses: world = DP x R x U, load-balanced chunks",
+    ),
     "--no-sp-rank-major-qkv": (
         "new",
         "project Q/K/V in Megatron's layout and pack them, instead of straight into the send buffer",
@@ -125,7 +129,6 @@ NOTES: dict[str, tuple[str, str]] = {
         "refused",
         "Megatron-LM's tensor-parallel variant; use --ds-sequence-parallel-size",
     ),
-    "--context-parallel-size": ("refused", "above 1; use --ds-sequence-parallel-size"),
     "--tensor-model-parallel-size": ("refused", "above 1: tensor parallelism is not built"),
     "--pipeline-model-parallel-size": ("refused", "above 1: pipeline parallelism is not built"),
     "--ds-sequence-parallel-fpdt": (

@@ -68,11 +68,15 @@ def initialize_for_generation(args_list: Sequence[str] | None = None) -> argpars
             f"generate_text.py runs as one process, but the launcher started {args.world_size}; "
             "run it with plain python (no torchrun/srun)"
         )
-    if args.ds_sequence_parallel_size != 1:
-        raise UsageError(
-            f"--ds-sequence-parallel-size {args.ds_sequence_parallel_size}: generation runs "
-            "without sequence parallelism; drop the flag (any checkpoint layout loads)"
-        )
+    for flag, value in (
+        ("--ds-sequence-parallel-size", args.ds_sequence_parallel_size),
+        ("--context-parallel-size", args.context_parallel_size),
+    ):
+        if value != 1:
+            raise UsageError(
+                f"{flag} {value}: generation runs without sequence parallelism; drop the flag "
+                "(any checkpoint layout loads)"
+            )
     if not args.load:
         raise UsageError("--load DIR is required: the checkpoint directory to sample from")
     if checkpointing.find_checkpoint(args.load) is None:

@@ -67,7 +67,14 @@ logger = logging.getLogger("megatron")
 
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "meta.json"
-FORMAT_VERSION = 1
+# 2: the layout records the ring degree ("cp"); version 1 layouts (no "cp") read as cp 1.
+FORMAT_VERSION = 2
+
+
+def layout_of(state: ParallelState) -> dict[str, int]:
+    """The checkpoint's ``layout``: world size, Ulysses (sp), ring (cp) and data degrees."""
+    dims = state.dims
+    return {"world_size": dims.world_size, "sp": dims.sp, "cp": dims.cp, "dp": dims.dp}
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -235,11 +242,7 @@ def save_checkpoint(args, state: ParallelState, model, optimizer, scheduler, sca
                 "scheduler": scheduler.state_dict(),
                 "grad_scaler": scaler.state_dict(),
                 "param_groups": param_groups if not args.no_save_optim else None,
-                "layout": {
-                    "world_size": state.dims.world_size,
-                    "sp": state.dims.sp,
-                    "dp": state.dims.dp,
-                },
+                "layout": layout_of(state),
                 "args": _jsonable_args(args),
             }
             publish_checkpoint(args.save, tmp, meta)
@@ -452,11 +455,7 @@ def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
     if args.no_load_rng:
         return
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.json")
-    same_layout = meta["layout"] == {
-        "world_size": state.dims.world_size,
-        "sp": state.dims.sp,
-        "dp": state.dims.dp,
-    }
+    same_layout = {"cp": 1, **meta["layout"]} == layout_of(state)
     if same_layout and os.path.isfile(rng_file):
 
         def restore() -> None:
@@ -470,11 +469,9 @@ def _restore_rng(args, state: ParallelState, path: str, meta: dict) -> None:
     # Another layout: rank r's saved stream belongs to different work. Derive fresh streams.
     set_random_seed(args.seed + 7919 * meta["iteration"], dropout_seed_offset(state))
     logger.info(
-        "  the layout changed (%s -> world %d, SP %d, DP %d): per-rank RNG states re-derived from --seed and the iteration",
+        "  the layout changed (%s -> %s): per-rank RNG states re-derived from --seed and the iteration",
         meta["layout"],
-        state.dims.world_size,
-        state.dims.sp,
-        state.dims.dp,
+        layout_of(state),
     )
 
 

@@ -75,11 +75,15 @@ def parse_meta(raw: bytes, meta_path: str) -> dict[str, Any]:
         raise bad("'grad_scaler' is not a JSON object")
     if not isinstance(meta.get("param_groups"), list | type(None)):
         raise bad("'param_groups' is neither a list nor null")
+    version = meta.get("format_version", 1)
+    if version not in (1, 2):
+        raise bad(f"format_version {version!r} is not 1 or 2 (a newer release wrote it?)")
     layout = meta.get("layout")
+    keys = ("world_size", "sp", "dp") + (("cp",) if version >= 2 else ())
     if not isinstance(layout, dict) or not all(
-        _is_count(layout.get(k)) and layout[k] > 0 for k in ("world_size", "sp", "dp")
+        _is_count(layout.get(k)) and layout[k] > 0 for k in keys
     ):
-        raise bad(f"'layout' {layout!r} lacks positive world_size, sp and dp")
+        raise bad(f"'layout' {layout!r} lacks positive {', '.join(keys)}")
     bad_counts = {k: v for k, v in meta["train_state"].items() if not _is_count(v)}
     if bad_counts or meta["train_state"].get("iteration", iteration) != iteration:
         raise bad(f"'train_state' holds {bad_counts or meta['train_state']}, not counts of it")

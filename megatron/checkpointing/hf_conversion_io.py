@@ -158,7 +158,7 @@ def _weights_only_meta(args: dict[str, Any], iteration: int) -> dict[str, Any]:
         "scheduler": {"num_steps": 0},
         "grad_scaler": {},
         "param_groups": None,  # weights only: the optimizer starts fresh
-        "layout": {"world_size": 1, "sp": 1, "dp": 1},
+        "layout": {"world_size": 1, "sp": 1, "cp": 1, "dp": 1},
         "args": args,
     }
 

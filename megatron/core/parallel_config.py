@@ -35,7 +35,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel_size: int = 1  # --ds-sequence-parallel-size (Ulysses)
-    data_parallel_size: int = 1  # world size / (TP x PP x SP)
+    context_parallel_size: int = 1  # --context-parallel-size (ring)
+    data_parallel_size: int = 1  # world size / (TP x PP x CP x SP)
     zero_stage: int = 0
     # The dtype ZeRO all-gathers the layers' weights in (None: fp32, as stored).
     zero_param_dtype: torch.dtype | None = None
@@ -51,12 +52,14 @@ class ParallelConfig:
         model = (
             self.tensor_model_parallel_size
             * self.pipeline_model_parallel_size
+            * self.context_parallel_size
             * self.sequence_parallel_size
         )
         if model * self.data_parallel_size != self.world_size:
             raise UsageError(
                 f"parallel layout: TP {self.tensor_model_parallel_size} x PP "
-                f"{self.pipeline_model_parallel_size} x SP {self.sequence_parallel_size} x DP "
+                f"{self.pipeline_model_parallel_size} x CP {self.context_parallel_size} x SP "
+                f"{self.sequence_parallel_size} x DP "
                 f"{self.data_parallel_size} is not the world size {self.world_size}"
             )
         if self.zero_stage not in (0, 1, 2, 3):
@@ -78,6 +81,7 @@ class ParallelConfig:
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             sequence_parallel_size=args.ds_sequence_parallel_size,
+            context_parallel_size=args.context_parallel_size,
             data_parallel_size=args.data_parallel_size,
             zero_stage=args.zero_stage,
             zero_param_dtype=zero_gather_dtype(args.params_dtype, args.fp32_param_gather),

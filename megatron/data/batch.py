@@ -1,5 +1,6 @@
 """Turning samples into model inputs: labels, loss mask, position ids, document ids, the
-padding that makes a sequence split evenly, and the sequence-parallel slice of a batch."""
+padding that makes a sequence split evenly, and the sequence-parallel slice of a batch
+(after the ring's load-balanced permutation)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from megatron.core.sequence.ring import load_balanced_order
 from megatron.errors import UsageError
 
 SP_SLICED_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -107,6 +109,23 @@ def pad_batch_for_sharding(batch: dict, unit: int) -> dict:
         if key == "doc_ids":
             fill += value[:, -1:] + 1
         out[key] = torch.cat([value, fill], dim=1)
+    return out
+
+
+def load_balance_for_context_parallel(batch: dict, cp: int) -> dict:
+    """The batch in ring attention's load-balanced token order (Megatron-LM's
+    ``get_batch_on_this_cp_rank``: ``2 cp`` chunks, ring rank i holds chunks i and
+    ``2cp-1-i``): ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` and ``doc_ids`` are
+    permuted alike (positions stay the tokens' own, so the model's math is unchanged). The
+    SP slice then cuts this order into ``cp x sp`` contiguous pieces, ring rank major."""
+    if cp == 1:
+        return batch
+    order = load_balanced_order(batch["tokens"].shape[1], cp)
+    out = dict(batch)
+    for key in (*SP_SLICED_KEYS, "doc_ids"):
+        value = batch.get(key)
+        if value is not None:
+            out[key] = value[:, order.to(value.device)]
     return out
 
 

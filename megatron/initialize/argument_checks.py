@@ -35,11 +35,6 @@ def _check_parallel_layout(args: argparse.Namespace) -> None:
             "--sequence-parallel is Megatron-LM's tensor-parallel sequence parallelism, which is not "
             "built here; for Ulysses sequence parallelism use --ds-sequence-parallel-size N"
         )
-    if args.context_parallel_size > 1:
-        raise UsageError(
-            f"--context-parallel-size {args.context_parallel_size}: ring context parallelism is not "
-            "built here; use --ds-sequence-parallel-size N (Ulysses) instead"
-        )
     if args.tensor_model_parallel_size > 1:
         raise UsageError(
             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}: tensor parallelism is not "
@@ -55,6 +50,7 @@ def _check_parallel_layout(args: argparse.Namespace) -> None:
         tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size,
         sp=args.ds_sequence_parallel_size,
+        cp=args.context_parallel_size,
     )
     args.data_parallel_size = dims.dp
 
@@ -108,17 +104,30 @@ def _check_model_shape(args: argparse.Namespace) -> None:
 
 
 def _check_sequence_parallel(args: argparse.Namespace) -> None:
-    sp = args.ds_sequence_parallel_size
+    sp, cp = args.ds_sequence_parallel_size, args.context_parallel_size
     check_heads_for_sp(args.num_attention_heads, args.num_key_value_heads, sp)
-    padded = padded_seq_length(args.seq_length, sequence_shard_unit(sp))
+    padded = padded_seq_length(args.seq_length, sequence_shard_unit(sp, cp))
     if padded != args.seq_length:
         logger.info(
             "> --seq-length %d is padded to %d (%d padding tokens per sample, out of the loss) "
-            "so it splits over --ds-sequence-parallel-size %d",
+            "so it splits over --ds-sequence-parallel-size %d%s",
             args.seq_length,
             padded,
             padded - args.seq_length,
             sp,
+            f" x 2 x --context-parallel-size {cp}" if cp > 1 else "",
+        )
+    _check_context_parallel(args)
+
+
+def _check_context_parallel(args: argparse.Namespace) -> None:
+    cp = args.context_parallel_size
+    if cp == 1:
+        return
+    if args.attention_dropout > 0:
+        raise UsageError(
+            f"--attention-dropout {args.attention_dropout} and --context-parallel-size {cp}: ring "
+            "attention has no attention dropout; use --attention-dropout 0"
         )
 
 

@@ -337,7 +337,9 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         "--context-parallel-size",
         type=int,
         default=1,
-        help="Megatron-LM's ring attention: refused above 1",
+        help="ring attention (context parallelism) degree: the sequence is sharded over "
+        "ring x Ulysses ranks, K/V blocks passed around the ring (groups of ranks strided by "
+        "--ds-sequence-parallel-size, so they may span nodes)",
     )
     g.add_argument("--no-pipeline-parallel", action="store_true")
     g.add_argument("--distributed-backend", type=str, default=None, choices=["nccl", "gloo"])

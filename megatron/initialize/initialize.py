@@ -124,6 +124,7 @@ def initialize_megatron(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         sequence_parallel_size=parallel.sequence_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         device_type=parallel.device.type,
     )
     logger.info("> initialized parallel layout: %s", state.dims.describe())

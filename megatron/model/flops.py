@@ -40,6 +40,12 @@ def model_flops_per_token(config: ModelConfig, seq_length: int) -> float:
     is twice forward. (heads x head_dim equals the hidden size unless --kv-channels
     changes it.) Recomputation is not counted, nor padding added to split the sequence over
     the SP ranks (``seq_length`` is the real tokens'): this is model FLOPs, for MFU.
+
+    The count does not depend on how the sequence is split: under Ulysses x ring each of
+    the world's GPUs does ``1 / world`` of it (the ring's load-balanced chunks give every
+    ring rank the same number of causal query-key pairs), so the per-GPU TFLOP/s of the log
+    line divide by the world size. Key blocks the ring skips because no document spans them
+    are counted, as the masked-out pairs of packed documents are without the ring.
     """
     counts = parameter_counts(config)
     dense = counts["transformer"] + config.padded_vocab_size * config.hidden_size

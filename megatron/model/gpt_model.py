@@ -61,9 +61,12 @@ class GPTModel(torch.nn.Module):
 
     Args:
         config: the architecture (see :class:`ModelConfig`; ``ModelConfig.from_args(args)``).
-        sp_group: the sequence-parallel process group; ``None`` or size 1 means no SP.
+        sp_group: the Ulysses sequence-parallel process group; ``None`` or size 1: none.
         device: where to create the parameters (default: torch's current default device).
             Parameters are created empty and initialised once by :meth:`reset_parameters`.
+        cp_group: the ring (context-parallel) group; ``None`` or size 1: no ring attention.
+            With it, the inputs are in the load-balanced order of
+            :func:`megatron.core.sequence.ring.load_balanced_order` (the data path's job).
 
     The constructor builds the single-device model, then applies ``config``'s sequence
     parallelism over ``sp_group`` and recomputation with
@@ -75,6 +78,7 @@ class GPTModel(torch.nn.Module):
         config: ModelConfig,
         sp_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
+        cp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -94,7 +98,7 @@ class GPTModel(torch.nn.Module):
         self.to_empty(device=device)
         if torch.device(device).type != "meta":
             self.reset_parameters()
-        parallelize(self, config, sp_group)
+        parallelize(self, config, sp_group, cp_group)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -136,7 +140,8 @@ class GPTModel(torch.nn.Module):
         loss then computes its gradients in forward, see :mod:`megatron.model.loss`).
 
         tokens, position_ids, labels: [b, s/p], this rank's slice; position ids global.
-        doc_ids: [b, s] per-token document ids of the WHOLE sequence (packed documents);
+        doc_ids: [b, s] per-token document ids of the WHOLE sequence (packed documents; in
+            the load-balanced order under ring attention, like every other input);
             attention never crosses a document boundary.
         """
         hidden_sbh = self.embedding(tokens, position_ids)

@@ -4,12 +4,19 @@
 add + norm, are submodules chosen at construction). :func:`parallelize` then applies, in
 this order, what changes how that math runs on several ranks and in memory:
 
-1. Ulysses sequence parallelism (:func:`apply_sequence_parallel`): each layer's core
+1. ring attention (:func:`apply_context_parallel`): each layer's local attention backend
+   wrapped in :class:`~megatron.core.sequence.ring.RingAttention` over the ring group, which
+   runs the backend's attention step on K/V blocks passed around the ring;
+2. Ulysses sequence parallelism (:func:`apply_sequence_parallel`): each layer's core
    attention wrapped in :class:`~megatron.core.sequence.layer.DistributedAttention`, the
    Q/K/V projection routed through the all-to-all's send order where it can be, and with
    ``--delay-wgrad-compute`` the weight gradients queued behind the backward all-to-alls;
-2. activation recomputation and its CPU offload (:func:`apply_recompute`);
-3. the MLP over tiles of tokens (:func:`apply_tiled_mlp`).
+3. activation recomputation and its CPU offload (:func:`apply_recompute`);
+4. the MLP over tiles of tokens (:func:`apply_tiled_mlp`).
+
+With both, a layer's attention is: all-to-all over the Ulysses group (this ring rank's
+tokens, a block of heads), ring attention over the ring group on that head shard, all-to-all
+back.
 
 ZeRO through FSDP2 (:func:`apply_zero`) comes last, once the model is on its device (the
 training loop calls it). A new parallelism or fast path is one more ``apply_*`` here.
@@ -27,6 +34,8 @@ from megatron.core.distributed.fsdp import shard_model_for_zero
 from megatron.core.parallel_state import ParallelState
 from megatron.core.sequence.heads import head_split
 from megatron.core.sequence.layer import DistributedAttention
+from megatron.core.sequence.ring import RingAttention
+from megatron.model.attention_step import merge
 from megatron.model.config import ModelConfig
 from megatron.model.deferred_wgrad import WgradQueue, set_fp32_grads
 from megatron.model.rank_major_qkv import RankMajorQKV
@@ -36,12 +45,18 @@ logger = logging.getLogger("megatron")
 
 
 def parallelize(
-    model: torch.nn.Module, config: ModelConfig, sp_group: dist.ProcessGroup | None = None
+    model: torch.nn.Module,
+    config: ModelConfig,
+    sp_group: dist.ProcessGroup | None = None,
+    cp_group: dist.ProcessGroup | None = None,
 ) -> torch.nn.Module:
-    """Apply ``config``'s sequence parallelism over ``sp_group`` (None or size 1: none),
-    recomputation to ``model`` (a GPTModel) in place; returns it."""
+    """Apply ring attention over ``cp_group`` and Ulysses over ``sp_group`` (each None or
+    size 1: none), recomputation and the tiled MLP to ``model`` (a GPTModel) in place;
+    returns it."""
     stack: ParallelTransformer = model.transformer
     sp = 1 if sp_group is None else dist.get_world_size(sp_group)
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        apply_context_parallel(stack, cp_group)
     if sp > 1:
         apply_sequence_parallel(stack, config, sp_group)
     apply_recompute(stack, config)
@@ -59,6 +74,17 @@ def send_order_qkv_applies(config: ModelConfig, sp: int) -> bool:
         and config.impl.sp_rank_major_qkv
         and config.position_embedding_type != "rope"
     )
+
+
+def apply_context_parallel(stack: ParallelTransformer, cp_group: dist.ProcessGroup) -> None:
+    """Ring attention in every layer: the local attention's input is this ring rank's
+    load-balanced pair of chunks (``megatron.core.sequence.ring``), its K/V blocks go round the
+    ring; the backend's step computes each block (no attention dropout)."""
+    for layer in stack.layers:
+        core = layer.self_attention.core_attention
+        if core.backend.dropout_p > 0:
+            raise ValueError("ring attention has no attention dropout: set it to 0")
+        core.backend = RingAttention(core.backend, cp_group, merge)
 
 
 def apply_sequence_parallel(
@@ -169,7 +195,7 @@ def apply_zero(
     offload_params: bool = False,
     pin_memory: bool = True,
 ) -> torch.nn.Module:
-    """ZeRO ``stage`` through FSDP2 over the SP x DP mesh, each transformer layer one unit
+    """ZeRO ``stage`` through FSDP2 over the DP x CP x SP mesh, each transformer layer one unit
     (:func:`megatron.core.distributed.fsdp.shard_model_for_zero`); stage 0 leaves the model
     alone. ``offload_params``: FSDP2's CPU offload of parameters, gradients and optimizer."""
     return shard_model_for_zero(

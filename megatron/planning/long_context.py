@@ -159,15 +159,20 @@ def _mem_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
-def setup_from_args(args: argparse.Namespace, sp: int | None = None) -> RunSetup:
-    """The :class:`RunSetup` of validated training arguments."""
+def setup_from_args(
+    args: argparse.Namespace, sp: int | None = None, cp: int | None = None
+) -> RunSetup:
+    """The :class:`RunSetup` of validated training arguments (``sp``, ``cp``: other Ulysses
+    and ring degrees than the arguments')."""
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     sp = args.ds_sequence_parallel_size if sp is None else sp
+    cp = args.context_parallel_size if cp is None else cp
     gpus = args.world_size if getattr(args, "num_gpus", None) is None else args.num_gpus
-    per_step = args.micro_batch_size * (gpus // sp)
+    per_step = args.micro_batch_size * (gpus // (sp * cp))  # samples per micro-batch step
     return RunSetup(
         num_gpus=gpus,
         sp=sp,
+        cp=cp,
         micro_batch_size=args.micro_batch_size,
         zero_stage=args.zero_stage,
         precision=precision,

@@ -21,7 +21,11 @@ What the model follows (read from the code, checked by ``tests/test_estimate_mem
   log-sum-exp (``sdpa``/``triton``) or the ``[b, h/p, s, s]`` fp32 probabilities (``classic``).
 * Under SP the saved q/k/v are the all-to-all's receive buffer (K/V heads replicated up to
   ``p`` when fewer), and the context is copied once more on its way back to ``[s/p, b, h]``.
-* ZeRO via FSDP2 over all GPUs (SP x DP): stages 1/2 keep the all-gathered weights
+* Under ring attention (``cp`` > 1) each rank holds ``s / (sp cp)`` tokens; the local
+  attention keeps q, k, v, the merged output and log-sum-exp whatever the backend (a step's
+  probabilities never outlive it), and its backward adds the K/V block in flight and the
+  fp32 dK/dV accumulators that travel with it (received, accumulating, being sent).
+* ZeRO via FSDP2 over all GPUs (SP x CP x DP): stages 1/2 keep the all-gathered weights
   from forward to backward; stage 3 holds the root module (embeddings, final norm) plus
   about two layers unsharded. Stage 1 over several micro-batches keeps every gradient
   unsharded in fp32 until the step's last micro-batch reduces it. AdamW keeps two fp32
@@ -56,7 +60,8 @@ MISC_BYTES_PER_TOKEN = 16  # labels copy and per-token losses (int64 / fp32)
 
 @dataclass(frozen=True)
 class RunSetup:
-    """How the model is trained: GPUs, SP degree, micro-batch, ZeRO stage, precision.
+    """How the model is trained: GPUs, Ulysses (``sp``) and ring (``cp``) degrees,
+    micro-batch, ZeRO stage, precision.
 
     ``device="cpu"`` switches the details that differ on CPU (dropout masks have the input's
     dtype instead of bool; RMSNorm is composed of ops that keep ``x * rstd``; gloo's
@@ -68,6 +73,7 @@ class RunSetup:
     num_gpus: int = 1
     sp: int = 1
     micro_batch_size: int = 1
+    cp: int = 1
     zero_stage: int = 0
     precision: str = "bf16"
     device: str = "cuda"
@@ -84,6 +90,11 @@ class RunSetup:
         if self.sp < 1 or self.num_gpus % self.sp != 0:
             raise UsageError(
                 f"--ds-sequence-parallel-size {self.sp} must divide --num-gpus {self.num_gpus}"
+            )
+        if self.cp < 1 or self.num_gpus % (self.sp * self.cp) != 0:
+            raise UsageError(
+                f"--ds-sequence-parallel-size {self.sp} x --context-parallel-size {self.cp} must "
+                f"divide --num-gpus {self.num_gpus}"
             )
         if self.micro_batch_size < 1:
             raise UsageError(f"--micro-batch-size {self.micro_batch_size} must be >= 1")
@@ -200,8 +211,8 @@ def _is_linear(name: str) -> bool:
 
 
 def _seq(config: ModelConfig, setup: RunSetup) -> int:
-    """The sequence length as computed: padded to split over the SP ranks."""
-    return padded_seq_length(config.seq_length, sequence_shard_unit(setup.sp))
+    """The sequence length as computed: padded to split over the Ulysses and ring ranks."""
+    return padded_seq_length(config.seq_length, sequence_shard_unit(setup.sp, setup.cp))
 
 
 def _dims(config: ModelConfig, setup: RunSetup) -> dict:
@@ -212,7 +223,7 @@ def _dims(config: ModelConfig, setup: RunSetup) -> dict:
     split = head_split(config.num_attention_heads, hkv, p)
     q_max, kv_max = max(split.q_counts), max(split.kv_counts)
     return {
-        "n": setup.micro_batch_size * _seq(config, setup) // p,  # local tokens
+        "n": setup.micro_batch_size * _seq(config, setup) // (p * setup.cp),  # local tokens
         "a": setup.compute_bytes,
         "h": config.hidden_size,
         "hd": config.num_attention_heads * config.kv_channels,  # query width
@@ -271,7 +282,7 @@ def _classic_square_bytes(config: ModelConfig, setup: RunSetup, a: int) -> int:
 def mlp_tile(config: ModelConfig, setup: RunSetup) -> int:
     """Tokens per tile of the tiled MLP (0: untiled, also when one tile holds them all)."""
     chunk = config.impl.tiled_mlp_chunk_size
-    return chunk if 0 < chunk < config.seq_length // setup.sp else 0
+    return chunk if 0 < chunk < _seq(config, setup) // (setup.sp * setup.cp) else 0
 
 
 MLP_SAVED_KEYS = ("mlp_norm", "fc1_input", "fc1_output", "fc2_input", "mlp_dropout_mask")
@@ -288,7 +299,7 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     rope_copies = config.position_embedding_type == "rope" and p == 1
     norm = n * _norm_bytes_per_token(config, setup)
     out: dict[str, int] = {"attn_norm": norm, "qkv_input": n * a * h}
-    if config.impl.attention_backend == "classic" and not selective:
+    if config.impl.attention_backend == "classic" and not selective and setup.cp == 1:
         # q and k upcast to fp32 (k expanded over the GQA group), v expanded, context copy.
         hds = g["hds"]
         out["attention_inputs"] = n * (8 * hds + a * hds)
@@ -443,13 +454,21 @@ def layer_backward_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]
     g = _dims(config, setup)
     n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
     hds = g["hds"]
-    if config.impl.attention_backend == "classic":
+    kvx = x - hd  # K and V width (replicated heads included)
+    # Ring: the K/V block in flight and the fp32 dK/dV received, accumulated and being sent.
+    ring = n * (2 * a * kvx + 3 * 4 * kvx) if setup.cp > 1 else 0
+    if config.impl.attention_backend == "classic" and setup.cp > 1:
+        s, b, cp = _seq(config, setup), setup.micro_batch_size, setup.cp
+        # one step's fp32 probabilities and their gradient: [b, h/p, 2s/(2cp), s/(2cp)]
+        squares = b * (hds // config.kv_channels // p) * (s // cp) * (s // (2 * cp)) * 8
+        workspace = squares + n * (a * x + 4 * hds) + ring
+    elif config.impl.attention_backend == "classic":
         s, b = _seq(config, setup), setup.micro_batch_size
         # fp32 gradients of the probabilities and of the scores, after the value gradient.
         squares = b * (hds // config.kv_channels // p) * s * s * 8
         workspace = squares + n * a * hds
     else:
-        workspace = n * (a * x + 4 * hds)
+        workspace = n * (a * x + 4 * hds) + ring
     shapes = parameter_shapes(config)
     largest_linear = max(_numel(s) for name, s in shapes.items() if _is_linear(name))
     # Autocast over fp32 weights: a weight's low-precision gradient before its cast to fp32.
@@ -768,4 +787,37 @@ def find_min_sp(
         tried.append((sp, est))
         if est.total <= budget_bytes:
             return sp, tried
+    return None, tried
+
+
+def valid_sequence_splits(
+    config: ModelConfig, num_gpus: int, max_ulysses: int | None = None
+) -> list[tuple[int, int]]:
+    """(Ulysses U, ring R) pairs this model accepts on ``num_gpus`` GPUs, U at most
+    ``max_ulysses`` (the GPUs of one node: the all-to-alls stay inside it); ordered by the
+    sequence's degree U x R, then the larger Ulysses degree first (one all-to-all inside a
+    node moves less per rank than a ring's R - 1 K/V hops; README, "Choosing U and R")."""
+    out = []
+    for sp in valid_sp_degrees(config, num_gpus):
+        if max_ulysses is not None and sp > max_ulysses:
+            continue
+        for cp in range(1, num_gpus // sp + 1):
+            s = config.seq_length
+            if (num_gpus // sp) % cp or s % (2 * cp if cp > 1 else 1) or s % (sp * cp):
+                continue
+            out.append((sp, cp))
+    return sorted(out, key=lambda uc: (uc[0] * uc[1], -uc[0]))
+
+
+def find_sequence_split(
+    config: ModelConfig, setup: RunSetup, budget_bytes: int, max_ulysses: int | None = None
+) -> tuple[tuple[int, int] | None, list[tuple[tuple[int, int], MemoryEstimate]]]:
+    """The first (U, R) of :func:`valid_sequence_splits` whose estimate fits
+    ``budget_bytes`` (None if none does), and the estimate of every split tried."""
+    tried = []
+    for sp, cp in valid_sequence_splits(config, setup.num_gpus, max_ulysses):
+        est = estimate_memory(config, replace(setup, sp=sp, cp=cp))
+        tried.append(((sp, cp), est))
+        if est.total <= budget_bytes:
+            return (sp, cp), tried
     return None, tried

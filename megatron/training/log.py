@@ -30,8 +30,11 @@ def iteration_line(
     tflops: float,
     peak_mem_gb: float | None,
     eta_s: float | None,
+    ulysses: int = 1,
+    ring: int = 1,
 ) -> str:
-    """The line existing Megatron log parsers read, plus peak memory and an ETA."""
+    """The line existing Megatron log parsers read, plus the sequence sharding (Ulysses
+    degree x ring degree), peak memory and an ETA."""
     seconds = elapsed_ms / 1000.0
     parts = [
         f" iteration {iteration:8d}/{train_iters:8d}",
@@ -51,6 +54,7 @@ def iteration_line(
         f"samples per second: {global_batch_size / seconds:.3f}",
         f"tokens per gpu per second (tgs): {global_batch_size * seq_length / seconds / world_size:.3f}",
         f"TFLOPs: {tflops:.2f}",
+        f"Ulysses x ring: {ulysses} x {ring}",
     ]
     if peak_mem_gb is not None:
         parts.append(f"peak memory (GB): {peak_mem_gb:.2f}")

@@ -646,6 +646,8 @@ def log_training_iteration(
                 tflops=tflops,
                 peak_mem_gb=peak,
                 eta_s=seconds * (train_iters - ts.iteration),
+                ulysses=parallel.sequence_parallel_size,
+                ring=parallel.context_parallel_size,
             )
         )
     if not to_tensorboard:

@@ -1,2 +1,2 @@
-"""Data parallelism over the SP x DP group: gradient reduction and ZeRO through FSDP2
+"""Data parallelism over the DP x CP x SP group: gradient reduction and ZeRO through FSDP2
 (:mod:`.fsdp`)."""

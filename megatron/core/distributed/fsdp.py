@@ -2,8 +2,9 @@
 
 Every SP rank's loss is the micro-batch's mean over ALL its tokens (see
 ``megatron.model.loss``), and each rank's backward only covers its own tokens' share, so
-the true gradient is the SUM over SP ranks; data-parallel replicas are AVERAGED. Both
-happen in one collective over the SP x DP group: sum, then divide by the DP size.
+the true gradient is the SUM over the sequence's ranks (Ulysses x ring); data-parallel
+replicas are AVERAGED. Both happen in one collective over the DP x CP x SP group: sum, then
+divide by the DP size.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def shard_model_for_zero(
     offload_params: bool = False,
     pin_memory: bool = True,
 ) -> torch.nn.Module:
-    """ZeRO 1/2/3 with FSDP2 over the SP x DP mesh; stage 0 leaves the model alone.
+    """ZeRO 1/2/3 with FSDP2 over the DP x CP x SP mesh; stage 0 leaves the model alone.
 
     ``offload_params`` (``--cpu-offload-params``): FSDP2's ``CPUOffloadPolicy``, the sharded
     parameters and gradients in host memory (pinned where CUDA is: ``pin_memory``), so the
@@ -160,7 +161,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def reduce_gradients(model: torch.nn.Module, state: ParallelState) -> None:
     """ZeRO 0: sum gradients over SP and average over DP, in fp32, in flat buckets."""
-    group_size = state.dims.sp * state.dims.dp
+    group_size = state.dims.seq * state.dims.dp
     if group_size == 1 or is_sharded(model):
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
