@@ -69,6 +69,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 META = "meta.json"
 # 2: the layout records the ring degree ("cp"); version 1 layouts (no "cp") read as cp 1.
 FORMAT_VERSION = 2
+# The layout of a checkpoint written by one process (imports and conversions).
+ONE_PROCESS_LAYOUT = {"world_size": 1, "sp": 1, "cp": 1, "dp": 1}
 
 
 def layout_of(state: ParallelState) -> dict[str, int]:

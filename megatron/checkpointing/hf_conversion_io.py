@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from megatron.checkpointing.checkpointing import (
     FORMAT_VERSION,
     META,
+    ONE_PROCESS_LAYOUT,
     TRACKER,
     checkpoint_dir,
     find_checkpoint,
@@ -158,7 +159,7 @@ def _weights_only_meta(args: dict[str, Any], iteration: int) -> dict[str, Any]:
         "scheduler": {"num_steps": 0},
         "grad_scaler": {},
         "param_groups": None,  # weights only: the optimizer starts fresh
-        "layout": {"world_size": 1, "sp": 1, "cp": 1, "dp": 1},
+        "layout": dict(ONE_PROCESS_LAYOUT),
         "args": args,
     }
 

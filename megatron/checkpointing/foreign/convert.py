@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.checkpointing.checkpointing import (
     FORMAT_VERSION,
+    ONE_PROCESS_LAYOUT,
     TRACKER,
     checkpoint_dir,
     is_complete,
@@ -184,7 +185,7 @@ def import_foreign(
         "scheduler": {"num_steps": ckpt.scheduler_steps or samples},
         "grad_scaler": {},
         "param_groups": param_groups,
-        "layout": {"world_size": 1, "sp": 1, "dp": 1},
+        "layout": dict(ONE_PROCESS_LAYOUT),
         "args": our_args,
     }
     tmp = checkpoint_dir(save, it) + ".inprogress"
