@@ -73,12 +73,12 @@ def test_sp_rows_under_torchrun():
         "--device",
         "cpu",
         "--only",
-        r"sp2(-triton\+docs|-rank)",
+        r"sp2(-triton\+docs|-rank)|ring2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "validate: 3 PASS, 0 FAIL, 0 SKIP" in proc.stdout
+    assert "validate: 7 PASS, 0 FAIL, 0 SKIP" in proc.stdout
 
 
 @pytest.mark.skipif(

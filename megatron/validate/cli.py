@@ -259,6 +259,8 @@ _SHOWN = {
     "all-to-all",
     "rank-major",
     "delayed-wgrad",
+    "ring",
+    "triton-kernels",
 }
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron.data.batch import slice_batch_for_sequence_parallel
+from megatron.data.batch import load_balance_for_context_parallel, slice_batch_for_sequence_parallel
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
 from megatron.model.attention_backends import LocalAttention, SDPAAttention
 from megatron.model.blockwise_attention import blockwise_step_attention
@@ -84,6 +84,9 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
     "rank-major": (("_RankMajorLinearBackward", "RankMajorQKVSeqToHeadBackward"),),
     "delayed-wgrad": (("_LinearDeferredWgradBackward",),),
+    "ring": (("_RingAttentionBackward",),),
+    # the Triton kernels run as steps inside another autograd function (ring attention)
+    "triton-kernels": (("~flash_fwd_kernel", "~bwd_dkdv_kernel"),),
 }
 ATTENTION = (
     "classic", "cudnn", "flash", "efficient", "math", "cpu-flash", "triton", "triton-step",
@@ -309,7 +312,11 @@ class Checker:
         start = time.perf_counter()
         state, batches, ref = self._reference(row)
         cfg = config_for(row, self.device.type)
-        model = GPTModel(cfg, sp_group=sp_group, device=self.device)
+        seq_group = sp_group  # the ranks sharing one sequence: loss and gradients over them
+        cp_group = sp_group if row.ring else None
+        if row.ring:
+            sp_group = None
+        model = GPTModel(cfg, sp_group=sp_group, device=self.device, cp_group=cp_group)
         model.load_state_dict(state)
         if not row.flash_attn:  # torch SDPA even where the flash_attn package is installed
             for module in model.modules():
@@ -319,14 +326,16 @@ class Checker:
             _attention_by_steps(model, cfg.seq_length // row.sp // row.step_blocks)
         if self.model_hook is not None:
             self.model_hook(model)
-        sp_rank = 0 if sp_group is None else dist.get_rank(sp_group)
-        local = [slice_batch_for_sequence_parallel(b, sp_rank, row.sp) for b in batches]
+        seq_rank = 0 if seq_group is None else dist.get_rank(seq_group)
+        if row.ring:  # Megatron-LM's load balancing: ring rank i holds chunks i and 2R-1-i
+            batches = [load_balance_for_context_parallel(b, row.sp) for b in batches]
+        local = [slice_batch_for_sequence_parallel(b, seq_rank, row.sp) for b in batches]
         autocast = torch.bfloat16 if self.device.type == "cuda" else None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof, _fused_dq(row.fused_dq):
-            got = forward_backward(model, local, autocast, sp_group)
+            got = forward_backward(model, local, autocast, seq_group)
             step_failures = offloaded_step_check(model) if row.optimizer_offload else []
             if self.device.type == "cuda":
                 torch.cuda.synchronize()

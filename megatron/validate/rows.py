@@ -74,7 +74,8 @@ class Row:
     expect: tuple[str, ...] = ()
     packed: bool = False
     micro_batches: int = 1
-    sp: int = 1
+    sp: int = 1  # ranks that share one sequence (SP rows: Ulysses; ring rows: the ring)
+    ring: bool = False  # the ``sp`` ranks run ring attention (--context-parallel-size)
     flash_attn: bool = False  # the sdpa backend with the flash_attn package (else torch SDPA)
     # then one AdamW step with the state on the host against the same step on the device
     optimizer_offload: bool = False
@@ -294,4 +295,19 @@ def sp_rows(world_size: int, device_type: str) -> list[Row]:
                         sp=sp,
                     )
                 )
+            # Ring attention over the same ranks (--context-parallel-size), load-balanced
+            rows += [
+                Row(f"{m}/ring{sp}-sdpa", m, sdpa, (att, "ring"), sp=sp, ring=True),
+                Row(
+                    f"{m}/ring{sp}-sdpa+docs",
+                    m,
+                    sdpa,
+                    # documents: the SDPA step hands them to the Triton kernels on CUDA; on
+                    # CPU the classic step runs (plain tensor ops, no kernel name to check)
+                    ("triton-kernels", "ring") if device_type == "cuda" else ("ring",),
+                    packed=True,
+                    sp=sp,
+                    ring=True,
+                ),
+            ]
     return rows
