@@ -453,22 +453,32 @@ def uneven_head_to_seq(
     return [torch.cat([pieces[j][t] for j in range(p)], dim=head_dim) for t in range(len(widths))]
 
 
+def _uneven_forward(ctx, exchange, group, seq_dim, head_dim, counts, backward_overlap, tensors):
+    """Forward of the uneven all-to-alls: ``exchange`` one way, the other way in backward."""
+    ctx.args = (counts, group, seq_dim, head_dim)
+    ctx.overlap = backward_overlap
+    outs = exchange(tensors, counts, group, seq_dim, head_dim)
+    ctx.out_shapes = [o.shape for o in outs]
+    return tuple(outs)
+
+
+def _uneven_backward(ctx, exchange, grads):
+    grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
+    return (None, None, None, None, None, *exchange(grads, *ctx.args, overlap=ctx.overlap))
+
+
 class UnevenSeqToHead(torch.autograd.Function):
     """:class:`SeqToHeadAllToAll` with ``counts[t][r]`` heads of tensor t on rank r."""
 
     @staticmethod
     def forward(ctx, group, seq_dim, head_dim, counts, backward_overlap, *tensors):
-        ctx.args = (counts, group, seq_dim, head_dim)
-        ctx.overlap = backward_overlap
-        outs = uneven_seq_to_head(tensors, counts, group, seq_dim, head_dim)
-        ctx.out_shapes = [o.shape for o in outs]
-        return tuple(outs)
+        return _uneven_forward(
+            ctx, uneven_seq_to_head, group, seq_dim, head_dim, counts, backward_overlap, tensors
+        )
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
-        ins = uneven_head_to_seq(grads, *ctx.args, overlap=ctx.overlap)
-        return (None, None, None, None, None, *ins)
+        return _uneven_backward(ctx, uneven_head_to_seq, grads)
 
 
 class UnevenHeadToSeq(torch.autograd.Function):
@@ -476,17 +486,13 @@ class UnevenHeadToSeq(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, seq_dim, head_dim, counts, backward_overlap, *tensors):
-        ctx.args = (counts, group, seq_dim, head_dim)
-        ctx.overlap = backward_overlap
-        outs = uneven_head_to_seq(tensors, counts, group, seq_dim, head_dim)
-        ctx.out_shapes = [o.shape for o in outs]
-        return tuple(outs)
+        return _uneven_forward(
+            ctx, uneven_head_to_seq, group, seq_dim, head_dim, counts, backward_overlap, tensors
+        )
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = _grads_or_zeros(grads, ctx.out_shapes, next(g for g in grads if g is not None))
-        ins = uneven_seq_to_head(grads, *ctx.args, overlap=ctx.overlap)
-        return (None, None, None, None, None, *ins)
+        return _uneven_backward(ctx, uneven_seq_to_head, grads)
 
 
 class AllReduceSumIdentityGrad(torch.autograd.Function):
