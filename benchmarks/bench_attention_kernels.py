@@ -89,6 +89,8 @@ def make_fn(method: str, mask: str, doc_ids, scale: float):
     if method in ("cudnn", "flash"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        from megatron.ops import contiguous_grad
+
         backend = SDPBackend.CUDNN_ATTENTION if method == "cudnn" else SDPBackend.FLASH_ATTENTION
 
         def sdpa_fn(q, k, v):
@@ -96,7 +98,7 @@ def make_fn(method: str, mask: str, doc_ids, scale: float):
                 o = F.scaled_dot_product_attention(
                     *(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True, scale=scale
                 )
-            return o.permute(2, 0, 1, 3)
+            return contiguous_grad(o).permute(2, 0, 1, 3)  # as the sdpa backend (cuDNN's bug)
 
         return sdpa_fn
     if method == "varlen":

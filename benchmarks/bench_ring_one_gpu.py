@@ -82,7 +82,7 @@ def single_call(q, k, v, dout, scale: float) -> tuple[torch.Tensor, ...]:
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     q_b, k_b, v_b = (t.permute(1, 2, 0, 3) for t in leaves)  # [b, h, s, d] views
     out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale)
-    out.backward(dout.permute(1, 2, 0, 3))
+    out.backward(dout.permute(1, 2, 0, 3).contiguous())  # cuDNN: megatron.ops.contiguous_grad
     return (out.permute(2, 0, 1, 3).detach(), *(t.grad for t in leaves))
 
 
