@@ -74,8 +74,9 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "bias-gelu": (("BiasGeLUBackward", "~_bias_gelu_fwd_kernel", "~_bias_gelu_bwd_kernel"),),
     "ce-fused": (("~_ce_fwd_kernel", "~_ce_bwd_kernel"),),
     "in-place-grads": (("_LookupAddingToGradBackward", "ChunkedMaskedCrossEntropySumBackward"),),
-    "host-offload": (("~Memcpy DtoH (Device -> Pinned)",),),  # not a pageable .item() read
-    "host-optimizer": (("~Memcpy DtoH", "~Memcpy HtoD"),),
+    # --checkpoint-in-cpu's copy out (``.item()`` also copies into pinned memory: not enough)
+    "host-offload": (("HostOffload.pack", "~Memcpy DtoH (Device -> Pinned)"),),
+    "host-optimizer": (("Optimizer.step#HostOffloadAdamW.step",),),
     "tiled-mlp": (("TiledMLPBackward",),),
     "all-to-all": (
         ("SeqToHeadAllToAllBackward",),

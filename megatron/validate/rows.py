@@ -220,8 +220,8 @@ def single_gpu_rows(device_type: str) -> list[Row]:
                     "tiled_mlp_chunk_size": seq // 4,
                     "attention_backend": "sdpa",
                 },
-                (att("sdpa"), "tiled-mlp")
-                + (("host-offload", "host-optimizer") if device_type == "cuda" else ()),
+                (att("sdpa"), "tiled-mlp", "host-optimizer")
+                + (("host-offload",) if device_type == "cuda" else ()),
                 optimizer_offload=True,
             ),
         ]
