@@ -14,18 +14,20 @@ whose ``min_seq`` the sequence reaches winning. Kernels:
   over cumulative document lengths; one host sync for the longest document.
 
 Measured on one H100 80GB (torch 2.11, cuDNN 9.19, Triton 3.6), bf16, head size 128, forward
-+ backward (docs/performance.md; ``benchmarks/bench_attention_kernels.py`` reproduces it):
++ backward, 2026-12-07 (docs/performance.md; ``benchmarks/bench_attention_kernels.py``):
 
-| mask | shape | sdpa | triton | doc-loop | FlexAttention |
-|---|---|---|---|---|---|
-| causal | 32K, 16 heads | cuDNN 520-600 TFLOP/s | 434-436 | - | - |
-| documents 4-6K | 32K, 16 heads | 111 ms (dense mask, +3.1 GiB) | 7.9 ms | 10.3 ms | 7.1 ms |
-| documents 4-6K | 128K, 4 heads | 593 ms (+48 GiB) | 29.5 ms | 36.8 ms | - |
+| mask | shape | sdpa (cuDNN) | triton | doc-loop | varlen | FlexAttention |
+|---|---|---|---|---|---|---|
+| causal | 32K, 16 heads | 27.5 ms | 35.0 ms | - | 47.3 ms | 40.5 ms |
+| causal | 128K, 4 heads | 114.1 ms | 138.5 ms | - | 193.0 ms | - |
+| documents 2-8K | 32K, 16 heads | dense mask: 111 ms, +3.1 GiB | 8.49 ms | 10.4 ms | 10.2 ms | 11.8 ms |
+| documents 2-8K | 128K, 4 heads | dense mask: 593 ms, +48 GiB | 8.30 ms | 22.9 ms | 10.4 ms | - |
 
-FlexAttention was 10% faster at 32K but needs ``torch.compile`` of the attention and of its
-block mask (uncompiled, ``create_block_mask`` tried to allocate 128 GiB at 128K), which the
-training step does not do around the core attention; it stays a benchmark candidate. The
-H200 has the H100's compute and its entries are the H100's until measured there.
+(The dense-mask times are from an earlier run with documents of 4-6K.) FlexAttention needs
+``torch.compile`` of the attention and of its block mask (uncompiled, ``create_block_mask``
+tried to allocate 128 GiB at 128K), which the training step does not do around the core
+attention; it stays a benchmark candidate. The H200 has the H100's compute and its entries
+are the H100's until measured there.
 """
 
 from __future__ import annotations
