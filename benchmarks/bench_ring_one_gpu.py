@@ -14,6 +14,7 @@ difference of the outputs and of dQ, dK, dV between the two, relative to the lar
 
     python benchmarks/bench_ring_one_gpu.py --out results/ring_one_gpu.json
     python benchmarks/bench_ring_one_gpu.py --cpu-smoke --out /tmp/ring.json
+    python benchmarks/bench_ring_one_gpu.py --seqlens 131072 --rings 8 --profile   # where it goes
 
 ``--out FILE`` writes the JSON there and the markdown table to FILE with ``.md``.
 """
@@ -86,6 +87,23 @@ def single_call(q, k, v, dout, scale: float) -> tuple[torch.Tensor, ...]:
     return (out.permute(2, 0, 1, 3).detach(), *(t.grad for t in leaves))
 
 
+def top_kernels(fn, device: torch.device, n: int = 12) -> list[dict]:
+    """One profiled call of ``fn``: the ``n`` names with the most self time on the device
+    (on CPU, CPU time), with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [(getattr(e, key), e.key, e.count) for e in prof.key_averages() if getattr(e, key) > 0]
+    return [{"name": name[:90], "ms": us / 1000.0, "calls": calls}
+            for us, name, calls in sorted(rows, reverse=True)[:n]]  # fmt: skip
+
+
 def _measure(s: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """One sequence length: the single call, then each ring degree."""
     scale = args.head_dim**-0.5
@@ -114,6 +132,17 @@ def _measure(s: int, args, device: torch.device, dtype: torch.dtype) -> list[dic
         print(f"s={s} R={cp}: single {single:.1f} ms, ring ranks {ring:.1f} ms "
               f"({100 * (ring / single - 1):+.1f}%), max relative diff {err:.2g}",
               flush=True)  # fmt: skip
+        if args.profile:  # where the ring's extra time goes, next to the single call's kernels
+            out[-1]["profile_ring"] = top_kernels(
+                functools.partial(ring_ranks_one_gpu, *ring_args), device
+            )
+            out[-1]["profile_single"] = top_kernels(
+                functools.partial(single_call, q, k, v, dout, scale), device
+            )
+            for what in ("profile_single", "profile_ring"):
+                print(f"  {what} (self time, ms, calls):")
+                for e in out[-1][what]:
+                    print(f"    {e['ms']:9.2f} {e['calls']:5d}  {e['name']}")
         del ring_args, got
     return out
 
@@ -127,6 +156,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON here, markdown beside it (.md)")
+    p.add_argument(
+        "--profile", action="store_true", help="also the top kernels of one call of each (JSON)"
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="tiny float32 shapes on CPU")
     args = p.parse_args(argv)
     if args.cpu_smoke:

@@ -151,14 +151,17 @@ def test_attention_kernel_table_cpu_smoke(tmp_path):
 
 def test_ring_one_gpu_cpu_smoke(tmp_path):
     """The one-GPU ring benchmark's code path on tiny CPU shapes: every ring rank's steps
-    give the single call's output, and --out writes JSON and markdown."""
+    give the single call's output, --profile adds the top kernels, and --out writes JSON and
+    markdown."""
     out = tmp_path / "ring.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH / "bench_ring_one_gpu.py"), "--cpu-smoke", "--out", str(out)],
+        [sys.executable, str(BENCH / "bench_ring_one_gpu.py"), "--cpu-smoke", "--profile",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())["results"]
     assert [r["ring"] for r in results] == [2, 4]
     assert all(r["max_rel_diff"] < 1e-5 for r in results)
+    assert all(r["profile_ring"] and r["profile_single"] for r in results)  # --profile
     assert "| seq | R |" in out.with_suffix(".md").read_text()
