@@ -190,12 +190,19 @@ def read_legacy(root: str, with_optim: bool = True) -> ForeignCheckpoint:
     else:
         exp_avg = merge_tensor_parallel(avg_tp, swiglu)
         exp_avg_sq = merge_tensor_parallel(sq_tp, swiglu)
-    sched = first.get("opt_param_scheduler") or first.get("lr_scheduler") or {}
+    sched = first.get("opt_param_scheduler") or first.get("lr_scheduler")
+    return _checkpoint(layout, path, args, first.get("iteration"), sched, weights,
+                       exp_avg, exp_avg_sq, step, tp)  # fmt: skip
+
+
+def _checkpoint(layout, path, args, iteration, sched, weights, exp_avg, exp_avg_sq, step, tp):
+    """The :class:`ForeignCheckpoint` of either Megatron-LM format (fused QKV interleaved per
+    query group; the vocabulary padded to a multiple of its divisor x TP)."""
     return ForeignCheckpoint(
         layout=layout,
         directory=path,
         args=args,
-        iteration=as_int(first.get("iteration")) or 0,
+        iteration=as_int(iteration) or 0,
         weights=weights,
         qkv_interleaved=True,
         exp_avg=exp_avg,
@@ -291,18 +298,7 @@ def read_torch_dist(root: str, with_optim: bool = True) -> ForeignCheckpoint:
         groups = (optim_common.get("optimizer") or optim_common).get("param_groups") or []
         if groups and isinstance(groups[0], dict):
             step = as_int(groups[0].get("step"))
-    sched = common.get("opt_param_scheduler") or {}
-    return ForeignCheckpoint(
-        layout=layout,
-        directory=path,
-        args=args,
-        iteration=as_int(common.get("iteration")) or 0,
-        weights=weights,
-        qkv_interleaved=True,
-        exp_avg=exp_avg,
-        exp_avg_sq=exp_avg_sq,
-        step=step,
-        scheduler_steps=as_int(sched.get("num_steps")) if isinstance(sched, dict) else None,
-        vocab_divisor=(args.get("make_vocab_size_divisible_by") or 128)
-        * (args.get("tensor_model_parallel_size") or 1),
-    )
+    tp = args.get("tensor_model_parallel_size") or 1
+    sched = common.get("opt_param_scheduler")
+    return _checkpoint(layout, path, args, common.get("iteration"), sched, weights,
+                       exp_avg, exp_avg_sq, step, tp)  # fmt: skip
