@@ -37,21 +37,9 @@ def get_megatron_optimizer(
         return torch.optim.SGD(
             groups, lr=args.lr, weight_decay=args.weight_decay, momentum=args.sgd_momentum
         )
+    adam = {"lr": args.lr, "weight_decay": args.weight_decay,
+            "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_eps}  # fmt: skip
     if args.cpu_optimizer or args.optimizer_cpu_offload:
         if not args.cpu_offload_params:  # (with it, the parameters are on the host already)
-            return HostOffloadAdamW(
-                groups,
-                lr=args.lr,
-                weight_decay=args.weight_decay,
-                betas=(args.adam_beta1, args.adam_beta2),
-                eps=args.adam_eps,
-                pin_memory=args.offload_pin_memory,
-            )
-    return AdamW(
-        groups,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_eps,
-        fused=True,
-    )
+            return HostOffloadAdamW(groups, **adam, pin_memory=args.offload_pin_memory)
+    return AdamW(groups, **adam, fused=True)
