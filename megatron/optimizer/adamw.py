@@ -14,6 +14,19 @@ from collections.abc import Callable
 import torch
 from torch.optim.adam import adam
 
+# The keys of a ``torch.optim.AdamW(fused=True)`` param group besides its hyperparameters, for
+# groups written elsewhere (the host-offloaded AdamW, imported checkpoints), so that state
+# dicts move between them and this optimizer either way.
+ADAMW_GROUP_FLAGS = {
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": True,
+    "decoupled_weight_decay": True,
+}
+
 
 class AdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose ``step`` accepts ``found_inf`` and ``grad_scale``."""

@@ -26,6 +26,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
+from megatron.optimizer.adamw import ADAMW_GROUP_FLAGS
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -44,19 +46,8 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         pin_memory: bool = True,
     ) -> None:
         # The keys of torch.optim.AdamW's groups, so that state dicts move either way.
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": False,
-            "maximize": False,
-            "foreach": None,
-            "capturable": False,
-            "differentiable": False,
-            "fused": True,
-            "decoupled_weight_decay": True,
-        }
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    **ADAMW_GROUP_FLAGS}  # fmt: skip
         super().__init__(params, defaults)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._master: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -43,6 +43,7 @@ from megatron.checkpointing.foreign.megatron_lm import read_legacy, read_torch_d
 from megatron.checkpointing.hf_conversion import args_from_config, expected_keys, model_flags
 from megatron.errors import UsageError
 from megatron.model.config import ModelConfig
+from megatron.optimizer.adamw import ADAMW_GROUP_FLAGS
 
 logger = logging.getLogger(__name__)
 
@@ -130,13 +131,7 @@ def _param_groups(config: ModelConfig, args: dict[str, Any]) -> list[dict[str, A
         "betas": [args.get("adam_beta1", 0.9), args.get("adam_beta2", 0.999)],
         "eps": args.get("adam_eps", 1e-8),
         "weight_decay": args.get("weight_decay", 0.01),
-        "amsgrad": False,
-        "maximize": False,
-        "foreach": None,
-        "capturable": False,
-        "differentiable": False,
-        "fused": True,
-        "decoupled_weight_decay": True,
+        **ADAMW_GROUP_FLAGS,
     }
     return [
         {"wd_mult": 1.0, **common, "params": decay},
