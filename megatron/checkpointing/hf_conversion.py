@@ -166,6 +166,14 @@ def model_flags(args: dict[str, Any]) -> list[str]:
     return flags
 
 
+def key_mismatch(keys, config: ModelConfig) -> str:
+    """How ``keys`` differ from a GPTModel's with ``config`` ("missing [...], unexpected
+    [...]", the first three of each), or "" when they are the same."""
+    want = expected_keys(config)
+    missing, extra = sorted(want - set(keys)), sorted(set(keys) - want)
+    return f"missing {missing[:3]}, unexpected {extra[:3]}" if missing or extra else ""
+
+
 def expected_keys(config: ModelConfig) -> set[str]:
     """Every FQN a GPTModel with ``config`` has (its state_dict keys)."""
     keys = {"embedding.word_embeddings.weight", "transformer.final_layernorm.weight"}

@@ -44,7 +44,7 @@ from megatron.checkpointing.hf_conversion import (
     Tensors,
     args_from_config,
     config_from_args,
-    expected_keys,
+    key_mismatch,
     model_flags,
     to_hf,
 )
@@ -114,12 +114,10 @@ def load_model_state(load: str, iteration: int | None = None) -> tuple[Tensors, 
 def checkpoint_config(sd: Tensors, meta: dict, path: str) -> ModelConfig:
     """The ModelConfig of a loaded checkpoint; its tensors must match its meta.json args."""
     config = config_from_args(meta["args"], sd["embedding.word_embeddings.weight"].shape[0])
-    want = expected_keys(config)
-    missing, extra = sorted(want - sd.keys()), sorted(sd.keys() - want)
-    if missing or extra:
+    if mismatch := key_mismatch(sd, config):
         raise UsageError(
-            f"checkpoint {path}: its tensors do not match its {META} args (missing "
-            f"{missing[:3]}, unexpected {extra[:3]}); was it written by another model version?"
+            f"checkpoint {path}: its tensors do not match its {META} args ({mismatch}); was it "
+            "written by another model version?"
         )
     return config
 

@@ -40,7 +40,7 @@ from megatron.checkpointing.foreign.mapping import (
     to_ours,
 )
 from megatron.checkpointing.foreign.megatron_lm import read_legacy, read_torch_dist
-from megatron.checkpointing.hf_conversion import args_from_config, expected_keys, model_flags
+from megatron.checkpointing.hf_conversion import args_from_config, key_mismatch, model_flags
 from megatron.errors import UsageError
 from megatron.model.config import ModelConfig
 from megatron.optimizer.adamw import ADAMW_GROUP_FLAGS
@@ -92,12 +92,10 @@ def foreign_to_ours(
     rows = math.ceil(emb.shape[0] / ckpt.vocab_divisor) * ckpt.vocab_divisor
     config = config_from_megatron_args(ckpt.args, rows, ckpt.directory, seq_length)
     sd = _ours(ckpt.weights, config, interleaved)
-    want = expected_keys(config)
-    missing, extra = sorted(want - sd.keys()), sorted(sd.keys() - want)
-    if missing or extra:
+    if mismatch := key_mismatch(sd, config):
         raise UsageError(
-            f"{ckpt.directory}: its tensors do not match its args (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}); a model variant this converter does not know"
+            f"{ckpt.directory}: its tensors do not match its args ({mismatch}); a model "
+            "variant this converter does not know"
         )
     from megatron.model import GPTModel
 
