@@ -199,33 +199,25 @@ def import_foreign(
 
 
 # ---- export ----
+# Our meta.json ``args`` names -> Megatron-LM's, where they differ.
+_MEGATRON_NAMES = {
+    "num_key_value_heads": "num_query_groups",
+    "rotary_position_embeddings_theta": "rotary_base",
+    "layernorm_epsilon": "norm_epsilon",
+}
+
+
 def megatron_args(config: ModelConfig, meta: dict, tp: int) -> argparse.Namespace:
     """Megatron-LM's ``args`` for a legacy checkpoint of ``config`` (its flag names)."""
+    ours = args_from_config(config)
+    del ours["use_rotary_position_embeddings"]  # Megatron-DeepSpeed's; position_embedding_type
+    args = {_MEGATRON_NAMES.get(k, k): v for k, v in ours.items()}
+    args["rotary_base"] = int(args["rotary_base"])
     saved = meta.get("args", {})
     return argparse.Namespace(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        kv_channels=config.kv_channels,
+        **args,
         group_query_attention=config.num_key_value_heads != config.num_attention_heads,
-        num_query_groups=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        seq_length=config.seq_length,
-        position_embedding_type=config.position_embedding_type,
-        rotary_percent=config.rotary_percent,
-        rotary_base=int(config.rotary_theta),
-        normalization=config.normalization,
-        norm_epsilon=config.layernorm_epsilon,
-        swiglu=config.swiglu,
-        openai_gelu=config.openai_gelu,
-        add_bias_linear=config.add_bias_linear,
         add_qkv_bias=config.add_bias_linear,
-        untie_embeddings_and_output_weights=config.untie_embeddings_and_output_weights,
-        attention_dropout=config.attention_dropout,
-        hidden_dropout=config.hidden_dropout,
-        init_method_std=config.init_method_std,
-        padded_vocab_size=config.padded_vocab_size,
         make_vocab_size_divisible_by=max(
             1, (saved.get("make_vocab_size_divisible_by") or 128) // tp
         ),
