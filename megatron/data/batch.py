@@ -120,12 +120,12 @@ def load_balance_for_context_parallel(batch: dict, cp: int) -> dict:
     SP slice then cuts this order into ``cp x sp`` contiguous pieces, ring rank major."""
     if cp == 1:
         return batch
-    order = load_balanced_order(batch["tokens"].shape[1], cp)
+    order = load_balanced_order(batch["tokens"].shape[1], cp).to(batch["tokens"].device)
     out = dict(batch)
     for key in (*SP_SLICED_KEYS, "doc_ids"):
         value = batch.get(key)
-        if value is not None:
-            out[key] = value[:, order.to(value.device)]
+        if value is not None:  # (the batch's tensors share one device)
+            out[key] = value[:, order]
     return out
 
 
