@@ -17,7 +17,8 @@ holds the K/V of rank ``j = (i - t) mod R`` and makes one call of the local atte
 
 Partial results are merged by log-sum-exp. The backward sends the K/V blocks around once
 more, each with its dK/dV accumulator (fp32 or wider), which arrives home after R hops; each
-block's gradients come from the step's backward with the merged output and log-sum-exp.
+block's gradients come from the step's backward with the merged output and log-sum-exp and
+are added into the accumulator as it arrives (one zero-filled accumulator per backward).
 K/V keep their own (GQA) head count: nothing is repeated. With packed documents, ``doc_ids``
 ``[b, s]`` (the whole sequence, load-balanced order) go to the step, and a call whose query
 and key blocks share no document is skipped. No dropout.
@@ -137,7 +138,7 @@ class _RingAttention(torch.autograd.Function):
             j = (i - t) % cp
             if t < cp - 1:
                 kv_next, kv_works = _exchange(kv, group)
-            part = torch.zeros_like(kv, dtype=lse.dtype)  # this rank's share of j's dK/dV
+            grads = None
             if ctx.spans[j]:
                 qs, ks, causal = step_rows(i, j, c)
                 kw = {}
@@ -155,11 +156,16 @@ class _RingAttention(torch.autograd.Function):
                     **kw,
                 )
                 dq[qs] += dq_p
+                grads = (ks, dk_p, dv_p)
+            if dkv_works is None:  # t == 0: j's dK/dV starts here
+                part = torch.zeros_like(kv, dtype=lse.dtype)
+            else:  # what the ranks before this one added to j's dK/dV; this rank adds to it
+                _wait(dkv_works)
+                part = dkv_in
+            if grads is not None:
+                ks, dk_p, dv_p = grads
                 part[0, ks] += dk_p
                 part[1, ks] += dv_p
-            if dkv_works is not None:  # what the ranks before this one added to j's dK/dV
-                _wait(dkv_works)
-                part += dkv_in
             dkv_sent = part  # kept alive until its send is waited for
             dkv_in, dkv_works = _exchange(dkv_sent, group)
             if t < cp - 1:
