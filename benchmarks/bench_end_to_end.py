@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --checkpoint-in-cpu: the earlier scheme (copies on the compute stream, each "
         "input fetched when its recomputation asks), to measure what the side streams gain",
     )
+    p.add_argument(
+        "--gpu-memory-cap-gib",
+        type=float,
+        default=0.0,
+        help="let the CUDA allocator use at most this much (set_per_process_memory_fraction): "
+        "shows on a larger GPU that a run fits a smaller one (0: no cap)",
+    )
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
     p.add_argument("--trace", type=str, default=None, help="with --profile: write its trace here")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
@@ -467,6 +474,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     flops = model_flops_per_token(config, seq) * tokens
     out = {
         "seq_length": seq, "sp": sp, "dp": world // sp, "gpus": world,
+        "gpu_memory_cap_gib": args.gpu_memory_cap_gib,
         "micro_batch_size": margs.micro_batch_size,
         "grad_accum": args.grad_accum, "zero_stage": margs.zero_stage, "recompute": args.recompute, "attention": args.attention,
         "checkpoint_in_cpu": args.checkpoint_in_cpu, "fp32_param_gather": margs.fp32_param_gather,
@@ -676,6 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     host_collectives = args.cpu_optimizer or args.cpu_offload_params
     rank, world, device = init_distributed(args.cpu_smoke, args.timeout_minutes, host_collectives)
+    if args.gpu_memory_cap_gib > 0 and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_cap_gib * GIB / total))
+        log0(f"CUDA allocator capped at {args.gpu_memory_cap_gib:g} GiB of {total / GIB:.1f}")
     if args.weak_scaling:
         degrees = [sp for sp in (1, 2, 4, 8, 16) if sp <= world and world % sp == 0]
         degrees = [sp for sp in degrees if args.num_attention_heads % sp == 0]
