@@ -36,7 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import markdown_table, median, time_ms, write_json  # noqa: E402
 
 from megatron.core.sequence.ring import load_balanced_order, step_rows  # noqa: E402
+from megatron.model.attention_backends import SDPAAttention  # noqa: E402
 from megatron.model.attention_step import SDPA_STEP, merge  # noqa: E402
+from megatron.model.impl_config import ImplConfig  # noqa: E402
+from megatron.ops import contiguous_grad  # noqa: E402
 
 
 def ring_ranks_one_gpu(q, k, v, dout, cp: int, scale: float) -> tuple[torch.Tensor, ...]:
@@ -79,28 +82,32 @@ def ring_ranks_one_gpu(q, k, v, dout, cp: int, scale: float) -> tuple[torch.Tens
     return torch.cat(outs), torch.cat(dqs), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-def single_call(q, k, v, dout, scale: float) -> tuple[torch.Tensor, ...]:
-    """The default one-GPU path: one causal SDPA call, forward + backward;
-    returns (out, dq, dk, dv)."""
+def forward_backward(attn, q, k, v, dout) -> tuple[torch.Tensor, ...]:
+    """``attn(q, k, v)`` on ``[s, b, h, d]`` forward and backward from ``dout``; returns
+    (out, dq, dk, dv)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    q_b, k_b, v_b = (t.permute(1, 2, 0, 3) for t in leaves)  # [b, h, s, d] views
-    out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale)
-    out.backward(dout.permute(1, 2, 0, 3).contiguous())  # cuDNN: megatron.ops.contiguous_grad
-    return (out.permute(2, 0, 1, 3).detach(), *(t.grad for t in leaves))
+    out = attn(*leaves)
+    out.backward(dout)
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+def single_call(q, k, v, dout, scale: float) -> tuple[torch.Tensor, ...]:
+    """One causal SDPA call (cuDNN) on the whole sequence, forward + backward."""
+
+    def attn(q_sbhd, k_sbhd, v_sbhd):
+        bhsd = (t.permute(1, 2, 0, 3) for t in (q_sbhd, k_sbhd, v_sbhd))
+        out = F.scaled_dot_product_attention(*bhsd, is_causal=True, scale=scale)
+        return contiguous_grad(out).permute(2, 0, 1, 3)  # cuDNN's gradient-layout bug
+
+    return forward_backward(attn, q, k, v, dout)
 
 
 def default_path(q, k, v, dout, scale: float) -> tuple[torch.Tensor, ...]:
     """The project's default one-GPU path for this causal attention: the ``sdpa`` backend
     (``--use-flash-attn``) with the default ``--sdpa-block-size`` (64K blocks from 128K
-    tokens, else one call); forward + backward, returns (out, dq, dk, dv)."""
-    from megatron.model.attention_backends import SDPAAttention
-    from megatron.model.impl_config import ImplConfig
-
+    tokens, else one call), forward + backward."""
     attn = SDPAAttention(0.0, scale, ImplConfig.sdpa_block_size)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = attn(*leaves)
-    out.backward(dout)
-    return (out.detach(), *(t.grad for t in leaves))
+    return forward_backward(attn, q, k, v, dout)
 
 
 def top_kernels(fn, device: torch.device, n: int = 12) -> list[dict]:
