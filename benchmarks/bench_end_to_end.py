@@ -688,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_cap_gib * GIB / total))
         log0(f"CUDA allocator capped at {args.gpu_memory_cap_gib:g} GiB of {total / GIB:.1f}")
+    elif args.gpu_memory_cap_gib > 0:
+        log0("--gpu-memory-cap-gib has no effect without a CUDA device")
     if args.weak_scaling:
         degrees = [sp for sp in (1, 2, 4, 8, 16) if sp <= world and world % sp == 0]
         degrees = [sp for sp in degrees if args.num_attention_heads % sp == 0]
