@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.optim.adam import adam
 
 from megatron.optimizer.adamw import ADAMW_GROUP_FLAGS
@@ -57,11 +58,14 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         return torch.empty(like.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
 
     def _as_state(self, p: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor shaped as ``p``'s local shard, as ``p`` is (a DTensor under ZeRO)."""
+        """``host`` (``p``'s local shard, in host memory) as ``p`` is: a DTensor under ZeRO.
+
+        Built around ``host`` itself, as FSDP2's CPU offload builds its parameters:
+        ``DTensor.from_local`` would copy it onto the device of a CUDA mesh."""
         if isinstance(p, DTensor):
-            return DTensor.from_local(
-                host, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-            )
+            meta = TensorMeta(p.shape, p.stride(), host.dtype)
+            spec = DTensorSpec(p.device_mesh, tuple(p.placements), tensor_meta=meta)
+            return DTensor(host, spec, requires_grad=False)
         return host
 
     def _to_host(self, p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
 
 from megatron.data.batch import load_balance_for_context_parallel, slice_batch_for_sequence_parallel
 from megatron.model import GPTModel, ModelConfig, masked_lm_loss
@@ -203,21 +205,45 @@ def forward_backward(
 
 def offloaded_step_check(model: torch.nn.Module) -> list[str]:
     """One AdamW step with the state on the host (:class:`HostOffloadAdamW`) against
-    ``torch.optim.AdamW`` on copies with the same gradients: failures (the updated weights
-    differ by more than 1e-6 relative, a state is not in host memory, or not pinned on
-    CUDA), none when all is well."""
+    ``torch.optim.AdamW`` on copies with the same gradients, for the parameters as they are
+    and as DTensors on the device's mesh (as ZeRO gives them): failures
+    (the updated weights differ by more than 1e-6 relative, a state is not in host memory, or
+    not pinned on CUDA), none when all is well."""
     params = [p for p in model.parameters() if p.grad is not None]
-    copies = [p.detach().clone().requires_grad_() for p in params]
-    for c, p in zip(copies, params):
-        c.grad = p.grad.detach().clone()
     hyper = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    own_group = not dist.is_initialized()
+    if own_group:  # one process: a group of one, for the mesh
+        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh(params[0].device.type, list(range(dist.get_world_size())))
+
+        def as_dtensor(t: torch.Tensor) -> torch.Tensor:
+            return DTensor.from_local(t.detach().clone(), mesh, [Replicate()], run_check=False)
+
+        sharded = [torch.nn.Parameter(as_dtensor(p)) for p in params]
+        for d, p in zip(sharded, params):
+            d.grad = as_dtensor(p.grad)
+        failures = _offloaded_step(sharded, params, hyper, "DTensor ")
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return failures + _offloaded_step(params, params, hyper, "")
+
+
+def _offloaded_step(params: list, plain: list, hyper: dict, kind: str) -> list[str]:
+    """:class:`HostOffloadAdamW` steps ``params``; AdamW steps copies of ``plain`` (the same
+    values and gradients, as plain tensors)."""
+    copies = [p.detach().clone().requires_grad_() for p in plain]
+    for c, p in zip(copies, plain):
+        c.grad = p.grad.detach().clone()
     torch.optim.AdamW(copies, **hyper).step()
     optimizer = HostOffloadAdamW(params, **hyper)
     optimizer.step()
-    failures = offloaded_state_check(optimizer)
-    worst = max(((p - c).norm() / c.norm().clamp_min(1e-30)).item() for p, c in zip(params, copies))
+    failures = [kind + f for f in offloaded_state_check(optimizer)]
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    worst = max(((p - c).norm() / c.norm().clamp_min(1e-30)).item() for p, c in zip(local, copies))
     if not worst <= 1e-6:
-        failures.append(f"host-offloaded AdamW step differs from AdamW by {worst:.3g}")
+        failures.append(f"host-offloaded AdamW step on {kind}parameters differs by {worst:.3g}")
     return failures
 
 
@@ -225,7 +251,7 @@ def offloaded_state_check(optimizer: HostOffloadAdamW) -> list[str]:
     """Failures when a moment of ``optimizer`` is not in (pinned, on CUDA) host memory."""
     for state in optimizer.state.values():
         for key in ("exp_avg", "exp_avg_sq"):
-            t = state[key]
+            t = state[key].to_local() if isinstance(state[key], DTensor) else state[key]
             if t.device.type != "cpu" or (torch.cuda.is_available() and not t.is_pinned()):
                 return [f"optimizer state {key} is on {t.device} (pinned: {t.is_pinned()})"]
     return []
