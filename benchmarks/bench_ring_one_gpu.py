@@ -37,7 +37,7 @@ from common import markdown_table, median, time_ms, write_json  # noqa: E402
 
 from megatron.core.sequence.ring import load_balanced_order, step_rows  # noqa: E402
 from megatron.model.attention_backends import SDPAAttention  # noqa: E402
-from megatron.model.attention_step import SDPA_STEP, merge  # noqa: E402
+from megatron.model.attention_step import SDPA_STEP, merge_  # noqa: E402
 from megatron.model.impl_config import ImplConfig  # noqa: E402
 from megatron.ops import contiguous_grad  # noqa: E402
 
@@ -63,7 +63,7 @@ def ring_ranks_one_gpu(q, k, v, dout, cp: int, scale: float) -> tuple[torch.Tens
             if out is None:
                 out, lse = o_sbhd.to(l_bhs.dtype), l_bhs
             else:
-                out[qs], lse[..., qs] = merge(out[qs], lse[..., qs], o_sbhd, l_bhs)
+                merge_(out[qs], lse[..., qs], o_sbhd, l_bhs)  # in place
         out = out.to(q.dtype)
         dq = torch.zeros_like(q_i, dtype=torch.float32)
         for t in range(cp):

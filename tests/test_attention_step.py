@@ -127,6 +127,50 @@ def test_lse_is_the_natural_log_sum_exp_and_empty_blocks_are_minus_inf():
     assert (both == 0).all() and torch.isneginf(both_lse).all()
 
 
+def test_in_place_merge_equals_merge_on_views_with_bf16_blocks():
+    from megatron.model.attention_step import merge_
+
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(8, 1, 2, 4, generator=g)
+    lse = torch.randn(1, 2, 8, generator=g)
+    lse[..., :2] = float("-inf")  # rows nothing has seen yet
+    out[:2] = 0
+    out_b = torch.randn(4, 1, 2, 4, generator=g).bfloat16()
+    lse_b = torch.randn(1, 2, 4, generator=g)
+    lse_b[..., 0] = float("-inf")  # ... and one that block b does not see either
+    rows = slice(0, 4)  # block b covers the first half of the rows (views, as the ring merges)
+    want_out, want_lse = merge(out[rows], lse[..., rows], out_b, lse_b)
+    got_out, got_lse = merge_(out[rows], lse[..., rows], out_b, lse_b)
+    assert got_out.data_ptr() == out.data_ptr()  # written into the accumulator
+    torch.testing.assert_close(out[rows], want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse[..., rows], want_lse, rtol=0, atol=0)
+    assert not out.isnan().any() and (out[0] == 0).all()
+
+
+def test_triton_merge_equals_merge_on_strided_views():
+    """The one-pass Triton merge (Triton interpreter on CPU) against the reference merge:
+    accumulator views, a block output laid out [b, h, s, d] as cuDNN returns it, rows that
+    neither block sees."""
+    from megatron.ops.lse_merge_triton import merge_into
+
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(10, 2, 3, 8, generator=g)
+    lse = torch.randn(2, 3, 10, generator=g)
+    lse[..., :3] = float("-inf")
+    out[:3] = 0
+    out_b = torch.randn(2, 3, 5, 8, generator=g).bfloat16().permute(2, 0, 1, 3)  # [s, b, h, d]
+    lse_b = torch.randn(2, 3, 5, generator=g)
+    lse_b[..., 0] = float("-inf")
+    lse_b[0, 1, 3] = float("-inf")
+    rows = slice(1, 6)
+    want_out, want_lse = merge(out[rows], lse[..., rows], out_b, lse_b)
+    merge_into(out[rows], lse[..., rows], out_b, lse_b)
+    torch.testing.assert_close(out[rows], want_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse[..., rows], want_lse, rtol=1e-6, atol=1e-6)
+    assert not out.isnan().any() and (out[:2] == 0).all()  # row 1: seen by neither block
+    assert torch.isneginf(lse[..., :2]).all()
+
+
 def test_float32_inputs_give_float32_lse_and_reject_bad_arguments():
     q = torch.randn(8, 1, 2, 4)
     out, lse = SDPA_STEP(q, q, q, causal="diagonal", softmax_scale=SCALE)

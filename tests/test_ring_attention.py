@@ -51,7 +51,7 @@ def _check(cases):
     from megatron.core.sequence.layer import DistributedAttention
     from megatron.core.sequence.ring import RingAttention
     from megatron.model.attention_backends import build_local_attention
-    from megatron.model.attention_step import merge
+    from megatron.model.attention_step import merge_
 
     out = []
     for n, (u, r, hkv, docs, backend) in enumerate(cases):
@@ -72,7 +72,7 @@ def _check(cases):
         local_in = [t[mine].clone().requires_grad_() for t in (q, k, v)]
         attn = build_local_attention(backend, attention_dropout=0.0, softmax_scale=D**-0.5)
         if r > 1:
-            attn = RingAttention(attn, state.cp_group, merge)
+            attn = RingAttention(attn, state.cp_group, merge_)
         if u > 1:
             attn = DistributedAttention(attn, state.sp_group)
         kw = {} if doc_ids is None else {"doc_ids": doc_ids[:, order]}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.model.attention_step import SDPA_STEP, merge
+from megatron.model.attention_step import SDPA_STEP, merge_
 
 
 def _sbhd(t_bhsd: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ class _BlockwiseCausal(torch.autograd.Function):
                 if acc_sbhd is None:
                     acc_sbhd, lse_bhs = o_sbhd.to(l_bhs.dtype), l_bhs
                 else:
-                    acc_sbhd, lse_bhs = merge(acc_sbhd, lse_bhs, o_sbhd, l_bhs)
+                    merge_(acc_sbhd, lse_bhs, o_sbhd, l_bhs)  # in place
             out_bhsd[:, :, i * block : (i + 1) * block] = acc_sbhd.permute(1, 2, 0, 3)
             lses.append(lse_bhs)
         # The whole sequence's log-sum-exp [b, h, s], as one kernel call would have returned it.
@@ -103,7 +103,7 @@ class _BlockwiseSteps(torch.autograd.Function):
             for k0, k1 in bounds[: qi + 1]:
                 o, lse = step(q_sbhd[q0:q1], k_sbhd[k0:k1], v_sbhd[k0:k1],
                               **_pair_kw(doc_ids, q0, q1, k0, k1, scale))  # fmt: skip
-                acc = (o.to(lse.dtype), lse) if acc is None else merge(*acc, o, lse)
+                acc = (o.to(lse.dtype), lse) if acc is None else merge_(*acc, o, lse)
             outs.append(acc[0])
             lses.append(acc[1])
         out_sbhd = torch.cat(outs).to(q_sbhd.dtype)

@@ -35,7 +35,7 @@ from megatron.core.parallel_state import ParallelState
 from megatron.core.sequence.heads import head_split
 from megatron.core.sequence.layer import DistributedAttention
 from megatron.core.sequence.ring import RingAttention
-from megatron.model.attention_step import merge
+from megatron.model.attention_step import merge_
 from megatron.model.config import ModelConfig
 from megatron.model.deferred_wgrad import WgradQueue, set_fp32_grads
 from megatron.model.rank_major_qkv import RankMajorQKV
@@ -84,7 +84,7 @@ def apply_context_parallel(stack: ParallelTransformer, cp_group: dist.ProcessGro
         core = layer.self_attention.core_attention
         if core.backend.dropout_p > 0:
             raise ValueError("ring attention has no attention dropout: set it to 0")
-        core.backend = RingAttention(core.backend, cp_group, merge)
+        core.backend = RingAttention(core.backend, cp_group, merge_)
 
 
 def apply_sequence_parallel(

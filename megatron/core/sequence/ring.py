@@ -115,7 +115,7 @@ class _RingAttention(torch.autograd.Function):
                 if out is None:  # t == 0: the own block covers every local query
                     out, lse = o_sbhd.to(l_bhs.dtype), l_bhs
                 else:
-                    out[qs], lse[..., qs] = merge(out[qs], lse[..., qs], o_sbhd, l_bhs)
+                    merge(out[qs], lse[..., qs], o_sbhd, l_bhs)  # in place
             if t < cp - 1:
                 _wait(works)
                 kv = kv_next
@@ -189,7 +189,8 @@ def ring_attention(
 ) -> Tensor:
     """Causal attention ``[2c, b, hq, d]`` of this ring rank's load-balanced shard.
 
-    ``step``: a local attention step (``AttentionStep``); ``merge``: its log-sum-exp merge;
+    ``step``: a local attention step (``AttentionStep``); ``merge``: its log-sum-exp merge,
+    in place into its first two arguments (``attention_step.merge_``);
     ``doc_ids``: ``[b, 2c R]`` document ids of the whole sequence in load-balanced order."""
     cp = dist.get_world_size(group)
     if q.shape[0] % 2:
