@@ -32,6 +32,7 @@ import contextlib
 import gc
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,7 @@ from common import (
     write_json,
 )
 
+import megatron  # noqa: E402  (common put the repo on sys.path)
 from megatron.planning.memory_tracker import LiveBytes  # noqa: E402  (common put the repo on sys.path)
 
 GIB = 2**30
@@ -510,6 +512,19 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     return out
 
 
+def oom_report(err: BaseException, seq: int, sp: int, device: torch.device) -> dict:
+    """What an out-of-memory error leaves to compare with the memory model: the allocator's
+    whole message, the peak allocated before the failed request, and the innermost frame of
+    this code base that asked for it."""
+    package = os.path.dirname(megatron.__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.startswith(package)]
+    last = frames[-1] if frames else None
+    where = f"{os.path.basename(last.filename)}:{last.lineno} ({last.name})" if last else "?"
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"seq": seq, "sp": sp, "message": " ".join(str(err).split()), "where": where,
+            "peak_allocated_gib": peak / GIB}  # fmt: skip
+
+
 def host_peak_bytes() -> int:
     """This process's peak resident host memory (pinned buffers included), max over ranks."""
     import resource
@@ -713,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
             if not is_oom(err):
                 raise
             status = "oom"
-            log0(f"> out of memory at seq {seq} SP {sp}: {str(err).splitlines()[0][:200]}")
+            oom = oom_report(err, seq, sp, device)
+            log0(f"> out of memory at seq {seq} SP {sp} in {oom['where']}: {oom['message']}")
             break
     title = (
         f"End-to-end GPT {args.num_layers} layers x {args.hidden_size}, {args.num_attention_heads} "
@@ -723,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         report(results, title)
     payload = {"benchmark": "end_to_end", "status": status, "args": vars(args), "results": results}
+    if status == "oom":
+        payload["oom"] = oom
     if args.weak_scaling and len(results) > 1:
         base = results[0]["tflops_per_gpu"]
         payload["weak_scaling_efficiency"] = {r["sp"]: r["tflops_per_gpu"] / base for r in results}
