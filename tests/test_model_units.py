@@ -26,10 +26,10 @@ from model_utils import (
 )
 
 from megatron.errors import UsageError
-from megatron.model import GPTModel, ModelConfig, masked_lm_loss, model_flops_per_token
+from megatron.model import GPTModel, ModelConfig, masked_lm_loss, model_flops_per_token, rotary
 from megatron.model import attention_backends as backends
 from megatron.model.flops import parameter_counts
-from megatron.model.rotary import apply_rotary, rotary_cos_sin
+from megatron.model.rotary import apply_rotary, rotary_cos_sin, rotate_qkv
 
 # ---------------------------------------------------------------- shapes and structure
 
@@ -142,6 +142,30 @@ def test_rope_matches_reference(rot_dim):
         got, _rope_reference(x, positions, rot_dim, 10000.0), rtol=1e-5, atol=1e-5
     )
     assert torch.equal(got[..., rot_dim:], x[..., rot_dim:])  # the pass-through channels
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_rotate_qkv_matches_apply_rotary(monkeypatch, dtype, rot_dim):
+    """q and k rotated inside the QKV buffer, in tiles of 2 tokens: the values of
+    apply_rotary (bitwise), its gradients, and v passed through; GQA (4 q, 2 kv heads)."""
+    monkeypatch.setattr(rotary, "ROPE_TILE_TOKENS", 2)
+    torch.manual_seed(0)
+    hq, hkv, d = 4, 2, 8
+    qkv = torch.randn(5, 2, hq + 2 * hkv, d, dtype=torch.float64).to(dtype).requires_grad_()
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 0, 1, 2]])
+    cos, sin = rotary_cos_sin(positions, rot_dim, 10000.0)
+    q, k, v = rotate_qkv(qkv, cos, sin, hq, hkv)
+    ref_in = qkv.detach().clone().requires_grad_()
+    q_ref, k_ref, v_ref = ref_in.split((hq, hkv, hkv), dim=2)
+    q_ref, k_ref = apply_rotary(q_ref, cos, sin), apply_rotary(k_ref, cos, sin)
+    for got, ref in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        assert torch.equal(got, ref)
+    grads = [torch.randn_like(t) for t in (q, k, v)]
+    torch.autograd.backward((q, k, v), grads)
+    torch.autograd.backward((q_ref, k_ref, v_ref), grads)
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(qkv.grad, ref_in.grad, rtol=tol, atol=tol)
 
 
 def test_rope_scores_depend_on_relative_position():

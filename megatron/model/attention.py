@@ -18,7 +18,7 @@ from megatron.model.attention_backends import build_local_attention
 from megatron.model.config import ModelConfig
 from megatron.model.deferred_wgrad import DeferrableLinear
 from megatron.model.rank_major_qkv import RankMajorQKV
-from megatron.model.rotary import apply_rotary
+from megatron.model.rotary import rotate_qkv
 
 
 class CoreAttention(torch.nn.Module):
@@ -88,15 +88,18 @@ class ParallelAttention(torch.nn.Module):
             )
         else:
             qkv = self.query_key_value(hidden_sbh)  # [s, b, (hq + 2 hkv) d]
-            q, k, v = qkv.split(self.split_sizes, dim=-1)
-            q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
-            k_sbhd = k.view(s, b, self.num_kv_heads, self.head_dim)
-            v_sbhd = v.view(s, b, self.num_kv_heads, self.head_dim)
             if rotary is not None:
                 # Global positions of this rank's tokens: rotate before the all-to-all.
-                cos, sin = rotary
-                q_sbhd = apply_rotary(q_sbhd, cos, sin)
-                k_sbhd = apply_rotary(k_sbhd, cos, sin)
+                qkv_sbhd = qkv.view(s, b, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+                q_sbhd, k_sbhd, v_sbhd = rotate_qkv(
+                    qkv_sbhd, *rotary, self.num_heads, self.num_kv_heads
+                )
+                del qkv, qkv_sbhd  # only the rotated buffer's views live on
+            else:
+                q, k, v = qkv.split(self.split_sizes, dim=-1)
+                q_sbhd = q.view(s, b, self.num_heads, self.head_dim)
+                k_sbhd = k.view(s, b, self.num_kv_heads, self.head_dim)
+                v_sbhd = v.view(s, b, self.num_kv_heads, self.head_dim)
             context = self._attend(q_sbhd, k_sbhd, v_sbhd, doc_ids)
         context_sbh = context.reshape(s, b, self.num_heads * self.head_dim)
         return self.dense(context_sbh, add_bias=add_output_bias)  # [s, b, h]

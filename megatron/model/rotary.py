@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+ROPE_TILE_TOKENS = 16384  # tokens per tile of rotate_qkv's fp32 arithmetic
+
 
 def rotary_cos_sin(
     position_ids: torch.Tensor, rotary_dim: int, theta: float
@@ -43,3 +45,49 @@ def apply_rotary(t_sbhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     if t_pass.shape[-1] == 0:
         return out
     return torch.cat((out, t_pass), dim=-1)
+
+
+def _rotate_tile(t_sbhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float):
+    """``apply_rotary``'s arithmetic on the rotated channels only; ``sign`` -1 rotates back
+    (the transpose, for the gradient)."""
+    t32 = t_sbhd.float()
+    return (t32 * cos + _rotate_half(t32) * (sin * sign)).to(t_sbhd.dtype)
+
+
+class _RotateQKV(torch.autograd.Function):
+    """``[s, b, hq + 2 hkv, d]`` -> the same with q's and k's heads rotated, v copied."""
+
+    @staticmethod
+    def forward(ctx, qkv_sbhd, cos, sin, rotated_heads: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.rotated_heads = rotated_heads
+        return _rotate_heads(qkv_sbhd, cos, sin, rotated_heads, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_sbhd):
+        cos, sin = ctx.saved_tensors
+        # A rotation's transpose is the rotation by minus the angle.
+        return _rotate_heads(grad_sbhd, cos, sin, ctx.rotated_heads, -1.0), None, None, None
+
+
+def _rotate_heads(x_sbhd, cos, sin, rotated_heads: int, sign: float) -> torch.Tensor:
+    out = torch.empty_like(x_sbhd, memory_format=torch.contiguous_format)
+    rot = cos.shape[-1]
+    out[:, :, rotated_heads:] = x_sbhd[:, :, rotated_heads:]  # v
+    out[:, :, :rotated_heads, rot:] = x_sbhd[:, :, :rotated_heads, rot:]  # pass-through channels
+    for s0 in range(0, x_sbhd.shape[0], ROPE_TILE_TOKENS):
+        s1 = s0 + ROPE_TILE_TOKENS
+        out[s0:s1, :, :rotated_heads, :rot] = _rotate_tile(
+            x_sbhd[s0:s1, :, :rotated_heads, :rot], cos[s0:s1], sin[s0:s1], sign
+        )
+    return out
+
+
+def rotate_qkv(
+    qkv_sbhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[s, b, h, d]`` from the QKV projection's output ``[s, b, q_heads + 2 kv_heads,
+    d]`` (q's heads, then k's, then v's), q and k rotated as :func:`apply_rotary` rotates
+    them (the same values); views of one new buffer."""
+    out = _RotateQKV.apply(qkv_sbhd, cos, sin, q_heads + kv_heads)
+    return out.split((q_heads, kv_heads, kv_heads), dim=2)

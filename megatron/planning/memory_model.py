@@ -296,7 +296,6 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
     g = _dims(config, setup)
     n, a, h, hd, x, ffn, up, p = (g[k] for k in ("n", "a", "h", "hd", "x", "ffn", "up", "p"))
     selective = config.impl.recompute_granularity == "selective"
-    rope_copies = config.position_embedding_type == "rope" and p == 1
     norm = n * _norm_bytes_per_token(config, setup)
     out: dict[str, int] = {"attn_norm": norm, "qkv_input": n * a * h}
     if config.impl.attention_backend == "classic" and not selective and setup.cp == 1:
@@ -306,8 +305,9 @@ def layer_saved_bytes(config: ModelConfig, setup: RunSetup) -> dict[str, int]:
         out["attention_scores"] = _classic_square_bytes(config, setup, a)
         out["context"] = n * a * hds
     else:
-        # q/k/v as saved: the QKV output at SP 1 (+ rotated q/k copies), else the receive buffer.
-        out["attention_inputs"] = n * a * x + (n * a * (hd + g["kvd"]) if rope_copies else 0)
+        # q/k/v as saved: the QKV output at SP 1 (with RoPE: the rotated buffer that replaces
+        # it), else the receive buffer.
+        out["attention_inputs"] = n * a * x
         # Kept output and fp32 log-sum-exp, unless recomputed (selective); the dense layer's
         # input is a view of the output at SP 1 and a copy after the all-to-all under SP.
         keep_out = not selective
