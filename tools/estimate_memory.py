@@ -40,7 +40,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.errors import UsageError  # noqa: E402
-from megatron.planning.long_context import find_max_seq  # noqa: E402
+from megatron.planning.long_context import PROCESS_HOST_BYTES, find_max_seq  # noqa: E402
 from megatron.planning.long_context import setup_from_args as _setup_from_args  # noqa: E402
 from megatron.planning.memory_model import (  # noqa: E402
     GIB,
@@ -164,7 +164,8 @@ def format_estimate(est: MemoryEstimate, setup: RunSetup, budget: int) -> str:
         f"buffers {layer['all_to_all'] / GIB:.3f} GiB",
         f"{'fits' if est.total <= budget else 'does NOT fit'} in {budget / GIB:.1f} GiB "
         "(GPU memory minus --reserve-gb)",
-        f"host memory per GPU process (offloaded states and activations): {est.host / GIB:.2f} GiB",
+        f"host memory per GPU process: {est.host / GIB:.2f} GiB offloaded (states and "
+        f"activations) + about {PROCESS_HOST_BYTES / GIB:.0f} GiB of the process's own",
     ]
     return "\n".join(lines)
 
@@ -180,7 +181,10 @@ def _report_max_seq(args: argparse.Namespace, config, budget: int) -> int:
     print("|---|---:|---:|---:|---:|")
     for plan in tried:
         gpu = f"{plan.estimate.total / GIB:.1f}" if plan.estimate else "-"
-        host_gib = f"{plan.estimate.host * args.gpus_per_node / GIB:.1f}" if plan.estimate else "-"
+        per_node = (
+            (plan.estimate.host + PROCESS_HOST_BYTES) * args.gpus_per_node if plan.estimate else 0
+        )
+        host_gib = f"{per_node / GIB:.1f}" if plan.estimate else "-"
         print(f"| {plan.rung} | {plan.seq_length} | {plan.sp} | {gpu} | {host_gib} |")
     print()
     if best is None:
