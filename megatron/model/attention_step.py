@@ -78,21 +78,14 @@ def merge(out_a_sbhd: Tensor, lse_a_bhs: Tensor, out_b_sbhd: Tensor, lse_b_bhs: 
 
 def merge_(out_a_sbhd: Tensor, lse_a_bhs: Tensor, out_b_sbhd: Tensor, lse_b_bhs: Tensor):
     """:func:`merge` written into block a's ``out`` and ``lse`` (views of an accumulator that
-    the caller owns): two passes over ``out`` instead of four and no new ``[s, b, h, d]``
-    tensor; on CUDA one Triton pass (``megatron.ops.lse_merge_triton``). Returns them."""
+    the caller owns); on CUDA one Triton pass that reads and writes each accumulator row once
+    (``megatron.ops.lse_merge_triton``), elsewhere :func:`merge` copied in. Returns them."""
     if _triton_merge_takes(out_a_sbhd, lse_a_bhs, out_b_sbhd, lse_b_bhs):
         from megatron.ops.lse_merge_triton import merge_into  # imports triton: lazily
 
         return merge_into(out_a_sbhd, lse_a_bhs, out_b_sbhd, lse_b_bhs)
-    lse_bhs = torch.logaddexp(lse_a_bhs, lse_b_bhs)
-    finite_bhs = torch.where(torch.isneginf(lse_bhs), 0.0, lse_bhs)
-
-    def weight(lse_x_bhs: Tensor) -> Tensor:  # [b, h, s] -> [s, b, h, 1]
-        return torch.exp(lse_x_bhs - finite_bhs).permute(2, 0, 1)[..., None]
-
-    out_a_sbhd.mul_(weight(lse_a_bhs)).addcmul_(out_b_sbhd, weight(lse_b_bhs))
-    lse_a_bhs.copy_(lse_bhs)
-    return out_a_sbhd, lse_a_bhs
+    out_sbhd, lse_bhs = merge(out_a_sbhd, lse_a_bhs, out_b_sbhd, lse_b_bhs)
+    return out_a_sbhd.copy_(out_sbhd), lse_a_bhs.copy_(lse_bhs)
 
 
 def _triton_merge_takes(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> bool:

@@ -40,16 +40,15 @@ def apply_rotary(t_sbhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     """
     rot = cos.shape[-1]
     t_rot, t_pass = t_sbhd[..., :rot], t_sbhd[..., rot:]
-    t32 = t_rot.float()
-    out = (t32 * cos + _rotate_half(t32) * sin).to(t_sbhd.dtype)
+    out = _rotate_tile(t_rot, cos, sin, 1.0)
     if t_pass.shape[-1] == 0:
         return out
     return torch.cat((out, t_pass), dim=-1)
 
 
 def _rotate_tile(t_sbhd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float):
-    """``apply_rotary``'s arithmetic on the rotated channels only; ``sign`` -1 rotates back
-    (the transpose, for the gradient)."""
+    """The rotation of ``t_sbhd``'s channels (all of them rotate) in fp32, cast back;
+    ``sign`` -1 rotates back (the transpose, for the gradient)."""
     t32 = t_sbhd.float()
     return (t32 * cos + _rotate_half(t32) * (sin * sign)).to(t_sbhd.dtype)
 
