@@ -45,8 +45,11 @@ from common import (
     markdown_table,
     max_over_ranks,
     median,
+    peak_blocks,
     peak_memory_bytes,
+    record_memory_history,
     reset_peak_memory,
+    stop_memory_history,
     time_ms,
     write_json,
 )
@@ -202,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shows on a larger GPU that a run fits a smaller one (0: no cap)",
     )
     p.add_argument("--profile", action="store_true", help="kernel-time breakdown of 1 iteration")
+    p.add_argument(
+        "--memory-peak",
+        action="store_true",
+        help="record the CUDA allocator's history and report the blocks alive at the peak, by "
+        "the frame of this code base that allocated them (JSON memory_peak; slower)",
+    )
     p.add_argument("--trace", type=str, default=None, help="with --profile: write its trace here")
     p.add_argument("--weak-scaling", action="store_true", help="SP 1, 2, 4 at equal tokens/GPU")
     p.add_argument("--timeout-minutes", type=float, default=10.0, help="process-group timeout")
@@ -402,6 +411,9 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
     set_random_seed(margs.seed)
     # On CPU a dispatch-mode tracker stands in for the CUDA allocator's peak statistics.
     tracker = LiveBytes() if device.type == "cpu" else None
+    record_history = args.memory_peak and device.type == "cuda"
+    if record_history:
+        record_memory_history()
     with tracker or contextlib.nullcontext():
         with torch.device(device):  # parameters are created and initialised on the device
             model = pretrain_gpt.model_provider()
@@ -454,6 +466,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         times = time_ms(step, device, 0, args.iters, back_to_back=not args.sync_every_step)
         finish()
         peak = peak_memory_bytes(device) if tracker is None else tracker.peak
+    at_peak = peak_blocks(stop_memory_history(), device.index or 0) if record_history else None
     peak = max_over_ranks(float(peak), device)
     trace = None
     if args.trace and args.profile:  # one file per configuration of a sweep
@@ -507,7 +520,7 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         "peak_mem_source": "LiveBytes (CPU tracker)" if tracker else "max_memory_allocated",
         "predicted_mem_gib": est.total / GIB, "predicted_peak_phase": est.peak_phase,
         "predicted_breakdown_gib": {k: getattr(est, k) / GIB for k in est.COMPONENTS},
-        "profile": breakdown,
+        "profile": breakdown, "memory_peak": at_peak,
     }  # fmt: skip
     return out
 
@@ -693,6 +706,17 @@ def report(results: list[dict], title: str) -> None:
                  f"{r['ms_per_iter']:.1f} ms)")  # fmt: skip
             log0("\ntop kernels:\n")
             log0(markdown_table(["kernel", "category", "ms", "calls"], r["profile"]["top_kernels"]))
+    for r in results:
+        if r["memory_peak"]:
+            m = r["memory_peak"]
+            log0(f"\nallocated at the peak, seq {r['seq_length']}: {m['peak_gib']:.2f} GiB "
+                 f"(predicted {r['predicted_mem_gib']:.2f}, {r['predicted_peak_phase']}; "
+                 f"predicted components: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in r["predicted_breakdown_gib"].items() if v)
+                 + ")\n")  # fmt: skip
+            log0(markdown_table(["GiB", "blocks", "allocated at"], m["by_where"][:30]))
+            log0("\nlargest blocks:\n")
+            log0(markdown_table(["GiB", "allocated at"], m["largest"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,6 +184,78 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+# The blocks alive at the peak (bench_end_to_end --memory-peak): the CUDA allocator's history
+# (allocations and frees with the Python stack that asked) replayed, each block named by the
+# innermost frame of this code base (autograd's backward of built-in ops has no Python frame:
+# "(autograd)"). A block counts from its alloc to its free_completed, as
+# torch.cuda.max_memory_allocated counts, so over a whole run the two peaks agree.
+
+HISTORY_ENTRIES = 2_000_000  # allocator events kept (a 4-layer iteration makes tens of thousands)
+
+
+def record_memory_history() -> None:
+    torch.cuda.memory._record_memory_history(
+        enabled="all", context="alloc", stacks="python", max_entries=HISTORY_ENTRIES
+    )
+
+
+def stop_memory_history() -> dict:
+    """The history so far; recording stops."""
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return snapshot
+
+
+def allocated_at(frames: list[dict], root: str = str(REPO) + os.sep) -> str:
+    """The innermost frame under ``root`` (frames come innermost first): file:line (function)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if name.startswith(root):
+            return f"{os.path.relpath(name, root)}:{f.get('line')} ({f.get('name')})"
+    return "(autograd)" if not frames else f"(outside: {frames[0].get('name', '?')})"
+
+
+def peak_blocks(
+    snapshot: dict, device: int = 0, root: str = str(REPO) + os.sep, top: int = 25
+) -> dict:
+    """The blocks alive when ``device``'s allocated total was highest: that total (GiB), the
+    largest blocks ([GiB, where]) and the bytes by where ([GiB, blocks, where]), largest first."""
+    events = snapshot["device_traces"][device]
+    sizes: dict[int, int] = {}
+    total = peak = 0
+    peak_at = -1
+    for i, e in enumerate(events):  # first pass: when the peak happens
+        if e["action"] == "alloc":
+            sizes[e["addr"]] = e["size"]
+            total += e["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif e["action"] == "free_completed" and e["addr"] in sizes:
+            total -= sizes.pop(e["addr"])
+    live: dict[int, tuple[int, str]] = {}
+    for e in events[: peak_at + 1]:  # second pass: what is alive then
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], allocated_at(e.get("frames", []), root))
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    by_where: dict[str, list[int]] = {}
+    for size, where in live.values():
+        entry = by_where.setdefault(where, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    gib = 1024.0**3
+    return {
+        "peak_gib": peak / gib,
+        "largest": [
+            [round(size / gib, 3), where] for size, where in sorted(live.values())[::-1][:top]
+        ],
+        "by_where": [
+            [round(b / gib, 3), n, where]
+            for where, (b, n) in sorted(by_where.items(), key=lambda kv: -kv[1][0])
+        ],
+    }
+
+
 # A/B comparison of two commits: the rule every speed comparison follows.
 
 

@@ -165,3 +165,28 @@ def test_ring_one_gpu_cpu_smoke(tmp_path):
     assert all(r["max_rel_diff"] < 1e-5 for r in results)
     assert all(r["profile_ring"] and r["profile_single"] for r in results)  # --profile
     assert "| seq | R |" in out.with_suffix(".md").read_text()
+
+
+def test_peak_blocks_replays_the_allocator_history():
+    """--memory-peak's replay: the peak is the highest allocated total (a block counts until
+    its free completes), the blocks alive then are named by the innermost frame under the
+    repository (no frame: autograd), and frees of blocks from before the history are ignored."""
+    from common import peak_blocks
+
+    root = "/repo/"
+    mine = [{"filename": "/usr/torch/x.py", "line": 1, "name": "op"},
+            {"filename": "/repo/megatron/mlp.py", "line": 7, "name": "forward"}]  # fmt: skip
+    trace = [
+        {"action": "free_completed", "addr": 99, "size": 5},  # allocated before the history
+        {"action": "alloc", "addr": 1, "size": 4 << 30, "frames": mine},
+        {"action": "alloc", "addr": 2, "size": 2 << 30, "frames": []},
+        {"action": "free_requested", "addr": 2, "size": 2 << 30},  # still counted
+        {"action": "alloc", "addr": 3, "size": 1 << 30, "frames": mine},  # the peak: 7 GiB
+        {"action": "free_completed", "addr": 2, "size": 2 << 30},
+        {"action": "alloc", "addr": 4, "size": 1 << 30, "frames": mine},  # 6 GiB
+    ]
+    got = peak_blocks({"device_traces": [trace]}, 0, root)
+    assert got["peak_gib"] == 7.0
+    assert got["largest"] == [[4.0, "megatron/mlp.py:7 (forward)"], [2.0, "(autograd)"],
+                              [1.0, "megatron/mlp.py:7 (forward)"]]  # fmt: skip
+    assert got["by_where"] == [[5.0, 2, "megatron/mlp.py:7 (forward)"], [2.0, 1, "(autograd)"]]
