@@ -39,6 +39,7 @@ import torch.distributed as dist
 from common import (
     H100_BF16_PEAK_FLOPS,
     add_model_shape_args,
+    history_length,
     init_distributed,
     is_oom,
     log0,
@@ -461,12 +462,17 @@ def run_config(args, seq: int, sp: int, world: int, device: torch.device) -> dic
         model.train()
         time_ms(step, device, args.warmup, 0)  # warm-up; the peak below is steady state
         reset_peak_memory(device)
+        steady = history_length(device.index or 0) if record_history else 0
         if tracker is not None:
             tracker.reset_peak()
         times = time_ms(step, device, 0, args.iters, back_to_back=not args.sync_every_step)
         finish()
         peak = peak_memory_bytes(device) if tracker is None else tracker.peak
-    at_peak = peak_blocks(stop_memory_history(), device.index or 0) if record_history else None
+    at_peak = (
+        peak_blocks(stop_memory_history(), device.index or 0, start=steady)
+        if record_history
+        else None
+    )
     peak = max_over_ranks(float(peak), device)
     trace = None
     if args.trace and args.profile:  # one file per configuration of a sweep

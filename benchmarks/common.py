@@ -215,11 +215,17 @@ def allocated_at(frames: list[dict], root: str = str(REPO) + os.sep) -> str:
     return "(autograd)" if not frames else f"(outside: {frames[0].get('name', '?')})"
 
 
+def history_length(device: int = 0) -> int:
+    """Events recorded so far (``start`` of :func:`peak_blocks`: the peak after this point)."""
+    return len(torch.cuda.memory._snapshot()["device_traces"][device])
+
+
 def peak_blocks(
-    snapshot: dict, device: int = 0, root: str = str(REPO) + os.sep, top: int = 25
+    snapshot: dict, device: int = 0, root: str = str(REPO) + os.sep, top: int = 25, start: int = 0
 ) -> dict:
-    """The blocks alive when ``device``'s allocated total was highest: that total (GiB), the
-    largest blocks ([GiB, where]) and the bytes by where ([GiB, blocks, where]), largest first."""
+    """The blocks alive when ``device``'s allocated total was highest at or after event
+    ``start`` (everything before counts as alive or freed): that total (GiB), the largest
+    blocks ([GiB, where]) and the bytes by where ([GiB, blocks, where]), largest first."""
     events = snapshot["device_traces"][device]
     sizes: dict[int, int] = {}
     total = peak = 0
@@ -228,10 +234,10 @@ def peak_blocks(
         if e["action"] == "alloc":
             sizes[e["addr"]] = e["size"]
             total += e["size"]
-            if total > peak:
-                peak, peak_at = total, i
         elif e["action"] == "free_completed" and e["addr"] in sizes:
             total -= sizes.pop(e["addr"])
+        if i >= start and (peak_at < start or total > peak):
+            peak, peak_at = total, i
     live: dict[int, tuple[int, str]] = {}
     for e in events[: peak_at + 1]:  # second pass: what is alive then
         if e["action"] == "alloc":

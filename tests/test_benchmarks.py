@@ -190,3 +190,5 @@ def test_peak_blocks_replays_the_allocator_history():
     assert got["largest"] == [[4.0, "megatron/mlp.py:7 (forward)"], [2.0, "(autograd)"],
                               [1.0, "megatron/mlp.py:7 (forward)"]]  # fmt: skip
     assert got["by_where"] == [[5.0, 2, "megatron/mlp.py:7 (forward)"], [2.0, 1, "(autograd)"]]
+    later = peak_blocks({"device_traces": [trace]}, 0, root, start=5)  # after the first peak
+    assert later["peak_gib"] == 6.0 and [b for b, _ in later["largest"]] == [4.0, 1.0, 1.0]

@@ -168,6 +168,28 @@ def test_rotate_qkv_matches_apply_rotary(monkeypatch, dtype, rot_dim):
     torch.testing.assert_close(qkv.grad, ref_in.grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d,rot_dim", [(8, 8), (12, 8)])
+def test_triton_rope_equals_the_torch_rotation(dtype, d, rot_dim):
+    """The one-pass Triton rotation (rotate_qkv on CUDA; the interpreter here) against the
+    PyTorch path: forward and transpose (sign -1), 7 heads of which 5 rotate, a head size that
+    is not a power of two, cos/sin broadcast over the batch."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from megatron.ops.rope_triton import rotate_heads
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 7, d).to(dtype)
+    cos, sin = rotary_cos_sin(torch.tensor([[3, 4, 5, 6, 7, 8]]), rot_dim, 10000.0)  # b = 1
+    for sign in (1.0, -1.0):
+        want = rotary._rotate_heads(
+            x, cos.expand(6, 2, 1, rot_dim), sin.expand(6, 2, 1, rot_dim), 5, sign
+        )
+        got = rotate_heads(x, cos, sin, 5, sign)
+        assert got.dtype == dtype and torch.equal(got[:, :, 5:], x[:, :, 5:])
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-3 if dtype == torch.float16 else 1e-6)
+
+
 def test_rope_scores_depend_on_relative_position():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)

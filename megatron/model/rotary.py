@@ -70,6 +70,12 @@ class _RotateQKV(torch.autograd.Function):
 
 
 def _rotate_heads(x_sbhd, cos, sin, rotated_heads: int, sign: float) -> torch.Tensor:
+    """On CUDA one Triton pass (``megatron.ops.rope_triton``, the same arithmetic); elsewhere
+    PyTorch's ops, with the fp32 arithmetic in tiles of ROPE_TILE_TOKENS tokens."""
+    if x_sbhd.is_cuda:
+        from megatron.ops.rope_triton import rotate_heads  # imports triton: lazily
+
+        return rotate_heads(x_sbhd, cos, sin, rotated_heads, sign)
     out = torch.empty_like(x_sbhd, memory_format=torch.contiguous_format)
     rot = cos.shape[-1]
     out[:, :, rotated_heads:] = x_sbhd[:, :, rotated_heads:]  # v

@@ -80,6 +80,7 @@ TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "host-offload": (("HostOffload.pack", "~Memcpy DtoH (Device -> Pinned)"),),
     "host-optimizer": (("Optimizer.step#HostOffloadAdamW.step",),),
     "tiled-mlp": (("TiledMLPBackward",),),
+    "rope": (("_RotateQKVBackward", "~_rope_kernel"),),
     "all-to-all": (
         ("SeqToHeadAllToAllBackward",),
         ("FusedQKVSeqToHeadBackward",),
