@@ -187,8 +187,9 @@ def peak_memory_bytes(device: torch.device) -> int | None:
 # The blocks alive at the peak (bench_end_to_end --memory-peak): the CUDA allocator's history
 # (allocations and frees with the Python stack that asked) replayed, each block named by the
 # innermost frame of this code base (autograd's backward of built-in ops has no Python frame:
-# "(autograd)"). A block counts from its alloc to its free_completed, as
-# torch.cuda.max_memory_allocated counts, so over a whole run the two peaks agree.
+# "(autograd)"). A block counts from its alloc to its free_requested (its free_completed waits
+# for the streams that used it, but the allocator's statistics drop it at the request), as
+# torch.cuda.max_memory_allocated counts, so the two peaks agree.
 
 HISTORY_ENTRIES = 2_000_000  # allocator events kept (a 4-layer iteration makes tens of thousands)
 
@@ -234,7 +235,7 @@ def peak_blocks(
         if e["action"] == "alloc":
             sizes[e["addr"]] = e["size"]
             total += e["size"]
-        elif e["action"] == "free_completed" and e["addr"] in sizes:
+        elif e["action"] == "free_requested" and e["addr"] in sizes:
             total -= sizes.pop(e["addr"])
         if i >= start and (peak_at < start or total > peak):
             peak, peak_at = total, i
@@ -242,7 +243,7 @@ def peak_blocks(
     for e in events[: peak_at + 1]:  # second pass: what is alive then
         if e["action"] == "alloc":
             live[e["addr"]] = (e["size"], allocated_at(e.get("frames", []), root))
-        elif e["action"] == "free_completed":
+        elif e["action"] == "free_requested":
             live.pop(e["addr"], None)
     by_where: dict[str, list[int]] = {}
     for size, where in live.values():

@@ -169,19 +169,20 @@ def test_ring_one_gpu_cpu_smoke(tmp_path):
 
 def test_peak_blocks_replays_the_allocator_history():
     """--memory-peak's replay: the peak is the highest allocated total (a block counts until
-    its free completes), the blocks alive then are named by the innermost frame under the
-    repository (no frame: autograd), and frees of blocks from before the history are ignored."""
+    its free is requested, as the allocator's statistics count it), the blocks alive then are
+    named by the innermost frame under the repository (no frame: autograd), frees of blocks
+    from before the history are ignored, and ``start`` looks only at the later peak."""
     from common import peak_blocks
 
     root = "/repo/"
     mine = [{"filename": "/usr/torch/x.py", "line": 1, "name": "op"},
             {"filename": "/repo/megatron/mlp.py", "line": 7, "name": "forward"}]  # fmt: skip
     trace = [
-        {"action": "free_completed", "addr": 99, "size": 5},  # allocated before the history
+        {"action": "free_requested", "addr": 99, "size": 5},  # allocated before the history
         {"action": "alloc", "addr": 1, "size": 4 << 30, "frames": mine},
         {"action": "alloc", "addr": 2, "size": 2 << 30, "frames": []},
-        {"action": "free_requested", "addr": 2, "size": 2 << 30},  # still counted
         {"action": "alloc", "addr": 3, "size": 1 << 30, "frames": mine},  # the peak: 7 GiB
+        {"action": "free_requested", "addr": 2, "size": 2 << 30},  # no longer counted
         {"action": "free_completed", "addr": 2, "size": 2 << 30},
         {"action": "alloc", "addr": 4, "size": 1 << 30, "frames": mine},  # 6 GiB
     ]
@@ -190,5 +191,5 @@ def test_peak_blocks_replays_the_allocator_history():
     assert got["largest"] == [[4.0, "megatron/mlp.py:7 (forward)"], [2.0, "(autograd)"],
                               [1.0, "megatron/mlp.py:7 (forward)"]]  # fmt: skip
     assert got["by_where"] == [[5.0, 2, "megatron/mlp.py:7 (forward)"], [2.0, 1, "(autograd)"]]
-    later = peak_blocks({"device_traces": [trace]}, 0, root, start=5)  # after the first peak
+    later = peak_blocks({"device_traces": [trace]}, 0, root, start=4)  # after the first peak
     assert later["peak_gib"] == 6.0 and [b for b, _ in later["largest"]] == [4.0, 1.0, 1.0]
