@@ -260,6 +260,7 @@ _SHOWN = {
     "rank-major",
     "delayed-wgrad",
     "ring",
+    "rope",
     "triton-kernels",
 }
 
