@@ -225,8 +225,8 @@ def peak_blocks(
     snapshot: dict, device: int = 0, root: str = str(REPO) + os.sep, top: int = 25, start: int = 0
 ) -> dict:
     """The blocks alive when ``device``'s allocated total was highest at or after event
-    ``start`` (everything before counts as alive or freed): that total (GiB), the largest
-    blocks ([GiB, where]) and the bytes by where ([GiB, blocks, where]), largest first."""
+    ``start`` (the events before it only build up what is alive): that total (GiB), the
+    largest blocks ([GiB, where]) and the bytes by where ([GiB, blocks, where]), largest first."""
     events = snapshot["device_traces"][device]
     sizes: dict[int, int] = {}
     total = peak = 0

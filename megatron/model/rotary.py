@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-ROPE_TILE_TOKENS = 16384  # tokens per tile of rotate_qkv's fp32 arithmetic
+ROPE_TILE_TOKENS = 16384  # tokens per tile of rotate_qkv's fp32 arithmetic off CUDA
 
 
 def rotary_cos_sin(
@@ -93,6 +93,7 @@ def rotate_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[s, b, h, d]`` from the QKV projection's output ``[s, b, q_heads + 2 kv_heads,
     d]`` (q's heads, then k's, then v's), q and k rotated as :func:`apply_rotary` rotates
-    them (the same values); views of one new buffer."""
+    them (the same values; on CUDA one Triton pass, whose fused multiply-add may round the
+    last bit differently); views of one new buffer."""
     out = _RotateQKV.apply(qkv_sbhd, cos, sin, q_heads + kv_heads)
     return out.split((q_heads, kv_heads, kv_heads), dim=2)
