@@ -146,10 +146,9 @@ def test_rope_matches_reference(rot_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("rot_dim", [8, 4])
-def test_rotate_qkv_matches_apply_rotary(monkeypatch, dtype, rot_dim):
-    """q and k rotated inside the QKV buffer, in tiles of 2 tokens: the values of
-    apply_rotary (bitwise), its gradients, and v passed through; GQA (4 q, 2 kv heads)."""
-    monkeypatch.setattr(rotary, "ROPE_TILE_TOKENS", 2)
+def test_rotate_qkv_matches_apply_rotary(dtype, rot_dim):
+    """q and k rotated inside the QKV buffer: the values of apply_rotary (bitwise), its
+    gradients, and v passed through; GQA (4 q, 2 kv heads)."""
     torch.manual_seed(0)
     hq, hkv, d = 4, 2, 8
     qkv = torch.randn(5, 2, hq + 2 * hkv, d, dtype=torch.float64).to(dtype).requires_grad_()

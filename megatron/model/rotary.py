@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-ROPE_TILE_TOKENS = 16384  # tokens per tile of rotate_qkv's fp32 arithmetic off CUDA
-
 
 def rotary_cos_sin(
     position_ids: torch.Tensor, rotary_dim: int, theta: float
@@ -71,7 +69,7 @@ class _RotateQKV(torch.autograd.Function):
 
 def _rotate_heads(x_sbhd, cos, sin, rotated_heads: int, sign: float) -> torch.Tensor:
     """On CUDA one Triton pass (``megatron.ops.rope_triton``, the same arithmetic); elsewhere
-    PyTorch's ops, with the fp32 arithmetic in tiles of ROPE_TILE_TOKENS tokens."""
+    PyTorch's ops."""
     if x_sbhd.is_cuda:
         from megatron.ops.rope_triton import rotate_heads  # imports triton: lazily
 
@@ -80,11 +78,9 @@ def _rotate_heads(x_sbhd, cos, sin, rotated_heads: int, sign: float) -> torch.Te
     rot = cos.shape[-1]
     out[:, :, rotated_heads:] = x_sbhd[:, :, rotated_heads:]  # v
     out[:, :, :rotated_heads, rot:] = x_sbhd[:, :, :rotated_heads, rot:]  # pass-through channels
-    for s0 in range(0, x_sbhd.shape[0], ROPE_TILE_TOKENS):
-        s1 = s0 + ROPE_TILE_TOKENS
-        out[s0:s1, :, :rotated_heads, :rot] = _rotate_tile(
-            x_sbhd[s0:s1, :, :rotated_heads, :rot], cos[s0:s1], sin[s0:s1], sign
-        )
+    out[:, :, :rotated_heads, :rot] = _rotate_tile(
+        x_sbhd[:, :, :rotated_heads, :rot], cos, sin, sign
+    )
     return out
 
 
